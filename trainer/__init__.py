@@ -1,0 +1,1 @@
+"""imgclf trainer: the ML library behind the pipeline (never imports kfp)."""
