@@ -64,3 +64,8 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONES)
+
+
+def input_size(model: str, image_size: int) -> int:
+    """The model's input side in pixels: ``image_size``, or the backbone's own size when it is 0."""
+    return image_size or BACKBONES[model].native_size

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from trainer import backbones
 from trainer.backbones import BACKBONE_NAMES, BACKBONES
 from trainer.errors import HyperparameterError
 
@@ -146,7 +147,7 @@ class Hyperparameters:
     @property
     def input_size(self) -> int:
         """The model's input side in pixels, with 0 resolved to the backbone's own size."""
-        return self.image_size or BACKBONES[self.model].native_size
+        return backbones.input_size(self.model, self.image_size)
 
     # ---- construction ----
     @classmethod

@@ -1,0 +1,75 @@
+"""Pipeline step 3: fine-tune the backbone and its classification head on the training split."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components._image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(
+    dataset: Input[Dataset],
+    trained_model: Output[Model],
+    metrics: Output[Metrics],
+    initial_model_uri: str,
+    backup_root: str,
+    run_id: str,
+    jit_compile: bool,
+    augmentation: bool,
+    augmentation_random_flip: str,
+    augmentation_random_rotation: float,
+    augmentation_random_zoom: float,
+    batch_size: int,
+    beta_1: float,
+    beta_2: float,
+    binary_mode: bool,
+    dropout_rate: float,
+    early_stopping: bool,
+    early_stopping_min_delta: float,
+    early_stopping_patience: int,
+    epochs: int,
+    epsilon: float,
+    eval_metric: str,
+    image_resize_interpolation: str,
+    initial_accumulator_value: float,
+    label_smoothing: float,
+    learning_rate: float,
+    momentum: float,
+    optimizer: str,
+    regularizers_l2: float,
+    reinitialize_top_layer: str,
+    rho: float,
+    train_only_top_layer: bool,
+    validation_split_ratio: float,
+    test_split_ratio: float,
+    random_seed: int,
+    model: str,
+    weights: str,
+    image_size: int,
+):
+    """Trains the image classifier; every hyperparameter is described by `imgclf hyperparameters --list`.
+
+    Args:
+        dataset: TFRecord shards from the conversion step.
+        trained_model: The exported model folder (SavedModel, Keras model, label map, hyperparameters).
+        metrics: Final training and validation metrics.
+        initial_model_uri: An earlier imgclf model folder to continue from (incremental training), or "".
+        backup_root: Durable folder (gs:// or volume) for per-epoch backups, so a retried step resumes;
+            "" backs up next to the model output when that is on GCS, and otherwise not at all.
+        run_id: The pipeline run's id; retries of this step share it and so find the backup.
+        jit_compile: Compile the training step with XLA.
+    """
+    import logging
+
+    from trainer import checkpoints, hyperparameters, training
+
+    hp = hyperparameters.Hyperparameters.from_mapping(
+        {name: value for name, value in locals().items() if name in hyperparameters.FIELDS})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    backup_dir = checkpoints.durable_backup_dir(backup_root, trained_model.uri, run_id)
+    result = training.train(hp, dataset.path, trained_model.path, initial_model_dir=initial_model_uri or None,
+                            backup_dir=backup_dir, jit_compile=jit_compile)
+    for name, value in result["final_metrics"].items():
+        metrics.log_metric(name, float(value))
+    trained_model.metadata.update({"framework": "tensorflow", "backbone": model,
+                                   "epochs_completed": result["epochs_completed"]})

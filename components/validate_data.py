@@ -1,0 +1,47 @@
+"""Pipeline step 1: check an image-folder data set and report what can be trained on."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Markdown, Output
+
+from components._image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validate_data(
+    data_uri: str,
+    binary_mode: bool,
+    max_rejected_fraction: float,
+    validation: Output[Artifact],
+    report: Output[Markdown],
+) -> NamedTuple("Outputs", [("num_classes", int), ("accepted", int), ("rejected", int)]):
+    """Validates a class-folder data set (local/volume path or gs:// URI).
+
+    Args:
+        data_uri: Folder with one sub-folder of .jpg/.jpeg/.png images per class.
+        binary_mode: Whether the run trains a binary model (needs exactly two classes).
+        max_rejected_fraction: Largest share of unusable files the run tolerates.
+        validation: Folder holding validation.json: classes, accepted and rejected files.
+        report: Markdown summary shown in the Kubeflow UI.
+    """
+    import collections
+    import logging
+    import os
+    import shutil
+
+    from trainer.validation import validate_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.makedirs(validation.path, exist_ok=True)
+    try:
+        result = validate_dataset(data_uri, validation.path, binary_mode=binary_mode,
+                                  max_rejected_fraction=max_rejected_fraction)
+    finally:
+        # The report is worth showing even when the data set is refused.
+        if os.path.exists(os.path.join(validation.path, "report.md")):
+            shutil.copyfile(os.path.join(validation.path, "report.md"), report.path)
+    validation.metadata.update({"classes": result["classes"], "accepted": len(result["accepted"]),
+                                "rejected": len(result["rejected"])})
+    outputs = collections.namedtuple("Outputs", ["num_classes", "accepted", "rejected"])
+    return outputs(len(result["classes"]), len(result["accepted"]), len(result["rejected"]))

@@ -1,0 +1,119 @@
+"""Runs the compiled pipeline on this machine through kfp.local and writes summary.json."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from typing import Any
+
+from kfp import components, local
+
+from pipelines.compiler import compile_pipeline
+from trainer import storage
+from trainer.hyperparameters import Hyperparameters
+
+log = logging.getLogger(__name__)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The last line of a Python traceback: "package.module.SomeError: message".
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Rejected): .+")
+
+
+class _LogTail:
+    """Passes the steps' logs through to the terminal and keeps the last lines.
+
+    kfp.local runs the steps one after another and stops at the first failure, so the last
+    exception printed belongs to the step that failed.
+    """
+
+    def __init__(self, stream, keep: int = 400):
+        self._stream = stream
+        self._partial = ""
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        self._partial += text
+        *complete, self._partial = self._partial.split("\n")
+        self.lines.extend(_ANSI.sub("", line).strip() for line in complete)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def last_error(self) -> str | None:
+        return next((line for line in reversed(self.lines) if _EXCEPTION_LINE.match(line)), None)
+
+
+def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: str = "subprocess",
+              pipeline_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile the pipeline, run it with kfp.local, and return (and write) the run summary."""
+    output_dir = os.path.abspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    if not storage.is_gcs(data_uri):
+        data_uri = os.path.abspath(data_uri)
+    pipeline_yaml = compile_pipeline(os.path.join(output_dir, "pipeline.yaml"))
+    pipeline = components.load_component_from_file(pipeline_yaml)
+
+    if runner == "subprocess":
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.join(output_dir, "artifacts"))
+    else:
+        raise ValueError(f"unknown runner {runner!r}; use 'subprocess'")
+    # Steps run in child processes that inherit the environment; keep TensorFlow's start-up noise down.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    arguments = {"data_uri": data_uri, **hp.to_dict(), "accelerator_count": 0, **(pipeline_args or {})}
+    summary: dict[str, Any] = {"data_uri": data_uri, "hyperparameters": hp.to_dict()}
+    tail = _LogTail(sys.stdout)
+    started = time.monotonic()
+    try:
+        with contextlib.redirect_stdout(tail), warnings.catch_warnings():
+            # kfp.local warns that GPU and resource requests are ignored here, and that our image name has
+            # no "python" in it; both are expected on a laptop.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            task = pipeline(**arguments)
+    except RuntimeError as err:
+        message = _ANSI.sub("", str(err))
+        failed = re.search(r"Inner task failed: '([\w-]+)'", message)
+        step = failed.group(1) if failed else "unknown"
+        summary.update(status="failed", failed_step=step,
+                       error=tail.last_error() or message, pipeline_seconds=round(time.monotonic() - started, 1))
+    else:
+        summary.update(status="succeeded", pipeline_seconds=round(time.monotonic() - started, 1))
+        summary.update(_describe_outputs(task.outputs))
+    with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def _read_json(*parts: str) -> dict[str, Any]:
+    with open(os.path.join(*parts), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _describe_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Pull the figures a person wants first out of the pipeline's output artifacts."""
+    manifest = _read_json(outputs["dataset"].path, "manifest.json")
+    validation = _read_json(outputs["validation"].path, "validation.json")
+    evaluation = _read_json(outputs["evaluation"].path, "evaluation.json")
+    return {
+        "eval_metric": evaluation["eval_metric"],
+        "eval_value": evaluation["eval_value"],
+        "metrics": evaluation["metrics"],
+        "classes": manifest["classes"],
+        "counts": {split: info["count"] for split, info in manifest["splits"].items()},
+        "listed": len(validation["accepted"]) + len(validation["rejected"]) + len(validation["skipped"]),
+        "rejected": len(validation["rejected"]),
+        "skipped": len(validation["skipped"]),
+        "model_path": outputs["model"].path,
+        "dataset_path": outputs["dataset"].path,
+        "evaluation_path": outputs["evaluation"].path,
+    }
