@@ -1,0 +1,313 @@
+"""One storage layer for local paths and gs:// URIs: all data-set and model I/O goes through it."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import posixpath
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+import requests
+from google.api_core import exceptions as api_exceptions
+from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import GoogleAuthError
+from google.cloud import storage
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+from google.cloud.storage.retry import DEFAULT_RETRY, DEFAULT_RETRY_IF_GENERATION_SPECIFIED
+
+from trainer.errors import StorageError
+
+_GS = "gs://"
+_FILE = "file://"
+# Reads and listings are idempotent, so the library's default policy (429, 5xx, resets; exponential
+# back-off, 120 s deadline) applies to them. Kept as a module name so tests can shorten the deadline.
+_RETRY = DEFAULT_RETRY
+# Whole-file transfers are independent, and GCS latency per object dominates: a few threads help a lot.
+_WORKERS = 8
+_NO_OBJECT = "{uri} does not exist (HTTP 404): check the bucket and object name"
+_CREDENTIALS_HINT = (
+    "check that the pipeline's service account (Workload Identity on GKE, or GOOGLE_APPLICATION_CREDENTIALS) "
+    "has Storage Object Viewer to read and Storage Object Creator/Admin to write on the bucket"
+)
+
+
+def is_gcs(uri: str) -> bool:
+    return uri.startswith(_GS)
+
+
+def join(base: str, *parts: str) -> str:
+    """Append path parts; for gs:// the result has no empty segments ('//') and no trailing '/'."""
+    if is_gcs(base):
+        segments = [s for part in (base[len(_GS) :], *parts) for s in part.split("/") if s]
+        return _GS + "/".join(segments)
+    # Leading '/' in a part would make os.path.join drop everything before it.
+    return os.path.join(base, *(p.strip("/") for p in parts if p.strip("/")))
+
+
+def safe_relative_path(rel: str) -> str:
+    """Return ``rel`` as a normalised relative POSIX path, or raise if it could land outside its folder."""
+    problem = None
+    if not rel:
+        problem = "is empty"
+    elif "\\" in rel or "\x00" in rel:
+        problem = "contains a backslash or NUL character (a path separator on some systems)"
+    elif rel.startswith("/"):
+        problem = "is an absolute path"
+    elif "" in rel.split("/"):
+        problem = "has an empty path segment ('//' or a trailing '/')"
+    elif posixpath.normpath(rel) in (".", "..") or posixpath.normpath(rel).startswith("../"):
+        problem = "would escape the target folder ('..')"
+    if problem:
+        raise StorageError(f"refusing object name {rel!r}: it {problem}; rename or remove it at the source")
+    return posixpath.normpath(rel)
+
+
+def list_files(root: str) -> list[str]:
+    """Every file or object below ``root`` (recursively) as sorted POSIX paths relative to it.
+
+    Nothing is filtered out (hidden files, '_$folder$' markers): callers decide what to reject.
+    A missing local folder, a missing bucket and a gs:// prefix without objects each raise StorageError;
+    an existing but empty local folder gives an empty list.
+    """
+    if is_gcs(root):
+        return _list_gcs(root)
+    path = Path(_local(root))
+    if not path.exists():
+        raise StorageError(f"local path {root} does not exist: check the path and that its volume is mounted")
+    if not path.is_dir():
+        raise StorageError(f"{root} is a file, not a folder: pass the folder that holds the files")
+
+    def fail(err: OSError) -> None:
+        # os.walk skips unreadable folders silently by default; a data set must never lose files that way.
+        raise StorageError(f"cannot read {err.filename} below {root}: {err.strerror}; check its permissions")
+
+    found = []
+    for folder, subfolders, files in os.walk(path, onerror=fail, followlinks=True):
+        # Follow linked folders (volumes often use them) but not a link back to an ancestor: that loops.
+        here = os.path.realpath(folder) + os.sep
+        subfolders[:] = [
+            d for d in subfolders if not here.startswith(os.path.realpath(Path(folder, d)) + os.sep)
+        ]
+        found += [Path(folder, name).relative_to(path).as_posix() for name in files]
+    return sorted(found)
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_gcs(uri):
+        with _gcs_errors(uri, "reading", _NO_OBJECT.format(uri=uri)):
+            return _blob(uri).download_as_bytes(retry=_RETRY)
+    with _local_errors(uri, "read"):
+        return Path(_local(uri)).read_bytes()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` whole: readers see the old content or the new one, never a part."""
+    if is_gcs(uri):
+        _upload(
+            uri,
+            lambda blob, gen, retry: blob.upload_from_string(
+                data, content_type="application/octet-stream", if_generation_match=gen, retry=retry
+            ),
+        )
+    else:
+        with _atomic_file(_local(uri)) as out:
+            out.write(data)
+
+
+def download_file(uri: str, local_path: str) -> None:
+    """Copy one file or object to ``local_path``; on failure nothing is left at ``local_path``."""
+    with _atomic_file(_local(local_path)) as out:
+        if is_gcs(uri):
+            with _gcs_errors(uri, "reading", _NO_OBJECT.format(uri=uri)):
+                # The library resumes an interrupted transfer with a range request and checks the CRC32C.
+                _blob(uri).download_to_file(out, retry=_RETRY)
+        else:
+            with _local_errors(uri, "read"):
+                src = open(_local(uri), "rb")  # closed just below, outside the read-error mapping
+            with src:
+                shutil.copyfileobj(src, out)
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    if is_gcs(uri):
+        with _local_errors(local_path, "read"):
+            _upload(
+                uri,
+                lambda blob, gen, retry: blob.upload_from_filename(
+                    _local(local_path), if_generation_match=gen, retry=retry
+                ),
+            )
+    else:
+        download_file(local_path, uri)
+
+
+def download_tree(root: str, local_dir: str) -> list[str]:
+    """Copy every file below ``root`` into ``local_dir``; returns the relative paths written.
+
+    All names are checked before anything is copied, so a bad name leaves no half-copied tree.
+    """
+    targets: dict[str, str] = {}
+    for name in list_files(root):
+        rel = safe_relative_path(name)
+        if rel in targets:
+            raise StorageError(
+                f"{targets[rel]!r} and {name!r} below {root} would both be written to {rel}; "
+                "rename one of them at the source"
+            )
+        targets[rel] = name
+    _parallel(
+        lambda rel: download_file(join(root, targets[rel]), os.path.join(_local(local_dir), rel)), targets
+    )
+    return sorted(targets)
+
+
+def upload_tree(local_dir: str, root: str) -> list[str]:
+    """Copy every file below ``local_dir`` to ``root``; returns the relative paths copied."""
+    names = list_files(local_dir)
+    _parallel(lambda rel: upload_file(os.path.join(_local(local_dir), rel), join(root, rel)), names)
+    return names
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _local(path: str) -> str:
+    return path[len(_FILE) :] if path.startswith(_FILE) else path
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len(_GS) :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} names no bucket: write gs://BUCKET/PATH")
+    return bucket, key
+
+
+def _client() -> storage.Client:
+    # Read at call time, never at import, and keyed on it so a changed emulator address gets a new client.
+    return _client_for(os.environ.get("STORAGE_EMULATOR_HOST") or None)
+
+
+@functools.lru_cache(maxsize=4)
+def _client_for(emulator_host: str | None) -> storage.Client:
+    if emulator_host:
+        # The library sends requests to the emulator itself; it needs neither credentials nor a project.
+        return storage.Client(project="imgclf-emulator", credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def _blob(uri: str) -> storage.Blob:
+    bucket, key = _split(uri)
+    if not key:
+        raise StorageError(f"{uri} names a bucket, not an object: add the object's path")
+    return _client().bucket(bucket).blob(key)
+
+
+def _list_gcs(root: str) -> list[str]:
+    bucket, key = _split(root)
+    # GCS has no folders: 'data' would also match 'data2/...', so always list below 'data/'.
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    shown = f"{_GS}{bucket}/{prefix}"
+    missing = f"bucket {bucket!r} does not exist (HTTP 404 listing {shown}): check the bucket name in the URI"
+    with _gcs_errors(shown, "listing", missing):
+        # The iterator fetches every page (at most 1,000 objects each); only names are needed.
+        blobs = _client().list_blobs(bucket, prefix=prefix, retry=_RETRY, fields="items(name),nextPageToken")
+        # An object named exactly like the prefix is a folder marker for the root itself, not a file below it.
+        names = sorted(b.name[len(prefix) :] for b in blobs if b.name != prefix)
+    if not names:
+        raise StorageError(
+            f"no objects found under {shown}: check the path (in GCS a misspelled folder "
+            "and an empty one look the same)"
+        )
+    return names
+
+
+def _upload(uri: str, send: Callable[[storage.Blob, int, Any], None]) -> None:
+    missing = f"bucket {_split(uri)[0]!r} does not exist (HTTP 404 writing {uri}): create it or fix the URI"
+    with _gcs_errors(uri, "writing", missing):
+        blob = _blob(uri)
+        current = blob.bucket.get_blob(blob.name, retry=_RETRY)
+        # An upload is only safe to resend when it is conditional on the generation it replaces (0: none),
+        # so the library's conditional policy turns retries on exactly then.
+        send(blob, current.generation if current else 0, DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+
+
+@contextlib.contextmanager
+def _gcs_errors(uri: str, doing: str, missing: str) -> Iterator[None]:
+    try:
+        yield
+    except api_exceptions.NotFound as err:
+        raise StorageError(missing) from err
+    except (api_exceptions.Forbidden, api_exceptions.Unauthorized) as err:
+        raise StorageError(f"permission denied (HTTP {err.code}) {doing} {uri}: {_CREDENTIALS_HINT}") from err
+    except api_exceptions.PreconditionFailed as err:
+        raise StorageError(
+            f"{uri} was changed by another writer while {doing} it (HTTP 412): make sure only "
+            "one run writes to this location, then retry"
+        ) from err
+    except GoogleAuthError as err:
+        raise StorageError(
+            f"cannot authenticate to Google Cloud Storage for {uri} ({err}): {_CREDENTIALS_HINT}"
+        ) from err
+    except (
+        api_exceptions.GoogleAPIError,
+        InvalidResponse,
+        DataCorruption,
+        requests.RequestException,
+        ConnectionError,
+    ) as err:
+        raise StorageError(
+            f"{doing} {uri} failed even after retries ({type(err).__name__}: {err}): "
+            "check network access to Cloud Storage and try again"
+        ) from err
+
+
+@contextlib.contextmanager
+def _local_errors(path: str, doing: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        raise StorageError(
+            f"cannot {doing} {path}: {err.strerror or err}; check the path and its permissions"
+        ) from err
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str) -> Iterator[IO[bytes]]:
+    """Yield a temporary file next to ``path`` that replaces it only when the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with _local_errors(path, "write"):
+        os.makedirs(folder, exist_ok=True)
+        # Same folder, so os.replace is an atomic rename on the same file system. Not mkstemp: its 0600 mode
+        # would stick to the final file; 0666 less the umask gives the permissions any new file gets.
+        temp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.partial")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with _local_errors(path, "write"):
+            with os.fdopen(fd, "wb") as out:
+                yield out
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def _parallel(task: Callable[[str], None], items: Iterable[str]) -> None:
+    """Run ``task`` for each item on a few threads; the first error cancels what has not started."""
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        futures = [pool.submit(task, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
