@@ -22,7 +22,7 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
     from pipelines.local import run_local
 
     hp = trainer_cli.resolve_hyperparameters(args)
-    summary = run_local(args.data, args.output, hp, runner=args.runner,
+    summary = run_local(args.data, args.output, hp, runner=args.runner, image=args.image,
                         pipeline_args={"max_rejected_fraction": args.max_rejected_fraction})
     if summary["status"] != "succeeded":
         print(f"\npipeline failed in step '{summary['failed_step']}': {summary['error']}", file=sys.stderr)
@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("run-local", help="run the whole compiled pipeline on this machine (kfp.local)")
     cmd.add_argument("--data", required=True, help="local path or gs:// URI of the class folders")
     cmd.add_argument("--output", required=True, help="folder for the artifacts and summary.json")
-    cmd.add_argument("--runner", choices=["subprocess"], default="subprocess",
-                     help="run the steps as local processes")
+    cmd.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                     help="subprocess: steps run in this Python environment; docker: in the component "
+                          "image, as a non-root user without network (needs a Docker engine)")
+    cmd.add_argument("--image", help="component image for --runner docker (default: the project's)")
     cmd.add_argument("--max-rejected-fraction", type=float, default=0.01,
                      help="largest share of unusable files tolerated (default 0.01)")
     cmd.add_argument("--json", action="store_true", help="also print the whole summary")

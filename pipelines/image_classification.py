@@ -23,6 +23,16 @@ STEP_RESOURCES = {
 }
 
 
+class Outputs(NamedTuple):
+    """What a run hands on: the model, the converted data set, the data and evaluation reports."""
+
+    model: Model
+    dataset: Dataset
+    validation: Artifact
+    evaluation: Artifact
+    eval_value: float
+
+
 def _request(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
     return task.set_cpu_request(STEP_RESOURCES[step]["cpu"]).set_memory_request(STEP_RESOURCES[step]["memory"])
 
@@ -68,8 +78,7 @@ def image_classification(
     initial_model_uri: str = "",
     checkpoint_root: str = "",
     jit_compile: bool = False,
-) -> NamedTuple("Outputs", [("model", Model), ("dataset", Dataset), ("validation", Artifact),
-                            ("evaluation", Artifact), ("eval_value", float)]):
+) -> Outputs:
     """Trains and evaluates an image classifier on a class-folder data set.
 
     Steps: validate-data -> convert-to-tfrecords -> train (GPU) -> evaluate.
@@ -114,8 +123,6 @@ def image_classification(
     evaluation.set_display_name("Evaluate")
     _request(evaluation, "evaluate")
 
-    outputs = NamedTuple("Outputs", [("model", Model), ("dataset", Dataset), ("validation", Artifact),
-                                     ("evaluation", Artifact), ("eval_value", float)])
-    return outputs(training.outputs["trained_model"], conversion.outputs["dataset"],
+    return Outputs(training.outputs["trained_model"], conversion.outputs["dataset"],
                    validation.outputs["validation"], evaluation.outputs["evaluation"],
                    evaluation.outputs["eval_value"])

@@ -52,20 +52,50 @@ class _LogTail:
         return next((line for line in reversed(self.lines) if _EXCEPTION_LINE.match(line)), None)
 
 
+CONTAINER_USER = "1000"
+
+
+def _docker_runner(data_uri: str, pipeline_root: str) -> local.DockerRunner:
+    """Run each step in the project's image as a non-root user, without a network.
+
+    The data folder is mounted read-only at the same path. The pipeline root is bind-mounted by
+    kfp.local and must be writable by the container's user. A gs:// data set needs the network:
+    the host's, so that a GCS emulator on loopback (STORAGE_EMULATOR_HOST) is reachable too.
+    """
+    import docker.types
+
+    os.chmod(pipeline_root, 0o777)
+    options: dict[str, Any] = {"user": CONTAINER_USER, "network_mode": "none"}
+    if storage.is_gcs(data_uri):
+        options["network_mode"] = "host"
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            options["environment"] = {"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}
+    else:
+        options["mounts"] = [docker.types.Mount(target=data_uri, source=data_uri, type="bind", read_only=True)]
+    return local.DockerRunner(**options)
+
+
 def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: str = "subprocess",
-              pipeline_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compile the pipeline, run it with kfp.local, and return (and write) the run summary."""
+              image: str | None = None, pipeline_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile the pipeline, run it with kfp.local, and return (and write) the run summary.
+
+    ``runner`` is "subprocess" (steps run as processes of this Python environment) or "docker"
+    (steps run in the component image, ``image`` or the project's own).
+    """
     output_dir = os.path.abspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    pipeline_root = os.path.join(output_dir, "artifacts")
+    os.makedirs(pipeline_root, exist_ok=True)
     if not storage.is_gcs(data_uri):
         data_uri = os.path.abspath(data_uri)
-    pipeline_yaml = compile_pipeline(os.path.join(output_dir, "pipeline.yaml"))
+    pipeline_yaml = compile_pipeline(os.path.join(output_dir, "pipeline.yaml"), image=image)
     pipeline = components.load_component_from_file(pipeline_yaml)
 
     if runner == "subprocess":
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.join(output_dir, "artifacts"))
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
+    elif runner == "docker":
+        local.init(runner=_docker_runner(data_uri, pipeline_root), pipeline_root=pipeline_root)
     else:
-        raise ValueError(f"unknown runner {runner!r}; use 'subprocess'")
+        raise ValueError(f"unknown runner {runner!r}; use 'subprocess' or 'docker'")
     # Steps run in child processes that inherit the environment; keep TensorFlow's start-up noise down.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -34,7 +34,8 @@ def test_list_describes_every_hyperparameter(capsys):
 
 
 def test_readme_table_is_generated_from_the_schema():
-    assert hps.markdown_table() in README.read_text(), "README's table is stale: paste `imgclf hyperparameters --markdown`"
+    stale = "README's table is stale: paste the output of `imgclf hyperparameters --markdown`"
+    assert hps.markdown_table() in README.read_text(), stale
 
 
 def test_trainer_train_flags_come_from_the_schema():
