@@ -1,0 +1,306 @@
+"""convert_dataset writes every accepted image once, resized, in a stratified seeded leak-free split."""
+
+import collections
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.support import datasets as ds
+from trainer import conversion, images, storage
+from trainer.conversion import convert_dataset, read_manifest
+from trainer.errors import DataError
+from trainer.validation import validate_dataset
+
+FEATURES = {
+    "image/raw": tf.io.FixedLenFeature([], tf.string),
+    "image/size": tf.io.FixedLenFeature([], tf.int64),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "path": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def read_split(out, manifest, split) -> list[dict]:
+    """Every record of a split, in file order, as {path, label, pixels}."""
+    records = []
+    for name in manifest["splits"][split]["files"]:
+        for raw in tf.data.TFRecordDataset(os.path.join(out, split, name)):
+            example = tf.io.parse_single_example(raw, FEATURES)
+            size = int(example["image/size"])
+            pixels = np.frombuffer(example["image/raw"].numpy(), np.uint8)
+            assert pixels.size == size * size * 3
+            records.append({"path": example["path"].numpy().decode("utf-8"), "label": int(example["label"]),
+                            "pixels": pixels.reshape(size, size, 3)})
+    return records
+
+
+def validate_and_convert(data, tmp_path, name="out", **kwargs):
+    validation_dir = tmp_path / f"{name}-validation"
+    validate_dataset(str(data), str(validation_dir), max_rejected_fraction=kwargs.pop("max_rejected", 0.01))
+    out = tmp_path / name
+    manifest = convert_dataset(str(data), str(validation_dir / "validation.json"), str(out), workers=2,
+                               **kwargs)
+    return out, manifest
+
+
+def split_paths(manifest_dir, manifest):
+    return {s: sorted(r["path"] for r in read_split(manifest_dir, manifest, s)) for s in conversion.SPLITS}
+
+
+def test_records_hold_the_resized_pixels_and_labels(tiny_dataset, tmp_path):
+    out, manifest = validate_and_convert(tiny_dataset, tmp_path, image_size=16)
+    assert manifest == read_manifest(str(out))
+    assert manifest["classes"] == ["cats", "dogs", "fish"] and manifest["image_size"] == 16
+    assert json.loads((out / "class_label_to_prediction_index.json").read_text()) == {
+        "cats": 0, "dogs": 1, "fish": 2}
+    seen = set()
+    for split in conversion.SPLITS:
+        records = read_split(out, manifest, split)
+        assert len(records) == manifest["splits"][split]["count"]
+        for record in records:
+            seen.add(record["path"])
+            assert record["label"] == manifest["classes"].index(record["path"].split("/")[0])
+        # Spot-check the pixels: the one shared decode and resize, applied once.
+        record = records[0]
+        data = (tiny_dataset / record["path"]).read_bytes()
+        expected = images.resize_image(images.decode_image(data, record["path"]), 16, "bilinear").numpy()
+        np.testing.assert_array_equal(record["pixels"], expected)
+    # Every accepted image was written exactly once, and the counts reconcile.
+    assert len(seen) == 30 == manifest["accepted"] == manifest["written"]
+    assert manifest["listed"] == manifest["accepted"] + manifest["rejected"] + manifest["skipped"]
+    assert sum(manifest["splits"][s]["count"] for s in conversion.SPLITS) == manifest["accepted"]
+
+
+def test_split_is_stratified_and_follows_the_ratios(tiny_dataset, tmp_path):
+    _, manifest = validate_and_convert(tiny_dataset, tmp_path, image_size=8, validation_split_ratio=0.2,
+                                       test_split_ratio=0.1)
+    for name in manifest["classes"]:
+        assert [manifest["splits"][s]["class_counts"][name] for s in conversion.SPLITS] == [7, 2, 1]
+    assert manifest["ratios"] == {"train": 0.7, "validation": 0.2, "test": 0.1}
+
+
+def test_split_is_seeded(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"a": 15, "b": 15}, size=(12, 12))
+    out1, m1 = validate_and_convert(tmp_path / "d", tmp_path, "one", image_size=8, random_seed=7)
+    out2, m2 = validate_and_convert(tmp_path / "d", tmp_path, "two", image_size=8, random_seed=7)
+    out3, m3 = validate_and_convert(tmp_path / "d", tmp_path, "three", image_size=8, random_seed=8)
+    assert split_paths(out1, m1) == split_paths(out2, m2) != split_paths(out3, m3)
+    assert m1["fingerprint"] == m2["fingerprint"] != m3["fingerprint"]
+    # Same seed, same record order, byte for byte.
+    train = m1["splits"]["train"]["files"][0]
+    assert (out1 / "train" / train).read_bytes() == (out2 / "train" / train).read_bytes()
+
+
+def test_training_order_mixes_classes(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"a": 20, "b": 20}, size=(8, 8))
+    out, manifest = validate_and_convert(tmp_path / "d", tmp_path, image_size=8, num_shards=2)
+    for name in manifest["splits"]["train"]["files"]:
+        manifest_one = {"splits": {"train": {"files": [name]}}}
+        labels = [r["label"] for r in read_split(out, manifest_one, "train")]
+        assert set(labels) == {0, 1} and labels != sorted(labels)
+
+
+def test_identical_content_never_crosses_splits(tmp_path):
+    data = tmp_path / "d"
+    ds.make_image_folder(data, {"a": 12, "b": 12}, size=(10, 10), fmt="png")
+    # Four copies of each of three "a" pictures, under other names.
+    for i in range(3):
+        content = (data / "a" / f"a_{i:03d}.png").read_bytes()
+        for copy in range(3):
+            (data / "a" / f"copy_{i}_{copy}.png").write_bytes(content)
+    for seed in range(4):
+        out, manifest = validate_and_convert(data, tmp_path, f"s{seed}", image_size=8, random_seed=seed,
+                                             validation_split_ratio=0.3, test_split_ratio=0.3)
+        split_of = {}
+        for split, paths in split_paths(out, manifest).items():
+            for path in paths:
+                split_of[path] = split
+        groups = collections.defaultdict(set)
+        for path, split in split_of.items():
+            groups[hashlib.sha256((data / path).read_bytes()).hexdigest()].add(split)
+        assert all(len(splits) == 1 for splits in groups.values())
+        assert len(split_of) == manifest["accepted"] == 33
+
+
+def test_class_too_small_to_split(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"big": 10, "small": 2})
+    with pytest.raises(DataError) as info:
+        validate_and_convert(tmp_path / "d", tmp_path, image_size=8)
+    message = str(info.value)
+    assert "at least 3 distinct images, one for each of train, validation, test" in message
+    assert "'small' has 2 distinct image(s) (2 file(s))" in message and "test_split_ratio=0" in message
+    assert "'big'" not in message
+    # Without a test split two images are enough; the test split gets no folder.
+    out, manifest = validate_and_convert(tmp_path / "d", tmp_path, "two", image_size=8, test_split_ratio=0)
+    assert manifest["splits"]["test"] == {"count": 0, "class_counts": {"big": 0, "small": 0}, "files": []}
+    assert not (out / "test").exists()
+    assert manifest["splits"]["validation"]["class_counts"] == {"big": 2, "small": 1}
+
+
+def test_duplicates_count_once_toward_the_minimum(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"a": 5, "b": 2})
+    (tmp_path / "d" / "b" / "again.jpg").write_bytes((tmp_path / "d" / "b" / "b_000.jpg").read_bytes())
+    with pytest.raises(DataError, match=r"'b' has 2 distinct image\(s\) \(3 file\(s\)\)"):
+        validate_and_convert(tmp_path / "d", tmp_path, image_size=8)
+
+
+def test_explicit_shards_and_default_sharding(tiny_dataset, tmp_path):
+    out, manifest = validate_and_convert(tiny_dataset, tmp_path, image_size=8, num_shards=4)
+    train = manifest["splits"]["train"]
+    assert train["files"] == [f"part-0000{i}-of-00004.tfrecord" for i in range(4)]
+    sizes = [sum(1 for _ in tf.data.TFRecordDataset(str(out / "train" / f))) for f in train["files"]]
+    assert sum(sizes) == 21 and max(sizes) - min(sizes) <= 1
+    # A split smaller than num_shards gets one shard per image, never an empty shard.
+    assert len(manifest["splits"]["test"]["files"]) == 3
+    assert conversion.default_num_shards(0, 224) == 0
+    assert conversion.default_num_shards(10, 224) == 1
+    assert conversion.default_num_shards(5_000, 224) == 5  # ~150 MB shards of 1,000 images
+    assert conversion.default_num_shards(100_000, 32) == 3  # small images: ~128 MiB shards
+
+
+def test_leftover_shards_and_temp_files_are_never_listed(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "test").mkdir()
+    stale = out / "train" / "part-00003-of-00009.tfrecord"
+    temp = out / "train" / ".tmp-0123-part-00000-of-00001.tfrecord"
+    stale.write_bytes(b"old")
+    temp.write_bytes(b"half a shard")
+    (out / "test" / "part-00000-of-00001.tfrecord").write_bytes(b"old")
+    (out / "train" / "notes.txt").write_text("not ours: kept")
+    out, manifest = validate_and_convert(tiny_dataset, tmp_path, image_size=8, test_split_ratio=0)
+    assert not stale.exists() and not temp.exists() and (out / "train" / "notes.txt").exists()
+    assert not (out / "test").exists()
+    assert manifest["splits"]["train"]["files"] == ["part-00000-of-00001.tfrecord"]
+    assert sorted(os.path.basename(p) for p in glob.glob(str(out / "*" / "part-*.tfrecord"))) == [
+        "part-00000-of-00001.tfrecord"] * 2
+
+
+def test_crash_mid_shard_leaves_no_shard_and_no_manifest(tiny_dataset, tmp_path, monkeypatch):
+    out, _ = validate_and_convert(tiny_dataset, tmp_path, image_size=8)
+    validation_json = tmp_path / "out-validation" / "validation.json"
+    real = conversion._encode_example
+    calls = 0
+
+    def failing(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 10:
+            raise OSError("worker killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conversion, "_encode_example", failing)
+    with pytest.raises(OSError, match="worker killed"):
+        convert_dataset(str(tiny_dataset), str(validation_json), str(out), image_size=8, workers=2)
+    assert not (out / "manifest.json").exists()  # the previous manifest is gone before shards change
+    assert glob.glob(str(out / "train" / "*")) == []  # no complete-looking or temporary shard left
+    with pytest.raises(DataError, match="no readable manifest.json"):
+        read_manifest(str(out))
+
+
+def test_file_changed_since_validation_is_an_error(tiny_dataset, tmp_path):
+    validate_dataset(str(tiny_dataset), str(tmp_path / "v"))
+    (tiny_dataset / "dogs" / "dogs_003.jpg").write_bytes(ds.encode(ds.noise(30, 40, seed=5), "JPEG"))
+    with pytest.raises(DataError, match="dogs/dogs_003.jpg changed since validation"):
+        convert_dataset(str(tiny_dataset), str(tmp_path / "v" / "validation.json"), str(tmp_path / "o"),
+                        image_size=8)
+
+
+def test_fingerprint_follows_content_not_just_names(tiny_dataset, tmp_path):
+    _, before = validate_and_convert(tiny_dataset, tmp_path, "before", image_size=8)
+    _, again = validate_and_convert(tiny_dataset, tmp_path, "again", image_size=8)
+    (tiny_dataset / "dogs" / "dogs_003.jpg").write_bytes(ds.encode(ds.noise(30, 40, seed=5), "JPEG"))
+    _, after = validate_and_convert(tiny_dataset, tmp_path, "after", image_size=8)
+    assert before["fingerprint"] == again["fingerprint"] != after["fingerprint"]
+    _, resized = validate_and_convert(tiny_dataset, tmp_path, "resized", image_size=9)
+    assert resized["fingerprint"] != after["fingerprint"]
+
+
+def test_fingerprint_ignores_order_and_number_spelling():
+    accepted = [{"path": "a/1.jpg", "sha256": "1" * 64}, {"path": "b/2.jpg", "sha256": "2" * 64}]
+
+    def params(**kw):
+        base = {"validation_split_ratio": 0.2, "test_split_ratio": 0, "random_seed": 0, "image_size": 8,
+                "image_resize_interpolation": "bilinear", "num_shards": None}
+        return conversion.conversion_parameters(**{**base, **kw})
+
+    one = conversion.compute_fingerprint(accepted, params())
+    assert one == conversion.compute_fingerprint(accepted[::-1], params(test_split_ratio=0.0))
+    assert one != conversion.compute_fingerprint(accepted, params(num_shards=2))
+    renamed = [{**accepted[0], "path": "b/1.jpg"}, accepted[1]]
+    assert one != conversion.compute_fingerprint(renamed, params())
+
+
+def test_exif_rotation_and_16_bit_reach_the_records(tmp_path):
+    data = tmp_path / "d"
+    ds.make_image_folder(data, {"a": 3, "b": 3}, size=(8, 8), fmt="png")
+    # Stored sideways with orientation 6: upright, the top half is red.
+    (data / "a" / "sideways.png").write_bytes(ds.exif_bytes(ds.halves(20, 40), 6, "PNG"))
+    (data / "b" / "deep.png").write_bytes(ds.png16_gray(np.full((8, 8), 32896, np.uint16)))
+    out, manifest = validate_and_convert(data, tmp_path, image_size=8, validation_split_ratio=0.0,
+                                         test_split_ratio=0.0)
+    records = {r["path"]: r["pixels"] for r in read_split(out, manifest, "train")}
+    sideways = records["a/sideways.png"]
+    # Rows 3-4 straddle the edge and are blended by the antialiased resize.
+    assert (sideways[:3] == (255, 0, 0)).all() and (sideways[5:] == (0, 0, 255)).all()
+    assert (records["b/deep.png"] == 128).all()
+
+
+def test_validation_with_fatal_problems_is_refused(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"only": 3})
+    with pytest.raises(DataError):
+        validate_dataset(str(tmp_path / "d"), str(tmp_path / "v"))
+    with pytest.raises(DataError, match="(?s)reports fatal problems.*only one class folder"):
+        convert_dataset(str(tmp_path / "d"), str(tmp_path / "v" / "validation.json"), str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"validation_split_ratio": 0.6, "test_split_ratio": 0.4}, "their sum must be below 1"),
+    ({"test_split_ratio": -0.1}, "test_split_ratio must be a number at least 0"),
+    ({"test_split_ratio": "0.1"}, "test_split_ratio must be a number"),
+    ({"random_seed": 1.5}, "random_seed must be a whole number"),
+    ({"image_size": 0}, "image_size must be a positive"),
+    ({"image_resize_interpolation": "cubic"}, "'cubic' is not one of bilinear"),
+    ({"num_shards": 0}, "num_shards must be a positive"),
+])
+def test_parameters_are_checked_before_any_work(tmp_path, kwargs, expected):
+    with pytest.raises(ValueError, match=expected):
+        convert_dataset(str(tmp_path), str(tmp_path / "missing.json"), str(tmp_path / "o"), **kwargs)
+
+
+def test_read_manifest_notices_a_missing_shard(tiny_dataset, tmp_path):
+    out, manifest = validate_and_convert(tiny_dataset, tmp_path, image_size=8)
+    os.remove(out / "validation" / manifest["splits"]["validation"]["files"][0])
+    with pytest.raises(DataError, match="missing shard.*validation/part-00000-of-00001.tfrecord"):
+        read_manifest(str(out))
+    assert conversion.shard_uris(str(out), manifest, "train") == [
+        storage.join(str(out), "train", "part-00000-of-00001.tfrecord")]
+
+
+def test_gcs_data_set_end_to_end(tiny_dataset, gcs_bucket, tmp_path):
+    from tests.support.gcs import emulator_client, upload_folder
+
+    data_uri = upload_folder(tiny_dataset, gcs_bucket, "flowers")
+    # An empty class folder in object storage exists only as a placeholder object or a marker.
+    emulator_client().bucket(gcs_bucket).blob("flowers/ghost/").upload_from_string(b"")
+    work = f"gs://{gcs_bucket}/work"
+    with pytest.raises(DataError, match="class folder 'ghost' has no usable images"):
+        validate_dataset(data_uri, f"{work}/bad-validation")
+    emulator_client().bucket(gcs_bucket).blob("flowers/ghost/").delete()
+    result = validate_dataset(data_uri, f"{work}/validation")
+    assert result["counts"] == {"listed": 30, "accepted": 30, "rejected": 0, "skipped": 0}
+    assert "Result: passed" in storage.read_bytes(f"{work}/validation/report.md").decode()
+    manifest = convert_dataset(data_uri, f"{work}/validation/validation.json", f"{work}/dataset", image_size=8,
+                               workers=2)
+    assert read_manifest(f"{work}/dataset") == manifest
+    assert set(storage.list_files(f"{work}/dataset")) == {
+        "manifest.json", "class_label_to_prediction_index.json", "train/part-00000-of-00001.tfrecord",
+        "validation/part-00000-of-00001.tfrecord", "test/part-00000-of-00001.tfrecord"}
+    local = tmp_path / "copy"
+    storage.download_tree(f"{work}/dataset", str(local))
+    assert sorted(r["path"] for s in conversion.SPLITS for r in read_split(local, manifest, s)) == sorted(
+        e["path"] for e in result["accepted"])

@@ -1,0 +1,205 @@
+"""validate_dataset puts every listed file in exactly one list, with a reason, and names what is fatal."""
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+
+from tests.support import datasets as ds
+from trainer import validation
+from trainer.errors import DataError
+from trainer.validation import validate_dataset
+
+
+def outcome_of(result: dict) -> dict[str, tuple[str, str | None]]:
+    """{path: (list name, rejection code)} over the three lists of a validation result."""
+    found = {}
+    for kind in ("accepted", "rejected", "skipped"):
+        for entry in result[kind]:
+            assert entry["path"] not in found, f"{entry['path']} is in two lists"
+            found[entry["path"]] = (kind, entry.get("code"))
+    return found
+
+
+def assert_reconciles(result: dict) -> None:
+    counts = result["counts"]
+    assert result["listed"] == counts["listed"] == counts["accepted"] + counts["rejected"] + counts["skipped"]
+    assert [len(result[k]) for k in ("accepted", "rejected", "skipped")] == [
+        counts["accepted"], counts["rejected"], counts["skipped"]]
+    assert sum(result["class_counts"].values()) == counts["accepted"]
+
+
+def test_tiny_dataset_passes(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = validate_dataset(str(tiny_dataset), str(out), workers=2)
+    assert_reconciles(result)
+    assert result["classes"] == ["cats", "dogs", "fish"]
+    assert result["class_counts"] == {"cats": 10, "dogs": 10, "fish": 10}
+    assert result["fatal"] == [] and result["rejected"] == [] and result["skipped"] == []
+    entry = result["accepted"][0]
+    assert entry["path"] == "cats/cats_000.jpg" and entry["class"] == "cats"
+    assert (entry["width"], entry["height"], entry["format"]) == (40, 30, "JPEG") and len(entry["sha256"]) == 64
+    assert result["statistics"]["formats"] == {"JPEG": 30}
+    assert result["statistics"]["width"] == {"min": 40, "median": 40, "max": 40}
+    assert result["imbalance"]["ratio"] == 1.0
+    assert json.loads((out / "validation.json").read_text()) == result
+    report = (out / "report.md").read_text()
+    assert "**Result: passed.**" in report and "| 0 | `cats` | 10 | 33.3% |" in report
+
+
+def test_bad_inputs_corpus_every_file_accounted_for(bad_corpus, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as info:
+        validate_dataset(str(bad_corpus.root), str(out), max_pixels=bad_corpus.max_pixels, workers=3)
+    # The files are written before the error is raised, and the error lists every fatal problem.
+    result = json.loads((out / "validation.json").read_text())
+    assert_reconciles(result)
+    assert outcome_of(result) == bad_corpus.expected
+    for fragment in bad_corpus.fatal:
+        assert any(fragment in problem for problem in result["fatal"]), fragment
+        assert fragment in str(info.value)
+    assert len(result["fatal"]) == 5 and "report.md" in str(info.value)
+    report = (out / "report.md").read_text()
+    assert "**Result: FAILED** with 5 fatal problem(s)." in report
+    assert "| `good/zero_bytes.jpg` | empty file (0 bytes)" in report
+
+
+def test_corpus_reasons_name_the_problem(bad_corpus, tmp_path):
+    with pytest.raises(DataError):
+        validate_dataset(str(bad_corpus.root), str(tmp_path), max_pixels=bad_corpus.max_pixels)
+    result = json.loads((tmp_path / "validation.json").read_text())
+    reasons = {e["path"]: e["reason"] for e in result["rejected"] + result["skipped"]}
+    assert "content is PNG but the extension says JPEG" in reasons["good/png_named.jpg"]
+    assert "'odd #*?[] name/shared copy.jpg' (class 'odd #*?[] name')" in reasons["good/shared.jpg"]
+    assert "(class 'good')" in reasons["odd #*?[] name/shared copy.jpg"]
+    assert "nested folder 'good/nested'" in reasons["good/nested/deeper.jpg"]
+    assert "outside any class folder" in reasons["top_level.jpg"]
+    assert "1,100,000 pixels" in reasons["good/over_limit.png"]
+    assert "_$folder$" in reasons["ghost_$folder$"] and "hidden" in reasons["good/.DS_Store"]
+    # Odd but legal names are classes like any other, in sorted() order.
+    assert result["classes"] == sorted(result["classes"]) and ds.ODD_NAME in result["classes"]
+    assert ds.NFC_NAME in result["classes"] and ds.NFD_NAME in result["classes"]
+    twins = [d for d in result["duplicates"] if not d["conflict"]]
+    assert twins == [{"sha256": twins[0]["sha256"], "classes": ["good"], "paths": ["good/twin_1.png",
+                                                                                  "good/twin_2.png"],
+                      "conflict": False}]
+    modes = result["statistics"]["modes"]
+    assert {"CMYK", "I;16", "L", "P", "RGBA"} <= set(modes)
+    exif = next(e for e in result["accepted"] if e["path"] == "good/exif_6.jpg")
+    assert (exif["width"], exif["height"], exif["exif_orientation"]) == (20, 40, 6)
+
+
+def test_name_collisions_are_fatal_with_both_spellings(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {ds.NFC_NAME: 2, ds.NFD_NAME: 2, "Roses": 2, "roses": 2})
+    with pytest.raises(DataError) as info:
+        validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"))
+    message = str(info.value)
+    assert "Unicode normalisation (NFC vs NFD)" in message and "caf\\xe9" in message and "cafe\\u0301" in message
+    assert "'Roses' and 'roses' differ only in letter case" in message
+
+
+@pytest.mark.parametrize("classes,binary,expected", [
+    ({"only": 3}, False, "only one class folder ('only')"),
+    ({"a": 2, "b": 2, "c": 2}, True, "binary_mode is True but the data set has 3 class(es) ('a', 'b', 'c')"),
+])
+def test_class_count_problems(tmp_path, classes, binary, expected):
+    ds.make_image_folder(tmp_path / "d", classes)
+    with pytest.raises(DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), binary_mode=binary)
+
+
+def test_binary_mode_with_two_classes_passes(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"no": 2, "yes": 2})
+    assert validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), binary_mode=True)["classes"] == [
+        "no", "yes"]
+
+
+def test_nothing_to_validate(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DataError, match="no files found under"):
+        validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"))
+    (tmp_path / "d" / "loose.jpg").write_bytes(ds.encode(ds.noise(), "JPEG"))
+    with pytest.raises(DataError, match="no class folders under"):
+        validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), max_rejected_fraction=1.0)
+
+
+def test_class_with_only_bad_files_is_empty(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"a": 3, "b": 3})
+    (tmp_path / "d" / "c").mkdir()
+    (tmp_path / "d" / "c" / "broken.jpg").write_bytes(b"")
+    (tmp_path / "d" / "c" / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"class folder 'c' has no usable images \(1 rejected, 1 skipped\)"):
+        validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), max_rejected_fraction=0.5)
+
+
+def test_rejected_share_limit(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"a": 5, "b": 4})
+    (tmp_path / "d" / "b" / "cut.jpg").write_bytes(ds.truncate(ds.encode(ds.noise(), "JPEG")))
+    with pytest.raises(DataError) as info:
+        validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"))
+    assert ("1 of 10 files (10.0%) were rejected, above the limit max_rejected_fraction=0.01 (1.0%)"
+            in str(info.value)) and "or raise max_rejected_fraction" in str(info.value)
+    result = validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), max_rejected_fraction=0.1)
+    assert result["counts"] == {"listed": 10, "accepted": 9, "rejected": 1, "skipped": 0}
+    assert result["rejected"] == [{"path": "b/cut.jpg", "reason": result["rejected"][0]["reason"],
+                                   "code": "truncated", "class": "b"}]
+
+
+def test_parameters_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="max_rejected_fraction"):
+        validate_dataset(str(tmp_path), str(tmp_path), max_rejected_fraction=1.5)
+
+
+def test_bounded_map_keeps_order_and_bounds_work_in_flight():
+    running, peak, lock = 0, 0, threading.Lock()
+
+    def work(x):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.002 * (x % 3))
+        with lock:
+            running -= 1
+        return x * x
+
+    started = []
+
+    def items():
+        for i in range(40):
+            started.append(i)
+            yield i
+
+    results = []
+    for value in validation.bounded_map(work, items(), workers=3, window=5):
+        results.append(value)
+        # Never more than `window` items taken from the input beyond what was consumed.
+        assert len(started) - len(results) <= 5
+    assert results == [i * i for i in range(40)] and peak <= 3
+
+
+def test_bounded_map_propagates_errors():
+    def work(x):
+        if x == 3:
+            raise ValueError("boom")
+        return x
+
+    with pytest.raises(ValueError, match="boom"):
+        list(validation.bounded_map(work, range(10), workers=2))
+
+
+def test_progress_log_reports_rate_and_time_left(caplog):
+    caplog.set_level(logging.INFO, logger="trainer.validation")
+    progress = validation.ProgressLog("validated", 10, interval=0.0)
+    progress.advance(4)
+    progress.finish()
+    assert "validated: 4/10 images (40%)" in caplog.text and "left" in caplog.text and "images/s" in caplog.text
+
+
+def test_report_shows_odd_names_verbatim(tmp_path):
+    ds.make_image_folder(tmp_path / "d", {"pipe|name": 2, "tick`name": 2})
+    validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| 0 | `pipe\\|name` | 2 | 50.0% |" in report and "| 1 | `` tick`name `` | 2 | 50.0% |" in report

@@ -1,0 +1,453 @@
+"""Converts a validated image-folder data set into TFRecord shards split into train/validation/test.
+
+Decision (taken by the lead): each record stores the image already decoded (``images.decode_image``)
+and resized once (``images.resize_image``), as raw uint8 RGB bytes, so training never decodes or
+resizes again and every epoch reads exactly the pixels that were checked. A record is a
+``tf.train.Example`` with these features (pinned; the training input pipeline reads them):
+
+  image/raw   bytes  uint8 RGB, row-major [image_size, image_size, 3] (image_size**2 * 3 bytes)
+  image/size  int64  image_size
+  label       int64  index of the class in the sorted class list
+  path        bytes  the file's path relative to the data set, UTF-8 (e.g. b"roses/123.jpg")
+
+Layout (pinned)::
+
+  output_dir/train/part-00000-of-00004.tfrecord      (likewise validation/ and test/)
+  output_dir/class_label_to_prediction_index.json     {"class": index}, sorted order
+  output_dir/manifest.json                            written last: its presence marks a complete set
+
+A split whose ratio is 0 gets no folder; the manifest still lists it with count 0 and no files.
+
+The split is stratified and seeded: every class is split on its own, with a random generator seeded
+by ``random_seed`` and the class name (adding a class does not reshuffle the others). Files with
+identical content (same SHA-256, found by validation) form one group that goes to one split, so a
+picture can never be both trained and evaluated on. Ratios count such groups (distinct images). Every
+split with a ratio above 0 gets at least one image of every class. The order of records inside every
+split is shuffled (seeded), so consecutive records and every shard mix the classes.
+
+Shards are written one at a time: files are read, checked against the SHA-256 that validation
+recorded (a file changed since validation is an error, so the fingerprint always describes what was
+written), decoded and resized by a bounded pool of threads, and appended in a fixed order, so peak
+memory depends on the number of threads, not of images. A local shard is written under a hidden
+temporary name, synced and renamed when complete; for gs:// outputs the shard is written to a local
+temporary file and uploaded, and an object only appears once its upload is complete. Either way a
+half-written shard is never found under a shard's name, and readers take the shard list from the
+manifest, never from a listing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import uuid
+from typing import Any
+
+import tensorflow as tf
+
+from trainer import storage
+from trainer.errors import DataError, ImgclfError
+from trainer.images import DEFAULT_MAX_PIXELS, RESIZE_METHODS, decode_image, resize_image
+from trainer.validation import ProgressLog, bounded_map, default_workers, load_validation
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+MANIFEST_FILE = "manifest.json"
+LABELS_FILE = "class_label_to_prediction_index.json"
+FEATURES = {
+    "image/raw": "bytes: uint8 RGB, row-major [image_size, image_size, 3]",
+    "image/size": "int64: image_size",
+    "label": "int64: index into classes (sorted class folder names)",
+    "path": "bytes: the file's path relative to data_uri, UTF-8",
+}
+# Automatic sharding: shards of about 128 MiB, but no more than one shard per 1,000 images.
+TARGET_SHARD_BYTES = 128 * 2**20
+MIN_IMAGES_PER_SHARD = 1000
+_SHARD_RE = re.compile(r"^part-\d{5}-of-\d{5}\.tfrecord$")
+_TEMP_PREFIX = ".tmp-"
+
+
+def shard_name(index: int, count: int) -> str:
+    """The file name of shard ``index`` (0-based) of ``count``."""
+    return f"part-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def default_num_shards(count: int, image_size: int) -> int:
+    """Shards for ``count`` records: ~128 MiB each, at least 1,000 images each, at least one."""
+    if count <= 0:
+        return 0
+    record_bytes = image_size * image_size * 3 + 128  # pixels plus the Example's framing and path
+    by_size = math.ceil(count * record_bytes / TARGET_SHARD_BYTES)
+    by_count = math.ceil(count / MIN_IMAGES_PER_SHARD)
+    return max(1, min(by_size, by_count))
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)  # round() rounds halves to even, which would make 2.5 -> 2 but 3.5 -> 4
+
+
+def split_dataset(accepted: list[dict[str, Any]], classes: list[str], validation_split_ratio: float,
+                  test_split_ratio: float, random_seed: int) -> dict[str, list[dict[str, Any]]]:
+    """Assign each accepted file to a split: stratified by class, seeded, identical content together.
+
+    Returns {split: entries}, each split in a seeded shuffled order. Raises DataError naming every
+    class with too few distinct images to give each split whose ratio is above 0 at least one.
+    """
+    ratios = {"validation": validation_split_ratio, "test": test_split_ratio}
+    needed = 1 + sum(1 for r in ratios.values() if r > 0)
+    by_class: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in classes}
+    for entry in accepted:
+        by_class[entry["class"]].setdefault(entry["sha256"], []).append(entry)
+    splits: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    too_small = []
+    for name in classes:
+        groups = by_class[name]
+        if len(groups) < needed:
+            files = sum(len(g) for g in groups.values())
+            too_small.append(f"'{name}' has {len(groups)} distinct image(s) ({files} file(s))")
+            continue
+        keys = sorted(groups)  # by content hash: independent of listing order and of file names
+        random.Random(_derived_seed(random_seed, "split", name)).shuffle(keys)
+        n = len(keys)
+        counts = {s: max(1, _round_half_up(n * r)) if r > 0 else 0 for s, r in ratios.items()}
+        while n - counts["validation"] - counts["test"] < 1:
+            # High ratios on a small class: give train its one image back from the larger split.
+            larger = max(counts, key=lambda s: counts[s])
+            counts[larger] -= 1
+        start = 0
+        for split in ("test", "validation"):
+            for key in keys[start:start + counts[split]]:
+                splits[split].extend(groups[key])
+            start += counts[split]
+        for key in keys[start:]:
+            splits["train"].extend(groups[key])
+    if too_small:
+        used = [s for s, r in (("train", 1.0), *ratios.items()) if r > 0]
+        raise DataError(
+            f"too few images to split: every class needs at least {needed} distinct images, one for each of"
+            f" {', '.join(used)}; " + "; ".join(too_small) + ". Add images to these classes, or set"
+            " test_split_ratio=0 (and/or validation_split_ratio=0) to need fewer")
+    for split, entries in splits.items():
+        entries.sort(key=lambda e: e["path"])
+        random.Random(_derived_seed(random_seed, "order", split)).shuffle(entries)
+    return splits
+
+
+def _derived_seed(random_seed: int, *parts: str) -> int:
+    """A stable 64-bit seed from the user's seed and names (Python's hash() of str is salted per run)."""
+    text = "\0".join([str(random_seed), *parts]).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+
+
+def conversion_parameters(*, validation_split_ratio: float, test_split_ratio: float, random_seed: int,
+                          image_size: int, image_resize_interpolation: str,
+                          num_shards: int | None) -> dict[str, Any]:
+    """The parameters that decide the output, as recorded in the manifest and the fingerprint.
+
+    Numbers are normalised (0 and 0.0 are the same ratio) so that equal settings fingerprint equally.
+    """
+    return {"validation_split_ratio": float(validation_split_ratio), "test_split_ratio": float(test_split_ratio),
+            "random_seed": int(random_seed), "image_size": int(image_size),
+            "image_resize_interpolation": image_resize_interpolation, "num_shards": num_shards}
+
+
+def compute_fingerprint(accepted: list[dict[str, Any]], parameters: dict[str, Any]) -> str:
+    """SHA-256 over the sorted (path, content SHA-256) pairs, the parameters and the record format.
+
+    Equal fingerprints mean equal output, so a cached conversion may be reused; new content under the
+    same path changes it.
+    """
+    digest = hashlib.sha256()
+    header = {"format_version": FORMAT_VERSION, "features": sorted(FEATURES), "parameters": parameters}
+    digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
+    for path, content in sorted((e["path"], e["sha256"]) for e in accepted):
+        # NUL cannot occur in a path or a hex digest, so the concatenation is unambiguous.
+        digest.update(b"\0" + path.encode("utf-8") + b"\0" + content.encode("ascii"))
+    return digest.hexdigest()
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_parameters(validation_split_ratio: float, test_split_ratio: float, random_seed: int,
+                      image_size: int, image_resize_interpolation: str, num_shards: int | None) -> None:
+    problems = []
+    ratios = {"validation_split_ratio": validation_split_ratio, "test_split_ratio": test_split_ratio}
+    for name, value in ratios.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+            problems.append(f"{name} must be a number at least 0 and below 1, got {value!r}")
+    if not problems and validation_split_ratio + test_split_ratio >= 1.0:
+        total = validation_split_ratio + test_split_ratio
+        problems.append(f"validation_split_ratio + test_split_ratio = {total:g} leaves nothing to train on;"
+                        " their sum must be below 1")
+    if not _is_whole(random_seed):
+        problems.append(f"random_seed must be a whole number, got {random_seed!r}")
+    if not _is_whole(image_size) or image_size < 1:
+        problems.append(f"image_size must be a positive whole number of pixels, got {image_size!r}")
+    if image_resize_interpolation not in RESIZE_METHODS:
+        problems.append(f"image_resize_interpolation {image_resize_interpolation!r} is not one of"
+                        f" {', '.join(RESIZE_METHODS)}")
+    if num_shards is not None and (not _is_whole(num_shards) or num_shards < 1):
+        problems.append(f"num_shards must be a positive whole number or None (automatic), got {num_shards!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
+                    validation_split_ratio: float = 0.2, test_split_ratio: float = 0.1, random_seed: int = 0,
+                    image_size: int = 224, image_resize_interpolation: str = "bilinear",
+                    num_shards: int | None = None, workers: int | None = None) -> dict[str, Any]:
+    """Write the accepted images of a validated data set as resized TFRecord shards; return the manifest.
+
+    Args:
+      data_uri: the data set folder (local or gs://) that validation checked.
+      validation_json: path or URI of the validation.json written by ``validate_dataset``; its accepted
+        list is the exact set of files converted.
+      output_dir: where the split folders, the label map and manifest.json are written.
+      validation_split_ratio, test_split_ratio: shares of each class's distinct images held out; 0 means
+        no such split.
+      random_seed: seeds the split and the record order.
+      image_size: side of the square images stored.
+      image_resize_interpolation: one of ``images.RESIZE_METHODS``.
+      num_shards: shards per split (fewer if a split has fewer images); None picks
+        ``default_num_shards`` per split.
+      workers: threads reading, decoding and resizing (default ``validation.default_workers()``).
+
+    Raises:
+      DataError: validation found fatal problems, a class is too small to split, or a file changed or
+        became unreadable since validation.
+      ValueError: a parameter is out of range.
+    """
+    _check_parameters(validation_split_ratio, test_split_ratio, random_seed, image_size,
+                      image_resize_interpolation, num_shards)
+    workers = workers or default_workers()
+    validation = load_validation(validation_json)
+    if validation["fatal"]:
+        raise DataError(f"{validation_json} reports fatal problems; fix the data set and re-run validation:\n"
+                        + "\n".join(f"  - {p}" for p in validation["fatal"]))
+    if validation["data_uri"] != data_uri:
+        # Allowed (the same data may be mounted locally and read via gs://); the SHA-256 check below
+        # still guarantees the files are the validated ones.
+        log.warning("converting %s with the validation of %s", data_uri, validation["data_uri"])
+    classes, accepted, counts = validation["classes"], validation["accepted"], validation["counts"]
+    if counts["listed"] != counts["accepted"] + counts["rejected"] + counts["skipped"] \
+            or counts["accepted"] != len(accepted):
+        raise DataError(f"{validation_json} is inconsistent (counts {counts} do not add up);"
+                        " re-run validation")
+    max_pixels = validation["parameters"].get("max_pixels", DEFAULT_MAX_PIXELS)
+
+    parameters = conversion_parameters(
+        validation_split_ratio=validation_split_ratio, test_split_ratio=test_split_ratio,
+        random_seed=random_seed, image_size=image_size, image_resize_interpolation=image_resize_interpolation,
+        num_shards=num_shards)
+    fingerprint = compute_fingerprint(accepted, parameters)
+    splits = split_dataset(accepted, classes, validation_split_ratio, test_split_ratio, random_seed)
+    labels = {name: index for index, name in enumerate(classes)}
+
+    local = not storage.is_gcs(output_dir)
+    if local:
+        output_dir = _local_path(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        # An old manifest would vouch for shards about to be replaced; remove it before touching them.
+        _remove_if_exists(os.path.join(output_dir, MANIFEST_FILE))
+    log.info("Converting %d images of %d classes from %s to %s (%dx%d, %s, seed %d)", len(accepted),
+             len(classes), data_uri, output_dir, image_size, image_size, image_resize_interpolation,
+             random_seed)
+
+    _resizer(image_size, image_resize_interpolation)  # trace once, before the worker threads start
+
+    def encode(entry: dict[str, Any]) -> bytes:
+        return _encode_example(data_uri, entry, labels[entry["class"]], image_size,
+                               image_resize_interpolation, max_pixels)
+
+    progress = ProgressLog("converted", len(accepted))
+    split_info = {}
+    for split in SPLITS:
+        entries = splits[split]
+        count = len(entries)
+        shards = 0 if count == 0 else (min(num_shards, count) if num_shards else
+                                       default_num_shards(count, image_size))
+        split_uri = storage.join(output_dir, split)
+        if local:
+            _clear_split_dir(split_uri, remove_dir=count == 0)
+        files = _write_split(split_uri, entries, shards, encode, workers, progress) if count else []
+        class_counts = {name: 0 for name in classes}
+        for entry in entries:
+            class_counts[entry["class"]] += 1
+        split_info[split] = {"count": count, "class_counts": class_counts, "files": files}
+    elapsed = progress.finish()
+
+    written = sum(info["count"] for info in split_info.values())
+    if written != len(accepted):
+        raise RuntimeError(f"conversion lost track of images: {len(accepted)} accepted but {written} written")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "data_uri": data_uri,
+        "classes": classes,
+        "num_classes": len(classes),
+        "image_size": image_size,
+        "image_resize_interpolation": image_resize_interpolation,
+        "random_seed": random_seed,
+        "ratios": {"train": round(1.0 - validation_split_ratio - test_split_ratio, 12),
+                   "validation": parameters["validation_split_ratio"], "test": parameters["test_split_ratio"]},
+        "parameters": parameters,
+        "features": FEATURES,
+        "splits": split_info,
+        "listed": counts["listed"],
+        "accepted": counts["accepted"],
+        "rejected": counts["rejected"],
+        "skipped": counts["skipped"],
+        "written": written,
+    }
+    storage.write_bytes(storage.join(output_dir, LABELS_FILE),
+                        json.dumps(labels, indent=1, ensure_ascii=False).encode("utf-8"))
+    # Written last, and atomically by storage.write_bytes: its presence marks a complete data set.
+    storage.write_bytes(storage.join(output_dir, MANIFEST_FILE),
+                        json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+    log.info("Wrote %d records (%s) in %.1f s, %.1f images/s; fingerprint %s", written,
+             ", ".join(f"{s} {split_info[s]['count']}" for s in SPLITS), elapsed,
+             written / elapsed if elapsed > 0 else 0.0, fingerprint[:12])
+    return manifest
+
+
+def _encode_example(data_uri: str, entry: dict[str, Any], label: int, image_size: int, interpolation: str,
+                    max_pixels: int) -> bytes:
+    """Read, check, decode and resize one file; return its serialized tf.train.Example."""
+    path = entry["path"]
+    data = storage.read_bytes(storage.join(data_uri, path))
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DataError(f"{path} changed since validation (its content hash differs); re-run validation"
+                        " before converting")
+    try:
+        pixels = decode_image(data, path, max_pixels)
+    except ImgclfError as e:
+        raise DataError(f"{path} passed validation but cannot be decoded now ({e}); re-run validation") from e
+    resized = _resizer(image_size, interpolation)(tf.convert_to_tensor(pixels)).numpy()
+    feature = {
+        "image/raw": tf.train.Feature(bytes_list=tf.train.BytesList(value=[resized.tobytes()])),
+        "image/size": tf.train.Feature(int64_list=tf.train.Int64List(value=[image_size])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[path.encode("utf-8")])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+@functools.lru_cache(maxsize=8)
+def _resizer(image_size: int, interpolation: str):
+    """``images.resize_image`` for one size and method, traced once into a graph.
+
+    Running the same ops as one graph call costs a third less per image than running them eagerly
+    (that overhead dominates for small images), with identical pixels. Traced here, before the worker
+    threads start, so that they never race to trace it.
+    """
+    function = tf.function(lambda image: resize_image(image, image_size, interpolation))
+    return function.get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8))
+
+
+def _write_split(split_uri: str, entries: list[dict[str, Any]], shards: int, encode, workers: int,
+                 progress: ProgressLog) -> list[str]:
+    """Write ``entries`` as ``shards`` consecutive shards, one complete shard at a time; return the names."""
+    records = bounded_map(encode, entries, workers)
+    base, extra = divmod(len(entries), shards)
+    names = []
+    with tempfile.TemporaryDirectory(prefix="imgclf-shards-") as scratch, contextlib.closing(records):
+        for index in range(shards):
+            name = shard_name(index, shards)
+            size = base + (1 if index < extra else 0)
+            if storage.is_gcs(split_uri):
+                temp = os.path.join(scratch, name)
+            else:
+                temp = os.path.join(split_uri, f"{_TEMP_PREFIX}{uuid.uuid4().hex}-{name}")
+            try:
+                with tf.io.TFRecordWriter(temp) as writer:
+                    for _ in range(size):
+                        writer.write(next(records))
+                        progress.advance()
+                if storage.is_gcs(split_uri):
+                    storage.upload_file(temp, storage.join(split_uri, name))
+                    os.remove(temp)
+                else:
+                    _fsync(temp)
+                    os.replace(temp, os.path.join(split_uri, name))
+            except BaseException:
+                _remove_if_exists(temp)
+                raise
+            names.append(name)
+    return names
+
+
+def _clear_split_dir(split_dir: str, *, remove_dir: bool) -> None:
+    """Remove shards and temporary files an earlier run left in a local split folder (nothing else)."""
+    if os.path.isdir(split_dir):
+        for name in os.listdir(split_dir):
+            if _SHARD_RE.match(name) or name.startswith(_TEMP_PREFIX):
+                os.remove(os.path.join(split_dir, name))
+        if remove_dir and not os.listdir(split_dir):
+            os.rmdir(split_dir)
+    if not remove_dir:
+        os.makedirs(split_dir, exist_ok=True)
+
+
+def _fsync(path: str) -> None:
+    # Without it a crash shortly after the rename could leave a complete name over incomplete data.
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _local_path(path: str) -> str:
+    """A local path given as file:///x or /x, as /x (TFRecordWriter and os need the plain form)."""
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def _remove_if_exists(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def read_manifest(dataset_dir: str) -> dict[str, Any]:
+    """Read and check the manifest of a converted data set (local or gs://).
+
+    Raises:
+      DataError: the manifest is missing (the conversion did not finish), of another format version,
+        inconsistent, or lists a shard that does not exist.
+    """
+    uri = storage.join(dataset_dir, MANIFEST_FILE)
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{uri} is not valid JSON ({e}); re-run the conversion") from e
+    except (FileNotFoundError, ImgclfError) as e:
+        raise DataError(f"no readable {MANIFEST_FILE} in {dataset_dir} ({e}); the conversion did not finish"
+                        " or the path is wrong: re-run the conversion or fix the path") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{uri} has format version {manifest.get('format_version')!r}, this imgclf reads"
+                        f" version {FORMAT_VERSION}; re-run the conversion with this version")
+    total = sum(manifest["splits"][s]["count"] for s in SPLITS)
+    if total != manifest["accepted"]:
+        raise DataError(f"{uri} is inconsistent: {manifest['accepted']} accepted images but {total} in the"
+                        " splits; re-run the conversion")
+    present = set(storage.list_files(dataset_dir))
+    missing = [f"{split}/{name}" for split in SPLITS for name in manifest["splits"][split]["files"]
+               if f"{split}/{name}" not in present]
+    if missing:
+        raise DataError(f"{dataset_dir} is missing shard(s) listed in its manifest: {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; re-run the conversion")
+    return manifest
+
+
+def shard_uris(dataset_dir: str, manifest: dict[str, Any], split: str) -> list[str]:
+    """The full paths or URIs of one split's shards, as listed in the manifest."""
+    return [storage.join(dataset_dir, split, name) for name in manifest["splits"][split]["files"]]

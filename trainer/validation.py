@@ -1,0 +1,535 @@
+"""Checks an image-folder data set file by file and writes validation.json and a Markdown report.
+
+The data set is a folder (local path or gs:// URI) with one sub-folder per class. Every listed entry
+ends in exactly one of three lists, so that nothing is lost silently:
+
+* ``skipped``: hidden and system entries that are never data: any path component starting with
+  ``.`` (``.DS_Store``, ``.ipynb_checkpoints/``, ``._x.jpg``), ``__MACOSX``, ``Thumbs.db``,
+  ``desktop.ini``, ``*_$folder$`` markers and ``name/`` placeholder objects of object stores.
+* ``rejected``: files that could be images but cannot be used, each with a reason: files at the top
+  level (not in a class folder), files in nested sub-folders (decision: images must sit directly in
+  their class folder; a nested file is rejected, not counted for the top-level class, because a
+  sub-folder often holds a different kind of picture), unsupported extensions, files
+  ``images.decode_image`` refuses, and every copy of content found in more than one class.
+* ``accepted``: everything else, with its content hash, size and format.
+
+Class names are the top-level folder names exactly as stored; their label indices follow Python's
+``sorted()`` order. Names equal after Unicode NFC normalisation or case-folding are a fatal problem
+(two folders that look the same, or that merge on a case-insensitive file system). Identical content
+(same SHA-256) within one class is reported and kept; conversion keeps such copies in one split.
+
+validation.json (schema_version 1)::
+
+  schema_version  1
+  data_uri        the data set validated
+  parameters      {binary_mode, max_rejected_fraction, max_pixels}
+  classes         class folder names, sorted(): the label index order
+  class_counts    {class: accepted images}
+  listed          number of entries listed (= accepted + rejected + skipped, checked)
+  counts          {listed, accepted, rejected, skipped}
+  accepted        [{path, class, sha256, width, height, format, mode, bytes, exif_orientation}]
+  rejected        [{path, reason, code, class (when inside a class folder)}]
+  skipped         [{path, reason}]
+  duplicates      [{sha256, classes, paths, conflict}]; conflict: in several classes, all copies rejected
+  statistics      {formats, modes, width, height, bytes ({min, median, max}), total_bytes,
+                   exif_rotated, rejected_by_code}
+  imbalance       {ratio (largest / smallest class count, null if one is empty), largest, smallest}
+  fatal           [message, ...]; empty when the data set can be converted
+
+Paths are relative to data_uri, POSIX style; lists are sorted by path. Width and height are those
+after EXIF orientation.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import statistics as stats
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from trainer import storage
+from trainer.errors import DataError, StorageError
+from trainer.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image_with_info, expected_format
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FILE = "validation.json"
+REPORT_FILE = "report.md"
+SCHEMA_VERSION = 1
+
+# Names that operating systems and tools leave next to data; never images, never classes.
+_SYSTEM_NAMES = {"__MACOSX": "macOS archive metadata folder", "Thumbs.db": "Windows thumbnail cache",
+                 "desktop.ini": "Windows folder settings file"}
+_FOLDER_MARKER = "_$folder$"
+# Rows of each list shown in report.md; validation.json always has all of them.
+_REPORT_ROWS = 200
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers() -> int:
+    """Threads for reading and decoding: I/O-bound on object storage, so more than the cores."""
+    return min(16, 4 * (os.cpu_count() or 1))
+
+
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                window: int | None = None) -> Iterator[R]:
+    """Yield ``fn(item)`` for each item, in order, computed by ``workers`` threads.
+
+    At most ``window`` (default 2 x workers) items are in flight or waiting to be consumed, so memory
+    stays bounded however many items there are (``Executor.map`` would submit them all at once).
+    """
+    window = max(window or 2 * workers, 1)
+    pending: collections.deque[Future[R]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgclf") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            # On an error or an abandoned generator, do not run what has not started yet.
+            for future in pending:
+                future.cancel()
+
+
+class ProgressLog:
+    """Logs "<what>: done/total (pct), rate, time left" at most every ``interval`` seconds."""
+
+    def __init__(self, what: str, total: int, *, unit: str = "images", interval: float = 5.0,
+                 logger: logging.Logger = log):
+        self.what, self.total, self.unit, self.interval, self.logger = what, total, unit, interval, logger
+        self.done = 0
+        self.start = self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def advance(self, count: int = 1) -> None:
+        """Count finished items and log if ``interval`` seconds have passed since the last line."""
+        with self._lock:
+            self.done += count
+            now = time.monotonic()
+            if now - self._last < self.interval:
+                return
+            self._last = now
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        self.logger.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, about %s left", self.what, self.done, self.total,
+                         self.unit, 100.0 * self.done / max(self.total, 1), rate, self.unit,
+                         _duration(left))
+
+    def finish(self) -> float:
+        """Log the totals; return the elapsed seconds."""
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        self.logger.info("%s: %d %s in %s (%.1f %s/s)", self.what, self.done, self.unit, _duration(elapsed),
+                         rate, self.unit)
+        return elapsed
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown time"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
+def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = False,
+                     max_rejected_fraction: float = 0.01, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     workers: int | None = None) -> dict[str, Any]:
+    """Check every file of an image-folder data set; write validation.json and report.md.
+
+    Args:
+      data_uri: local folder or gs:// URI holding one sub-folder per class.
+      output_dir: where validation.json and report.md are written (local or gs://).
+      binary_mode: the data set must have exactly two classes.
+      max_rejected_fraction: largest share of rejected files (of accepted + rejected) tolerated.
+      max_pixels: largest width * height accepted for one image.
+      workers: threads reading and decoding files (default ``default_workers()``).
+
+    Returns:
+      The content of validation.json (its schema is in the module docstring).
+
+    Raises:
+      DataError: after writing both files, when there is any fatal problem; the message lists them all.
+      StorageError: the data set cannot be listed or the output cannot be written.
+    """
+    if not 0.0 <= max_rejected_fraction <= 1.0:
+        raise ValueError(f"max_rejected_fraction must be between 0 and 1, got {max_rejected_fraction!r}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels!r}")
+    workers = workers or default_workers()
+    started = time.monotonic()
+
+    listed = storage.list_files(data_uri)
+    log.info("Validating %s: %d entries listed", data_uri, len(listed))
+    layout = _sort_entries(data_uri, listed)
+    accepted, rejected = _check_images(data_uri, layout.candidates, max_pixels, workers)
+    rejected = layout.rejected + rejected
+    accepted, duplicates, conflicts = _find_duplicates(accepted)
+    rejected += conflicts
+    rejected.sort(key=lambda r: r["path"])
+    skipped = sorted(layout.skipped, key=lambda r: r["path"])
+
+    if len(accepted) + len(rejected) + len(skipped) != len(listed):
+        # Every listed path goes to exactly one list; a mismatch is a bug here, never bad data.
+        raise RuntimeError(f"validation lost track of files: listed {len(listed)} != accepted {len(accepted)}"
+                           f" + rejected {len(rejected)} + skipped {len(skipped)}")
+
+    classes = sorted(layout.classes)
+    class_counts = {name: 0 for name in classes}
+    for entry in accepted:
+        class_counts[entry["class"]] += 1
+    fatal = _fatal_problems(data_uri, listed, classes, class_counts, rejected, skipped, accepted,
+                            binary_mode, max_rejected_fraction)
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "data_uri": data_uri,
+        "parameters": {"binary_mode": binary_mode, "max_rejected_fraction": max_rejected_fraction,
+                       "max_pixels": max_pixels},
+        "classes": classes,
+        "class_counts": class_counts,
+        "listed": len(listed),
+        "counts": {"listed": len(listed), "accepted": len(accepted), "rejected": len(rejected),
+                   "skipped": len(skipped)},
+        "accepted": accepted,
+        "rejected": rejected,
+        "skipped": skipped,
+        "duplicates": duplicates,
+        "statistics": _statistics(accepted, rejected),
+        "imbalance": _imbalance(class_counts),
+        "fatal": fatal,
+    }
+    _write_outputs(output_dir, result)
+    log.info("Validation of %s took %.1f s: %d accepted, %d rejected, %d skipped, %d classes, %d fatal",
+             data_uri, time.monotonic() - started, len(accepted), len(rejected), len(skipped), len(classes),
+             len(fatal))
+    if fatal:
+        raise DataError(f"the data set at {data_uri} cannot be used ({len(fatal)} problem(s); details in "
+                        f"{storage.join(output_dir, REPORT_FILE)}):\n" + "\n".join(f"  - {p}" for p in fatal))
+    return result
+
+
+class _Layout:
+    """Listed paths sorted by where they sit: candidates, rejected, skipped, and class names."""
+
+    def __init__(self) -> None:
+        self.candidates: list[tuple[str, str]] = []  # (relative path, class)
+        self.rejected: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self.classes: set[str] = set()
+
+
+def _hidden_reason(part: str) -> str | None:
+    """Why a path component marks a hidden or system entry, or None for an ordinary name."""
+    if part.startswith("."):
+        return "hidden file or folder (name starts with '.')"
+    if part in _SYSTEM_NAMES:
+        return _SYSTEM_NAMES[part]
+    if part.endswith(_FOLDER_MARKER):
+        return "folder marker object ('_$folder$') left by an S3/GCS tool"
+    return None
+
+
+def _sort_entries(data_uri: str, listed: list[str]) -> _Layout:
+    layout = _Layout()
+    for path in listed:
+        parts = path.split("/")
+        if path.endswith("/"):
+            # A zero-byte "folder/" object that some tools create to show an empty folder.
+            layout.skipped.append({"path": path, "reason": "folder placeholder object"})
+            if len(parts) == 2 and not _hidden_reason(parts[0]):
+                layout.classes.add(parts[0])
+            continue
+        hidden = next((r for r in map(_hidden_reason, parts) if r), None)
+        if hidden:
+            layout.skipped.append({"path": path, "reason": hidden})
+            if len(parts) == 1 and parts[0].endswith(_FOLDER_MARKER):
+                # "roses_$folder$" at the top level is how S3 tools mark the (maybe empty) folder "roses".
+                marked = parts[0][: -len(_FOLDER_MARKER)]
+                if marked and not _hidden_reason(marked):
+                    layout.classes.add(marked)
+            elif len(parts) >= 2 and not _hidden_reason(parts[0]):
+                layout.classes.add(parts[0])  # e.g. "roses/.DS_Store": the class folder exists.
+            continue
+        if "" in parts:
+            layout.rejected.append(_reject(path, "path has an empty folder name ('//' or a leading '/');"
+                                                 " rename the object", "bad_path"))
+            continue
+        if len(parts) == 1:
+            layout.rejected.append(_reject(
+                path, "file at the top level of the data set, outside any class folder; move it into the"
+                      " folder of its class or delete it", "outside_class"))
+            continue
+        layout.classes.add(parts[0])
+        if len(parts) > 2:
+            layout.rejected.append(_reject(
+                path, f"inside the nested folder '{'/'.join(parts[:-1])}'; images must sit directly in their"
+                      f" class folder: move it up into '{parts[0]}/' or delete the sub-folder",
+                "nested", parts[0]))
+            continue
+        layout.candidates.append((path, parts[0]))
+    layout.classes |= _local_class_folders(data_uri)
+    return layout
+
+
+def _local_class_folders(data_uri: str) -> set[str]:
+    """Class folders of a local data set, including empty ones (a file listing cannot show those)."""
+    if storage.is_gcs(data_uri):
+        return set()
+    local = data_uri[len("file://"):] if data_uri.startswith("file://") else data_uri
+    if not os.path.isdir(local):
+        return set()
+    with os.scandir(local) as entries:
+        return {e.name for e in entries if e.is_dir() and not _hidden_reason(e.name)}
+
+
+def _reject(path: str, reason: str, code: str, class_name: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": path, "reason": reason, "code": code}
+    if class_name is not None:
+        entry["class"] = class_name
+    return entry
+
+
+def _check_images(data_uri: str, candidates: list[tuple[str, str]], max_pixels: int,
+                  workers: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read and decode every candidate in parallel; return (accepted, rejected)."""
+    accepted: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    to_read = []
+    for path, class_name in candidates:
+        try:
+            expected_format(path)  # refuse by name before reading a possibly big unrelated file
+            to_read.append((path, class_name))
+        except ImageRejected as e:
+            rejected.append(_reject(path, e.reason, e.code, class_name))
+
+    def check(item: tuple[str, str]) -> dict[str, Any]:
+        path, class_name = item
+        try:
+            data = storage.read_bytes(storage.join(data_uri, path))
+        except StorageError as e:
+            return _reject(path, f"could not be read ({e}); check the object and its permissions",
+                           "read_error", class_name)
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            _, info = decode_image_with_info(data, path, max_pixels)
+        except ImageRejected as e:
+            return _reject(path, e.reason, e.code, class_name)
+        return {"path": path, "class": class_name, "sha256": digest, "width": info.width,
+                "height": info.height, "format": info.format, "mode": info.mode, "bytes": len(data),
+                "exif_orientation": info.exif_orientation}
+
+    progress = ProgressLog("validated", len(to_read))
+    for entry in bounded_map(check, to_read, workers):
+        (accepted if "sha256" in entry else rejected).append(entry)
+        progress.advance()
+    progress.finish()
+    return accepted, rejected
+
+
+def _find_duplicates(accepted: list[dict[str, Any]]) -> tuple[list, list, list]:
+    """Group accepted files by content; return (still accepted, duplicate groups, conflict rejections)."""
+    by_hash: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for entry in accepted:
+        by_hash[entry["sha256"]].append(entry)
+    duplicates, conflicts, conflicting = [], [], set()
+    for digest, group in sorted(by_hash.items(), key=lambda kv: kv[1][0]["path"]):
+        if len(group) < 2:
+            continue
+        classes = sorted({e["class"] for e in group})
+        paths = sorted(e["path"] for e in group)
+        duplicates.append({"sha256": digest, "classes": classes, "paths": paths,
+                           "conflict": len(classes) > 1})
+        if len(classes) == 1:
+            continue
+        conflicting.add(digest)
+        for entry in group:
+            others = [e for e in group if e["class"] != entry["class"]]
+            shown = ", ".join(f"'{e['path']}' (class '{e['class']}')" for e in others[:3])
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            reason = (f"same content as {shown}{more}: one image cannot have two labels;"
+                      " keep it in the folder of its right class only")
+            conflicts.append(_reject(entry["path"], reason, "class_conflict", entry["class"]))
+    kept = [e for e in accepted if e["sha256"] not in conflicting]
+    kept.sort(key=lambda e: e["path"])
+    return kept, duplicates, conflicts
+
+
+def _fatal_problems(data_uri: str, listed: list[str], classes: list[str], class_counts: dict[str, int],
+                    rejected: list, skipped: list, accepted: list, binary_mode: bool,
+                    max_rejected_fraction: float) -> list[str]:
+    fatal = []
+    if not listed:
+        fatal.append(f"no files found under {data_uri}; data_uri must be the folder that holds one"
+                     " sub-folder of images per class")
+    elif not classes:
+        fatal.append(f"no class folders under {data_uri}; put each class's images in a sub-folder named"
+                     " after the class")
+    elif len(classes) == 1:
+        fatal.append(f"only one class folder ('{classes[0]}') under {data_uri}; classification needs at"
+                     " least 2 classes: add one sub-folder of images per class")
+    fatal.extend(_name_collisions(classes))
+    per_class = collections.Counter()
+    for entry in rejected:
+        per_class[(entry.get("class"), "rejected")] += 1
+    for entry in skipped:
+        parts = entry["path"].split("/")
+        if len(parts) >= 2:
+            per_class[(parts[0], "skipped")] += 1
+    for name in classes:
+        if class_counts[name] == 0:
+            fatal.append(f"class folder '{name}' has no usable images ({per_class[(name, 'rejected')]}"
+                         f" rejected, {per_class[(name, 'skipped')]} skipped); add .jpg/.jpeg/.png images"
+                         " to it or remove the folder")
+    if binary_mode and len(classes) != 2:
+        shown = ", ".join(f"'{c}'" for c in classes[:10]) + (", ..." if len(classes) > 10 else "")
+        fatal.append(f"binary_mode is True but the data set has {len(classes)} class(es) ({shown}); binary"
+                     " mode needs exactly 2 class folders: set binary_mode to False or keep two classes")
+    considered = len(accepted) + len(rejected)
+    if considered and len(rejected) / considered > max_rejected_fraction:
+        share = len(rejected) / considered
+        fatal.append(f"{len(rejected)} of {considered} files ({share:.1%}) were rejected,"
+                     f" above the limit max_rejected_fraction={max_rejected_fraction:g}"
+                     f" ({max_rejected_fraction:.1%}); fix or remove the rejected files listed in"
+                     f" {REPORT_FILE}, or raise max_rejected_fraction")
+    return fatal
+
+
+def _name_collisions(classes: list[str]) -> list[str]:
+    """Class names that differ only in Unicode normalisation or in letter case."""
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for name in classes:
+        groups[unicodedata.normalize("NFC", name).casefold()].append(name)
+    problems = []
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        same_nfc = len({unicodedata.normalize("NFC", n) for n in names}) < len(names)
+        kind = "Unicode normalisation (NFC vs NFD)" if same_nfc else "letter case"
+        # Spell out the code points too: NFC and NFD forms print identically.
+        spelled = " and ".join(f"'{n}'" + (f" ({ascii(n)})" if not n.isascii() else "") for n in names)
+        problems.append(f"class folders {spelled} differ only in {kind}: they look like one class but"
+                        " would get separate labels (and merge on some file systems); rename or merge them")
+    return problems
+
+
+def _summary(values: list[int]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": stats.median(values), "max": max(values)}
+
+
+def _statistics(accepted: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "formats": dict(sorted(collections.Counter(e["format"] for e in accepted).items())),
+        "modes": dict(sorted(collections.Counter(e["mode"] for e in accepted).items())),
+        "width": _summary([e["width"] for e in accepted]),
+        "height": _summary([e["height"] for e in accepted]),
+        "bytes": _summary([e["bytes"] for e in accepted]),
+        "total_bytes": sum(e["bytes"] for e in accepted),
+        "exif_rotated": sum(1 for e in accepted if e["exif_orientation"] != 1),
+        "rejected_by_code": dict(sorted(collections.Counter(e["code"] for e in rejected).items())),
+    }
+
+
+def _imbalance(class_counts: dict[str, int]) -> dict[str, Any] | None:
+    if not class_counts:
+        return None
+    largest = max(class_counts, key=lambda c: (class_counts[c], c))
+    smallest = min(class_counts, key=lambda c: (class_counts[c], c))
+    low = class_counts[smallest]
+    return {"ratio": class_counts[largest] / low if low else None,
+            "largest": {"class": largest, "count": class_counts[largest]},
+            "smallest": {"class": smallest, "count": low}}
+
+
+def _write_outputs(output_dir: str, result: dict[str, Any]) -> None:
+    # storage.write_bytes creates missing local folders and replaces files atomically.
+    storage.write_bytes(storage.join(output_dir, VALIDATION_FILE),
+                        json.dumps(result, indent=1, ensure_ascii=False).encode("utf-8"))
+    storage.write_bytes(storage.join(output_dir, REPORT_FILE), render_report(result).encode("utf-8"))
+
+
+def _md(text: Any) -> str:
+    """Show a name verbatim in Markdown: as a code span, with table pipes and control characters escaped."""
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text)).replace("|", "\\|")
+    # A name holding a backtick needs a double-backtick fence, padded so the fence stays separate.
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _plain(text: str) -> str:
+    """Free text (reasons) in a table cell: pipes escaped, one line."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_report(result: dict[str, Any]) -> str:
+    """The Markdown summary of a validation result, shown in the Kubeflow UI."""
+    counts, fatal = result["counts"], result["fatal"]
+    lines = [f"# Data validation: {_md(result['data_uri'])}", ""]
+    lines.append(f"**Result: FAILED** with {len(fatal)} fatal problem(s)." if fatal
+                 else "**Result: passed.**")
+    lines += ["", "| listed | accepted | rejected | skipped |", "|---:|---:|---:|---:|",
+              "| {listed} | {accepted} | {rejected} | {skipped} |".format(**counts), ""]
+    if fatal:
+        lines += ["## Fatal problems", ""] + [f"- {_plain(p)}" for p in fatal] + [""]
+    total = max(counts["accepted"], 1)
+    lines += ["## Classes (label index order)", "", "| index | class | images | share |",
+              "|---:|---|---:|---:|"]
+    lines += [f"| {i} | {_md(c)} | {n} | {n / total:.1%} |"
+              for i, (c, n) in enumerate(result["class_counts"].items())]
+    imbalance = result["imbalance"]
+    if imbalance and imbalance["ratio"]:
+        lines += ["", f"Imbalance (largest / smallest class): {imbalance['ratio']:.2f}"
+                      f" ({_md(imbalance['largest']['class'])}: {imbalance['largest']['count']},"
+                      f" {_md(imbalance['smallest']['class'])}: {imbalance['smallest']['count']})."]
+    lines.append("")
+    for title, key in (("Rejected files", "rejected"), ("Skipped entries", "skipped")):
+        rows = result[key]
+        if not rows:
+            continue
+        lines += [f"## {title} ({len(rows)})", "", "| file | reason |", "|---|---|"]
+        lines += [f"| {_md(r['path'])} | {_plain(r['reason'])} |" for r in rows[:_REPORT_ROWS]]
+        if len(rows) > _REPORT_ROWS:
+            lines.append(f"\n{len(rows) - _REPORT_ROWS} more in {VALIDATION_FILE}.")
+        lines.append("")
+    if result["duplicates"]:
+        lines += [f"## Identical files ({len(result['duplicates'])} groups)", "",
+                  "Copies within one class are kept (and always put in the same split); copies in several"
+                  " classes are rejected.", "", "| files | classes | kept |", "|---|---|---|"]
+        lines += [f"| {', '.join(_md(p) for p in d['paths'])} | {', '.join(_md(c) for c in d['classes'])} |"
+                  f" {'no' if d['conflict'] else 'yes'} |" for d in result["duplicates"][:_REPORT_ROWS]]
+        lines.append("")
+    st = result["statistics"]
+    if st["width"]:
+        lines += ["## Images", "",
+                  f"- formats: {', '.join(f'{k} {v}' for k, v in st['formats'].items())}",
+                  f"- colour modes: {', '.join(f'{k} {v}' for k, v in st['modes'].items())}",
+                  "- width min/median/max: {min} / {median:g} / {max}".format(**st["width"]),
+                  "- height min/median/max: {min} / {median:g} / {max}".format(**st["height"]),
+                  f"- rotated by EXIF orientation: {st['exif_rotated']}", ""]
+    return "\n".join(lines)
+
+
+def load_validation(validation_json: str) -> dict[str, Any]:
+    """Read a validation.json written by ``validate_dataset``."""
+    try:
+        result = json.loads(storage.read_bytes(validation_json))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{validation_json} is not valid JSON ({e}); re-run validation") from e
+    if not isinstance(result, dict) or result.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{validation_json} is not a validation result of schema version {SCHEMA_VERSION};"
+                        " re-run validation with this version of imgclf")
+    return result
