@@ -1,0 +1,449 @@
+"""Train the classifier on a converted data set and export the model directory (the pipeline's train step).
+
+Decisions worth knowing:
+
+* Early stopping watches ``val_loss`` (``loss`` when there is no validation split, which is logged)
+  and restores the weights of the best epoch, so the exported model and the reported final
+  metrics are those of that epoch.
+* ``reinitialize_top_layer``: a new run always gets a fresh head (there is none to keep; "False"
+  is logged as having no effect). In incremental training "Auto" and "False" keep the earlier
+  model's head and "True" starts a new one. The backbone always comes from the earlier model
+  (``weights`` is then not used), and the network is rebuilt from this run's hyperparameters, so
+  dropout, L2, augmentation and freezing follow this run.
+* Distribution: ``MirroredStrategy`` over all GPUs when there are several; ``batch_size`` is the
+  global batch, split evenly across them. Mixed precision (``mixed_float16``) only with a GPU;
+  the head's output stays float32 and the exported model is a float32 copy, which serves on CPU
+  as well as GPU.
+* ``backup_dir``: the state is backed up after every epoch (``BackupAndRestore``), so a rerun of an
+  interrupted step resumes and ends with ``epochs`` epochs in total; the per-epoch history is
+  backed up with it, so the history covers every epoch. Early stopping's patience count restarts
+  at a resume.
+* Seeds: ``random_seed`` seeds initialisation, shuffling, dropout and augmentation, so a CPU run is
+  repeatable; GPU kernels are not all deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from trainer import data, export
+from trainer import model as model_lib
+from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError, StorageError
+from trainer.hyperparameters import Hyperparameters
+
+log = logging.getLogger(__name__)
+
+HISTORY_BACKUP_FILE = "imgclf_history.json"
+
+
+def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_model_dir: str | None = None,
+          backup_dir: str | None = None, tensorboard_dir: str | None = None, jit_compile: bool = False,
+          strategy: tf.distribute.Strategy | None = None,
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict[str, Any]:
+    """Train on ``dataset_dir``'s train split, validate on its validation split, export to ``model_dir``.
+
+    Args:
+      hp: the run's hyperparameters.
+      dataset_dir: a converted data set (local path or gs:// URI).
+      model_dir: where the model directory is written (local path or gs:// URI), see trainer.export.
+      initial_model_dir: a model directory from an earlier run to continue from (incremental training).
+      backup_dir: where the training state is backed up each epoch so a rerun resumes (local or gs://).
+      tensorboard_dir: where TensorBoard logs are written, if anywhere.
+      jit_compile: compile the training step with XLA.
+      strategy: a tf.distribute strategy to use instead of the automatic choice (tests).
+      callbacks: further Keras callbacks (tests, tooling).
+
+    Returns:
+      A JSON-serialisable dict: ``history`` (Keras-style per-epoch lists), ``epochs_completed``,
+      ``stopped_early``, ``best_epoch`` (1-based, with early stopping, else None),
+      ``images_per_second`` (training throughput), ``final_metrics`` (the Keras logs of the exported
+      epoch, e.g. loss, accuracy, val_loss, val_accuracy), ``validation_metrics`` (the same without
+      the ``val_`` prefix; empty without a validation split), ``num_classes``, ``train_count``,
+      ``validation_count``, ``replicas``, ``mixed_precision``.
+    """
+    if tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        raise ImgclfError(f"tensorboard_dir={tensorboard_dir!r} was given but the tensorboard package is not "
+                          "installed (TensorFlow no longer brings it); install it (pip install tensorboard) or "
+                          "leave tensorboard_dir empty")
+    keras.utils.set_random_seed(hp.random_seed)
+    local_data = data.local_dataset_dir(dataset_dir, ("train", "validation"))
+    label_map = data.read_label_map(local_data)
+    num_classes = len(label_map)
+    _check_data(hp, dataset_dir, local_data, label_map)
+    train_count = data.split_count(local_data, "train")
+    validation_count = data.split_count(local_data, "validation")
+
+    strategy = strategy or choose_strategy()
+    replicas = strategy.num_replicas_in_sync
+    _check_batch_size(hp.batch_size, replicas)
+    mixed_precision = bool(tf.config.list_logical_devices("GPU"))
+    initial = load_initial_model(initial_model_dir, label_map, dataset_dir) if initial_model_dir else None
+    log.info("Training %s at %d px on %d images of %d classes, validating on %d; batch %d over %d replica(s); "
+             "%d epochs; optimizer %s, learning rate %g; mixed precision %s; XLA %s",
+             hp.model, hp.input_size, train_count, num_classes, validation_count, hp.batch_size, replicas,
+             hp.epochs, hp.optimizer, hp.learning_rate, "on" if mixed_precision else "off",
+             "on" if jit_compile else "off")
+
+    train_data = data.make_dataset(local_data, "train", batch_size=hp.batch_size, training=True,
+                                   seed=hp.random_seed, num_classes=num_classes, binary_mode=hp.binary_mode)
+    validation_data = None
+    if validation_count:
+        validation_data = data.make_dataset(local_data, "validation", batch_size=hp.batch_size, training=False,
+                                            seed=None, num_classes=num_classes, binary_mode=hp.binary_mode)
+    monitor = "val_loss" if validation_data is not None else "loss"
+    if validation_data is None:
+        log.warning("The data set has no validation split (validation_split_ratio was 0): no validation "
+                    "metrics are reported%s", ", and early stopping watches the training loss"
+                    if hp.early_stopping else "")
+
+    previous_policy = keras.config.dtype_policy()
+    if mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            network = _build(hp, num_classes, initial)
+            network.compile(optimizer=make_optimizer(hp), loss=make_loss(hp), metrics=make_metrics(hp),
+                            jit_compile=jit_compile)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    if jit_compile and not network.jit_compile:
+        log.warning("jit_compile: Keras turned XLA off because a layer cannot be compiled with it (the random "
+                    "rotation and zoom of augmentation cannot); training runs without XLA")
+    log.info("%s: %s trainable and %s non-trainable parameters", network.name,
+             f"{_count(network.trainable_weights):,}", f"{_count(network.non_trainable_weights):,}")
+
+    recorder = _EpochRecorder(backup_dir)
+    progress = ProgressLogger(train_count, hp.epochs)
+    early_stopping = None
+    all_callbacks: list[keras.callbacks.Callback] = [recorder, progress]
+    if backup_dir:
+        # After the recorder: the history is saved before the weights, so a backup never has
+        # epochs without their history.
+        all_callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
+    if hp.early_stopping:
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor=monitor, min_delta=hp.early_stopping_min_delta, patience=hp.early_stopping_patience,
+            restore_best_weights=True, verbose=1)
+        all_callbacks.append(early_stopping)
+    if tensorboard_dir:
+        all_callbacks.append(keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
+    all_callbacks.extend(callbacks)
+
+    # shuffle=False: the input pipeline shuffles (seeded); Keras cannot shuffle a tf.data.Dataset.
+    network.fit(train_data, validation_data=validation_data, epochs=hp.epochs, callbacks=all_callbacks,
+                shuffle=False, verbose=2)
+
+    epochs = recorder.epochs
+    history = _history(epochs)
+    best_epoch = None
+    if early_stopping is not None and early_stopping.best_weights is not None:
+        best_epoch = early_stopping.best_epoch
+    exported_epoch = best_epoch if best_epoch is not None else max(epochs, default=None)
+    final_metrics = dict(epochs.get(exported_epoch, {})) if exported_epoch is not None else {}
+    stopped_early = bool(early_stopping is not None and early_stopping.stopped_epoch > 0)
+    if stopped_early:
+        log.info("Early stopping after epoch %d of %d; exporting the weights of epoch %d (best %s %.4f)",
+                 early_stopping.stopped_epoch + 1, hp.epochs, best_epoch + 1, monitor, early_stopping.best)
+
+    export.export_model(_inference_copy(network, hp, num_classes), model_dir, hp=hp, label_map=label_map,
+                        history=history)
+    return {
+        "history": history,
+        "epochs_completed": len(epochs),
+        "stopped_early": stopped_early,
+        "best_epoch": None if best_epoch is None else best_epoch + 1,
+        "images_per_second": progress.images_per_second,
+        "final_metrics": final_metrics,
+        "validation_metrics": {k[len("val_"):]: v for k, v in final_metrics.items() if k.startswith("val_")},
+        "num_classes": num_classes,
+        "train_count": train_count,
+        "validation_count": validation_count,
+        "replicas": replicas,
+        "mixed_precision": mixed_precision,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer, loss, metrics, strategy
+# ---------------------------------------------------------------------------------------------
+
+def make_optimizer(hp: Hyperparameters) -> keras.optimizers.Optimizer:
+    """The optimizer ``hp.optimizer`` with only its own parameters (the others are ignored)."""
+    lr = hp.learning_rate
+    if hp.optimizer == "adam":
+        return keras.optimizers.Adam(lr, beta_1=hp.beta_1, beta_2=hp.beta_2, epsilon=hp.epsilon)
+    if hp.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=hp.momentum)
+    if hp.optimizer == "nesterov":
+        return keras.optimizers.SGD(lr, momentum=hp.momentum, nesterov=True)
+    if hp.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(lr, rho=hp.rho, momentum=hp.momentum, epsilon=hp.epsilon)
+    if hp.optimizer == "adagrad":
+        return keras.optimizers.Adagrad(lr, initial_accumulator_value=hp.initial_accumulator_value,
+                                        epsilon=hp.epsilon)
+    if hp.optimizer == "adadelta":
+        return keras.optimizers.Adadelta(lr, rho=hp.rho, epsilon=hp.epsilon)
+    raise ValueError(f"unknown optimizer {hp.optimizer!r}")
+
+
+def make_loss(hp: Hyperparameters) -> keras.losses.Loss:
+    """Cross-entropy on probabilities with ``hp.label_smoothing``: binary in binary mode."""
+    if hp.binary_mode:
+        return keras.losses.BinaryCrossentropy(label_smoothing=hp.label_smoothing)
+    return keras.losses.CategoricalCrossentropy(label_smoothing=hp.label_smoothing)
+
+
+def make_metrics(hp: Hyperparameters) -> list[keras.metrics.Metric]:
+    """accuracy; in binary mode also precision, recall, auc and prc (area under the PR curve)."""
+    if not hp.binary_mode:
+        return [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    return [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"), keras.metrics.AUC(name="auc"),
+            keras.metrics.AUC(curve="PR", name="prc")]
+
+
+def choose_strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy over all GPUs when there are several, else the default (one device) strategy."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Incremental training
+# ---------------------------------------------------------------------------------------------
+
+def load_initial_model(initial_model_dir: str, label_map: Mapping[str, int], dataset_dir: str) -> keras.Model:
+    """The earlier model to continue from, after checking it was trained on the same classes."""
+    path = _join(initial_model_dir, export.LABEL_MAP_FILE)
+    try:
+        earlier = json.loads(_read_bytes(path))
+    except (FileNotFoundError, StorageError):
+        raise ModelError(f"{path} is missing or unreadable: initial_model_dir must be a model directory "
+                         "written by imgclf training (it holds model.keras and the label map)") from None
+    except ValueError as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(earlier, dict) or set(earlier) != set(label_map):
+        earlier_classes = sorted(earlier) if isinstance(earlier, dict) else earlier
+        missing = sorted(set(label_map) - set(earlier)) if isinstance(earlier, dict) else sorted(label_map)
+        extra = sorted(set(earlier) - set(label_map)) if isinstance(earlier, dict) else []
+        raise ModelError(
+            f"incremental training needs the same classes: the initial model {initial_model_dir} was trained "
+            f"on {earlier_classes} but the data set {dataset_dir} has {sorted(label_map)} (new in the data: "
+            f"{missing or 'none'}; only in the model: {extra or 'none'}). Train without an initial model "
+            "to learn a different set of classes")
+    if earlier != dict(label_map):
+        raise ModelError(f"{path} numbers the classes differently ({earlier}) from the data set "
+                         f"{dataset_dir} ({dict(label_map)}); re-convert the data or retrain from scratch")
+    return model_lib.load_model(initial_model_dir)
+
+
+def _build(hp: Hyperparameters, num_classes: int, initial: keras.Model | None) -> keras.Model:
+    """A new network for ``hp``; with an initial model, its backbone (and head, unless replaced)."""
+    if initial is None:
+        if hp.reinitialize_top_layer == "False":
+            log.info("reinitialize_top_layer=False has no effect in a new run: there is no earlier head "
+                     "to keep, the head starts fresh")
+        return model_lib.build_model(hp, num_classes)
+    if hp.weights != "none":
+        log.info("Incremental training: the backbone's weights come from the initial model; "
+                 "weights=%r is not used", hp.weights)
+    network = model_lib.build_model(dataclasses.replace(hp, weights="none"), num_classes)
+    earlier_name = initial.name.removeprefix("imgclf_")
+    _copy_weights(model_lib.backbone_of(initial), model_lib.backbone_of(network),
+                  f"the initial model's backbone ({earlier_name}) does not match this run's ({hp.model}); set "
+                  f"model (and image_size) to those of the initial model")
+    if hp.reinitialize_top_layer == "True":
+        log.info("Incremental training: new classification head (reinitialize_top_layer=True)")
+    else:
+        _copy_weights(model_lib.head_dense(initial), model_lib.head_dense(network),
+                      "the initial model's head does not fit this run's (binary_mode differs?); set "
+                      "binary_mode as in the initial run, or reinitialize_top_layer to True for a new head")
+        log.info("Incremental training: keeping the initial model's classification head "
+                 "(reinitialize_top_layer=%s)", hp.reinitialize_top_layer)
+    return network
+
+
+def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer, mismatch: str) -> None:
+    weights = source.get_weights()
+    shapes = [w.shape for w in weights]
+    expected = [tuple(w.shape) for w in target.weights]
+    if shapes != expected:
+        raise ModelError(f"{mismatch} ({len(shapes)} weight arrays vs {len(expected)} expected)")
+    target.set_weights(weights)
+
+
+def _inference_copy(network: keras.Model, hp: Hyperparameters, num_classes: int) -> keras.Model:
+    """A float32, single-device, uncompiled twin of ``network`` with its weights: what is exported.
+
+    Mixed-precision layers and mirrored variables are training machinery; the exported model
+    should serve anywhere, and without an optimizer state it is smaller.
+    """
+    twin = model_lib.build_model(dataclasses.replace(hp, weights="none"), num_classes)
+    twin.set_weights(network.get_weights())
+    return twin
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_data(hp: Hyperparameters, dataset_dir: str, local_dir: str, label_map: Mapping[str, int]) -> None:
+    manifest = data.read_manifest(local_dir)
+    size = data.image_size(local_dir)
+    if size != hp.input_size:
+        raise DataError(f"{dataset_dir} holds {size}-pixel images but {hp.model} with image_size={hp.image_size} "
+                        f"takes {hp.input_size} pixels; convert the data with the same model and image_size as "
+                        "training")
+    interpolation = manifest.get("image_resize_interpolation")
+    if interpolation != hp.image_resize_interpolation:
+        raise DataError(f"{dataset_dir} was resized with {interpolation!r} interpolation but "
+                        f"image_resize_interpolation is {hp.image_resize_interpolation!r}; the served model "
+                        "would resize differently from the training data: use the same value for both steps")
+    if data.split_count(local_dir, "train") == 0:
+        raise DataError(f"{dataset_dir} has no training images; check validation_split_ratio and "
+                        "test_split_ratio, and the data set")
+    if hp.binary_mode and len(label_map) != 2:
+        raise HyperparameterError([f"binary_mode: True needs exactly 2 classes, but {dataset_dir} has "
+                                   f"{len(label_map)} ({', '.join(sorted(label_map))}); set binary_mode to False"])
+
+
+def _check_batch_size(batch_size: int, replicas: int) -> None:
+    if batch_size < replicas:
+        raise HyperparameterError([f"batch_size: got {batch_size}, but training runs on {replicas} devices and "
+                                   "each needs at least one image per step; set batch_size to a multiple of "
+                                   f"{replicas}"])
+    if batch_size % replicas:
+        log.warning("batch_size %d is not a multiple of the %d devices: they get unequal shares of each batch",
+                    batch_size, replicas)
+    elif replicas > 1:
+        log.info("Global batch %d = %d per device x %d devices", batch_size, batch_size // replicas, replicas)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and history
+# ---------------------------------------------------------------------------------------------
+
+class ProgressLogger(keras.callbacks.Callback):
+    """One log line per epoch: metrics, duration, training throughput, elapsed time and ETA."""
+
+    def __init__(self, train_count: int, epochs: int):
+        super().__init__()
+        self.train_count = train_count
+        self.total_epochs = epochs
+        self.rates: list[float] = []
+        self.durations: list[float] = []
+        self._start = self._epoch_start = 0.0
+        self._validation_start: float | None = None
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._validation_start = None
+
+    def on_test_begin(self, logs=None):
+        # During fit this is the end-of-epoch validation: the training part of the epoch is over.
+        if self._validation_start is None:
+            self._validation_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        training_seconds = max((self._validation_start or now) - self._epoch_start, 1e-9)
+        self.rates.append(self.train_count / training_seconds)
+        self.durations.append(now - self._epoch_start)
+        # The first epoch includes tracing the graph; later epochs predict the remaining time better.
+        typical = statistics.median(self.durations[1:] or self.durations)
+        remaining = self.total_epochs - epoch - 1
+        metrics = ", ".join(f"{name} {float(value):.4f}" for name, value in (logs or {}).items())
+        log.info("Epoch %d/%d: %s | %.1f s, %.0f images/s | elapsed %s, about %s left", epoch + 1,
+                 self.total_epochs, metrics, self.durations[-1], self.rates[-1],
+                 _duration(now - self._start), _duration(remaining * typical))
+
+    @property
+    def images_per_second(self) -> float:
+        """Median training throughput over the epochs after the first (which includes tracing)."""
+        rates = self.rates[1:] or self.rates
+        return float(statistics.median(rates)) if rates else 0.0
+
+
+class _EpochRecorder(keras.callbacks.Callback):
+    """Per-epoch logs by absolute epoch number, backed up next to the training state when there is a
+    backup, so that a resumed run still reports the epochs before the interruption."""
+
+    def __init__(self, backup_dir: str | None):
+        super().__init__()
+        self.path = _join(backup_dir, HISTORY_BACKUP_FILE) if backup_dir else None
+        self.epochs: dict[int, dict[str, float]] = {}
+        self._first_epoch_seen = False
+        if self.path and tf.io.gfile.exists(self.path):
+            with tf.io.gfile.GFile(self.path, "r") as handle:
+                self.epochs = {int(k): v for k, v in json.loads(handle.read()).items()}
+            log.info("Resuming: %d epoch(s) were completed before the interruption", len(self.epochs))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._first_epoch_seen:
+            # Epochs from this one on are (re)run; a record of them belongs to an abandoned attempt.
+            self.epochs = {e: v for e, v in self.epochs.items() if e < epoch}
+            self._first_epoch_seen = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs[epoch] = {name: float(value) for name, value in (logs or {}).items()}
+        if self.path:
+            tf.io.gfile.makedirs(self.path.rsplit("/", 1)[0])
+            with tf.io.gfile.GFile(self.path, "w") as handle:
+                handle.write(json.dumps(self.epochs))
+
+
+def _history(epochs: Mapping[int, Mapping[str, float]]) -> dict[str, list[float]]:
+    """Keras History layout: one list per metric, in epoch order."""
+    history: dict[str, list[float]] = {}
+    for epoch in sorted(epochs):
+        for name, value in epochs[epoch].items():
+            history.setdefault(name, []).append(value)
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _count(weights) -> int:
+    return sum(math.prod(w.shape) for w in weights)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _read_bytes(path: str) -> bytes:
+    if path.startswith("gs://"):
+        from trainer import storage  # Only needed for gs:// models.
+
+        return storage.read_bytes(path)
+    with open(path, "rb") as handle:
+        return handle.read()
