@@ -1,7 +1,7 @@
 """Pipeline step 3: fine-tune the backbone and its classification head on the training split."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components._image import IMAGE
 
@@ -11,6 +11,7 @@ def train(
     dataset: Input[Dataset],
     trained_model: Output[Model],
     metrics: Output[Metrics],
+    tensorboard_logs: Output[Artifact],
     initial_model_uri: str,
     backup_root: str,
     run_id: str,
@@ -53,6 +54,7 @@ def train(
         dataset: TFRecord shards from the conversion step.
         trained_model: The exported model folder (SavedModel, Keras model, label map, hyperparameters).
         metrics: Final training and validation metrics.
+        tensorboard_logs: TensorBoard event files; point a Kubeflow Tensorboard at this artifact's URI.
         initial_model_uri: An earlier imgclf model folder to continue from (incremental training), or "".
         backup_root: Durable folder (gs:// or volume) for per-epoch backups, so a retried step resumes;
             "" backs up next to the model output when that is on GCS, and otherwise not at all.
@@ -68,7 +70,7 @@ def train(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     backup_dir = checkpoints.durable_backup_dir(backup_root, trained_model.uri, run_id)
     result = training.train(hp, dataset.path, trained_model.path, initial_model_dir=initial_model_uri or None,
-                            backup_dir=backup_dir, jit_compile=jit_compile)
+                            backup_dir=backup_dir, tensorboard_dir=tensorboard_logs.path, jit_compile=jit_compile)
     for name, value in result["final_metrics"].items():
         metrics.log_metric(name, float(value))
     trained_model.metadata.update({"framework": "tensorflow", "backbone": model,
