@@ -127,7 +127,25 @@ def decode_for_serving(data: tf.Tensor) -> tf.Tensor:
         return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
 
     def png() -> tf.Tensor:
-        return composite_on_white(tf.io.decode_png(data, channels=4, dtype=tf.uint8))
+        # A tRNS chunk (a transparent colour or palette entry) comes before the first IDAT chunk;
+        # libpng turns it into a real alpha channel when asked for 4 channels.
+        header = tf.strings.split(data, sep="IDAT", maxsplit=1)[0]
+        # Byte-wise search (a regex would read the binary header as UTF-8).
+        has_transparency = tf.size(tf.strings.split(header, sep="tRNS", maxsplit=1)) > 1
+        return tf.cond(has_transparency, lambda: composite_on_white(tf.io.decode_png(data, channels=4)),
+                       opaque_or_alpha_png)
+
+    def opaque_or_alpha_png() -> tf.Tensor:
+        # Without tRNS, decode with the file's own channels: asking for 4 makes libpng add an alpha
+        # "filler" that is not 255 for 1-, 2- and 4-bit grayscale and palette files.
+        decoded = tf.io.decode_png(data, channels=0, dtype=tf.uint8)
+        gray, alpha = decoded[..., :1], decoded[..., -1:]
+        return tf.switch_case(tf.shape(decoded)[-1] - 1, [
+            lambda: tf.image.grayscale_to_rgb(decoded),
+            lambda: composite_on_white(tf.concat([gray, gray, gray, alpha], axis=-1)),
+            lambda: decoded,
+            lambda: composite_on_white(decoded),
+        ])
 
     image = tf.cond(tf.io.is_jpeg(data), jpeg, png)
     image.set_shape([None, None, 3])

@@ -139,6 +139,24 @@ def test_png_decoding_matches_the_conversion_decoder(mode):
     np.testing.assert_array_equal(export.decode_for_serving(tf.constant(blob)).numpy(), expected)
 
 
+@pytest.mark.parametrize("mode, bits", [("P", 1), ("P", 2), ("P", 4), ("L", 1), ("L", 4), ("L", 8), ("RGB", 8)])
+@pytest.mark.parametrize("transparent_key", [False, True])
+def test_low_bit_depth_and_transparency_key_pngs_match_the_conversion_decoder(mode, bits, transparent_key):
+    """Optimised PNGs use 1-4 bit depths; a tRNS chunk marks one colour transparent."""
+    image = Image.new(mode, (8, 3))
+    if mode == "P":
+        image.putpalette([0, 0, 0, 200, 50, 10] + [0] * 762)
+    image.load()[0, 0] = {"P": 1, "L": 1 if bits == 1 else 3, "RGB": (9, 8, 7)}[mode]
+    options = {"transparency": (0, 0, 0) if mode == "RGB" else 0} if transparent_key else {}
+    out = io.BytesIO()
+    image.save(out, "PNG", **({} if mode == "RGB" else {"bits": bits}), **options)
+    blob = out.getvalue()
+    expected = images.decode_image(blob, "x.png")
+    if transparent_key:
+        assert (expected == 255).all(axis=-1).any(), "the transparent pixels should be white"
+    np.testing.assert_array_equal(export.decode_for_serving(tf.constant(blob)).numpy(), expected)
+
+
 def test_composite_on_white_is_pillows_alpha_composite_for_every_value():
     colour, alpha = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
     rgba = np.stack([colour, colour, colour, alpha], axis=-1).astype(np.uint8)
