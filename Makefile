@@ -35,7 +35,7 @@ compile: install
 	$(BIN)/imgclf compile
 
 lint: install
-	$(BIN)/ruff check trainer components pipelines tests benchmarks
+	$(BIN)/ruff check .
 
 test-unit: install
 	@echo "== unit tier =="

@@ -12,9 +12,17 @@ from trainer import cli as trainer_cli
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.compiler import compile_pipeline
+    from pipelines.cluster import ClusterSettings
+    from pipelines.compiler import COMPILED_PIPELINE, compile_pipeline
 
-    path = compile_pipeline(args.output, image=args.image) if args.output else compile_pipeline(image=args.image)
+    try:
+        settings = ClusterSettings.from_options(
+            node_selector=args.gpu_node_selector, tolerations=args.gpu_toleration, gcs_secret=args.gcs_secret,
+            shm_size=args.shm_size, resources=args.resources, env=args.env)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return trainer_cli.EXIT_USAGE
+    path = compile_pipeline(args.output or COMPILED_PIPELINE, image=args.image, settings=settings)
     print(f"compiled pipeline written to {path}")
     return 0
 
@@ -46,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("compile", help="compile the pipeline to YAML")
     cmd.add_argument("--output", help="where to write it (default: the committed pipelines/image_classification.yaml)")
     cmd.add_argument("--image", help="component image to use instead of the project's, e.g. registry.example/imgclf:1")
+    cluster = cmd.add_argument_group("cluster settings (see README)")
+    cluster.add_argument("--gpu-node-selector", action="append", default=[], metavar="LABEL=VALUE",
+                         help="node label the training pod requires, e.g. cloud.google.com/gke-accelerator=nvidia-l4")
+    cluster.add_argument("--gpu-toleration", action="append", metavar="KEY[=VALUE]:EFFECT",
+                         help="taint the training pod tolerates (default nvidia.com/gpu:NoSchedule); repeatable")
+    cluster.add_argument("--gcs-secret", default="", metavar="SECRET",
+                         help="Kubernetes secret with a service-account key.json mounted by every step "
+                              "(leave out with Workload Identity)")
+    cluster.add_argument("--shm-size", metavar="SIZE", help="size of /dev/shm for the training pod (default 16Gi)")
+    cluster.add_argument("--resources", action="append", default=[], metavar="STEP=CPU,MEMORY",
+                         help="CPU and memory request of a step (validate, convert, train, evaluate)")
+    cluster.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                         help="environment variable set on every step, e.g. STORAGE_EMULATOR_HOST for tests")
     cmd.set_defaults(func=_cmd_compile)
 
     cmd = commands.add_parser("run-local", help="run the whole compiled pipeline on this machine (kfp.local)")

@@ -8,17 +8,23 @@ import tempfile
 from kfp import compiler
 
 from components._image import IMAGE
-from pipelines.image_classification import image_classification
+from pipelines.cluster import ClusterSettings
+from pipelines.image_classification import build_pipeline
 
 COMPILED_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "image_classification.yaml")
 
 
-def compile_pipeline(output_path: str = COMPILED_PIPELINE, image: str | None = None) -> str:
-    """Write the compiled pipeline to ``output_path``; ``image`` replaces the project's image everywhere."""
+def compile_pipeline(output_path: str = COMPILED_PIPELINE, image: str | None = None,
+                     settings: ClusterSettings | None = None) -> str:
+    """Write the compiled pipeline to ``output_path``.
+
+    ``image`` replaces the project's image everywhere; ``settings`` fits the pipeline to a cluster
+    (the committed YAML uses the defaults).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         compiled = os.path.join(scratch, "pipeline.yaml")
-        compiler.Compiler().compile(image_classification, compiled)
+        compiler.Compiler().compile(build_pipeline(settings), compiled)
         with open(compiled, encoding="utf-8") as handle:
             text = handle.read()
     if image and image != IMAGE:

@@ -9,18 +9,11 @@ from components.convert_to_tfrecords import convert_to_tfrecords
 from components.evaluate import evaluate
 from components.train import train
 from components.validate_data import validate_data
+from pipelines.cluster import ClusterSettings
 from trainer.hyperparameters import DEFAULTS, FIELDS
 
 PIPELINE_NAME = "image-classification"
 ACCELERATOR_TYPE = "nvidia.com/gpu"
-
-# Requests sized for one GPU node; a cluster's own sizes are set when compiling (see README).
-STEP_RESOURCES = {
-    "validate": {"cpu": "2", "memory": "4G"},
-    "convert": {"cpu": "4", "memory": "8G"},
-    "train": {"cpu": "8", "memory": "32G"},
-    "evaluate": {"cpu": "2", "memory": "8G"},
-}
 
 
 class Outputs(NamedTuple):
@@ -33,96 +26,101 @@ class Outputs(NamedTuple):
     eval_value: float
 
 
-def _request(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
-    return task.set_cpu_request(STEP_RESOURCES[step]["cpu"]).set_memory_request(STEP_RESOURCES[step]["memory"])
+def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_component.GraphComponent:
+    """The pipeline, fitted to a cluster by ``settings`` (node selectors, tolerations, credentials, sizes)."""
+    settings = settings or ClusterSettings()
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=(
+        "SageMaker's Image Classification - TensorFlow algorithm on Kubeflow: transfer learning of a "
+        "Keras backbone with a new classification head, on a folder of class sub-folders."))
+    def image_classification(
+        data_uri: str,
+        augmentation: bool = DEFAULTS["augmentation"],
+        augmentation_random_flip: str = DEFAULTS["augmentation_random_flip"],
+        augmentation_random_rotation: float = DEFAULTS["augmentation_random_rotation"],
+        augmentation_random_zoom: float = DEFAULTS["augmentation_random_zoom"],
+        batch_size: int = DEFAULTS["batch_size"],
+        beta_1: float = DEFAULTS["beta_1"],
+        beta_2: float = DEFAULTS["beta_2"],
+        binary_mode: bool = DEFAULTS["binary_mode"],
+        dropout_rate: float = DEFAULTS["dropout_rate"],
+        early_stopping: bool = DEFAULTS["early_stopping"],
+        early_stopping_min_delta: float = DEFAULTS["early_stopping_min_delta"],
+        early_stopping_patience: int = DEFAULTS["early_stopping_patience"],
+        epochs: int = DEFAULTS["epochs"],
+        epsilon: float = DEFAULTS["epsilon"],
+        eval_metric: str = DEFAULTS["eval_metric"],
+        image_resize_interpolation: str = DEFAULTS["image_resize_interpolation"],
+        initial_accumulator_value: float = DEFAULTS["initial_accumulator_value"],
+        label_smoothing: float = DEFAULTS["label_smoothing"],
+        learning_rate: float = DEFAULTS["learning_rate"],
+        momentum: float = DEFAULTS["momentum"],
+        optimizer: str = DEFAULTS["optimizer"],
+        regularizers_l2: float = DEFAULTS["regularizers_l2"],
+        reinitialize_top_layer: str = DEFAULTS["reinitialize_top_layer"],
+        rho: float = DEFAULTS["rho"],
+        train_only_top_layer: bool = DEFAULTS["train_only_top_layer"],
+        validation_split_ratio: float = DEFAULTS["validation_split_ratio"],
+        test_split_ratio: float = DEFAULTS["test_split_ratio"],
+        random_seed: int = DEFAULTS["random_seed"],
+        model: str = DEFAULTS["model"],
+        weights: str = DEFAULTS["weights"],
+        image_size: int = DEFAULTS["image_size"],
+        max_rejected_fraction: float = 0.01,
+        accelerator_count: int = 1,
+        initial_model_uri: str = "",
+        checkpoint_root: str = "",
+        jit_compile: bool = False,
+    ) -> Outputs:
+        """Trains and evaluates an image classifier on a class-folder data set.
+
+        Steps: validate-data -> convert-to-tfrecords -> train (GPU) -> evaluate.
+
+        Args:
+            data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
+            max_rejected_fraction: Largest share of unusable image files the run tolerates.
+            accelerator_count: GPUs for the training step (0 runs it on CPUs).
+            initial_model_uri: An earlier imgclf model to continue training from (incremental training).
+            checkpoint_root: gs:// path or mounted volume for training backups that survive preemption.
+            jit_compile: Compile the training step with XLA.
+
+        Every other argument is one of the algorithm's hyperparameters; see the README's table.
+        """
+        hyperparameters = {name: value for name, value in locals().items() if name in FIELDS}
+
+        validation = validate_data(data_uri=data_uri, binary_mode=binary_mode,
+                                   max_rejected_fraction=max_rejected_fraction)
+        # The folder behind data_uri can change between runs; always look at it again.
+        validation.set_caching_options(False)
+        validation.set_display_name("Validate data").set_retry(num_retries=2, backoff_duration="30s")
+        settings.apply(validation, "validate")
+
+        conversion = convert_to_tfrecords(
+            data_uri=data_uri, validation=validation.outputs["validation"],
+            validation_split_ratio=validation_split_ratio, test_split_ratio=test_split_ratio,
+            random_seed=random_seed, model=model, image_size=image_size,
+            image_resize_interpolation=image_resize_interpolation)
+        conversion.set_display_name("Convert to TFRecords").set_retry(num_retries=2, backoff_duration="30s")
+        settings.apply(conversion, "convert")
+
+        training = train(dataset=conversion.outputs["dataset"], initial_model_uri=initial_model_uri,
+                         backup_root=checkpoint_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                         jit_compile=jit_compile, **hyperparameters)
+        # Retries cover node preemption; the step resumes from its last backup (see checkpoint_root).
+        training.set_display_name("Train").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
+        training.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
+        settings.apply(training, "train")
+
+        evaluation = evaluate(trained_model=training.outputs["trained_model"], dataset=conversion.outputs["dataset"],
+                              eval_metric=eval_metric)
+        evaluation.set_display_name("Evaluate")
+        settings.apply(evaluation, "evaluate")
+
+        return Outputs(training.outputs["trained_model"], conversion.outputs["dataset"],
+                       validation.outputs["validation"], evaluation.outputs["evaluation"],
+                       evaluation.outputs["eval_value"])
+
+    return image_classification
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description=(
-    "SageMaker's Image Classification - TensorFlow algorithm on Kubeflow: transfer learning of a "
-    "Keras backbone with a new classification head, on a folder of class sub-folders."))
-def image_classification(
-    data_uri: str,
-    augmentation: bool = DEFAULTS["augmentation"],
-    augmentation_random_flip: str = DEFAULTS["augmentation_random_flip"],
-    augmentation_random_rotation: float = DEFAULTS["augmentation_random_rotation"],
-    augmentation_random_zoom: float = DEFAULTS["augmentation_random_zoom"],
-    batch_size: int = DEFAULTS["batch_size"],
-    beta_1: float = DEFAULTS["beta_1"],
-    beta_2: float = DEFAULTS["beta_2"],
-    binary_mode: bool = DEFAULTS["binary_mode"],
-    dropout_rate: float = DEFAULTS["dropout_rate"],
-    early_stopping: bool = DEFAULTS["early_stopping"],
-    early_stopping_min_delta: float = DEFAULTS["early_stopping_min_delta"],
-    early_stopping_patience: int = DEFAULTS["early_stopping_patience"],
-    epochs: int = DEFAULTS["epochs"],
-    epsilon: float = DEFAULTS["epsilon"],
-    eval_metric: str = DEFAULTS["eval_metric"],
-    image_resize_interpolation: str = DEFAULTS["image_resize_interpolation"],
-    initial_accumulator_value: float = DEFAULTS["initial_accumulator_value"],
-    label_smoothing: float = DEFAULTS["label_smoothing"],
-    learning_rate: float = DEFAULTS["learning_rate"],
-    momentum: float = DEFAULTS["momentum"],
-    optimizer: str = DEFAULTS["optimizer"],
-    regularizers_l2: float = DEFAULTS["regularizers_l2"],
-    reinitialize_top_layer: str = DEFAULTS["reinitialize_top_layer"],
-    rho: float = DEFAULTS["rho"],
-    train_only_top_layer: bool = DEFAULTS["train_only_top_layer"],
-    validation_split_ratio: float = DEFAULTS["validation_split_ratio"],
-    test_split_ratio: float = DEFAULTS["test_split_ratio"],
-    random_seed: int = DEFAULTS["random_seed"],
-    model: str = DEFAULTS["model"],
-    weights: str = DEFAULTS["weights"],
-    image_size: int = DEFAULTS["image_size"],
-    max_rejected_fraction: float = 0.01,
-    accelerator_count: int = 1,
-    initial_model_uri: str = "",
-    checkpoint_root: str = "",
-    jit_compile: bool = False,
-) -> Outputs:
-    """Trains and evaluates an image classifier on a class-folder data set.
-
-    Steps: validate-data -> convert-to-tfrecords -> train (GPU) -> evaluate.
-
-    Args:
-        data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
-        max_rejected_fraction: Largest share of unusable image files the run tolerates.
-        accelerator_count: GPUs for the training step (0 runs it on CPUs).
-        initial_model_uri: An earlier imgclf model to continue training from (incremental training).
-        checkpoint_root: gs:// path or mounted volume for training backups that survive preemption.
-        jit_compile: Compile the training step with XLA.
-
-    Every other argument is one of the algorithm's hyperparameters; see the README's table.
-    """
-    hyperparameters = {name: value for name, value in locals().items() if name in FIELDS}
-
-    validation = validate_data(data_uri=data_uri, binary_mode=binary_mode,
-                               max_rejected_fraction=max_rejected_fraction)
-    # The folder behind data_uri can change between runs; always look at it again.
-    validation.set_caching_options(False)
-    validation.set_display_name("Validate data").set_retry(num_retries=2, backoff_duration="30s")
-    _request(validation, "validate")
-
-    conversion = convert_to_tfrecords(
-        data_uri=data_uri, validation=validation.outputs["validation"],
-        validation_split_ratio=validation_split_ratio, test_split_ratio=test_split_ratio,
-        random_seed=random_seed, model=model, image_size=image_size,
-        image_resize_interpolation=image_resize_interpolation)
-    conversion.set_display_name("Convert to TFRecords").set_retry(num_retries=2, backoff_duration="30s")
-    _request(conversion, "convert")
-
-    training = train(dataset=conversion.outputs["dataset"], initial_model_uri=initial_model_uri,
-                     backup_root=checkpoint_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                     jit_compile=jit_compile, **hyperparameters)
-    # Retries cover node preemption; the step resumes from its last backup (see checkpoint_root).
-    training.set_display_name("Train").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
-    training.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
-    _request(training, "train")
-
-    evaluation = evaluate(trained_model=training.outputs["trained_model"], dataset=conversion.outputs["dataset"],
-                          eval_metric=eval_metric)
-    evaluation.set_display_name("Evaluate")
-    _request(evaluation, "evaluate")
-
-    return Outputs(training.outputs["trained_model"], conversion.outputs["dataset"],
-                   validation.outputs["validation"], evaluation.outputs["evaluation"],
-                   evaluation.outputs["eval_value"])
+image_classification = build_pipeline()

@@ -14,9 +14,10 @@ running in the cluster, and the pipeline is submitted with that variable set on 
 real code path (gs:// listing, reads, decoding) runs in the real image on real pods; nothing is baked
 into the image and no volume is mounted.
 
-What is submitted is the committed compiled YAML with two changes a CI runner needs and nothing
-else (see ``kind_package``): the STORAGE_EMULATOR_HOST variable on every step, and CPU and memory
-requests cut to what a 4-core runner can schedule (the committed ones are sized for a GPU node).
+What is submitted is the pipeline compiled with two cluster settings a CI runner needs and nothing
+else (see ``kind_package``), the same ones `imgclf compile --env ... --resources ...` gives users:
+the STORAGE_EMULATOR_HOST variable on every step, and CPU and memory requests cut to what a 4-core
+runner can schedule (the committed ones are sized for a GPU node).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from pipelines import operations
-from pipelines.compiler import COMPILED_PIPELINE
+from pipelines.cluster import STEPS, ClusterSettings
+from pipelines.compiler import compile_pipeline
 from tests.support.datasets import make_image_folder
 
 pytestmark = pytest.mark.e2e
@@ -91,30 +93,12 @@ def e2e_environment() -> Environment:
 # --- Building blocks (plain functions, so each can be read and checked on its own) ------------------------
 
 
-def kind_package(source: str, target: pathlib.Path, env: Mapping[str, str], cpu: str = KIND_CPU,
+def kind_package(target: pathlib.Path, env: Mapping[str, str], cpu: str = KIND_CPU,
                  memory: str = KIND_MEMORY) -> pathlib.Path:
-    """Write a copy of a compiled pipeline with ``env`` on every step and the given CPU/memory requests."""
-    with open(source, encoding="utf-8") as handle:
-        documents = list(yaml.safe_load_all(handle))
-    spec = documents[0]
-    for executor in spec["deploymentSpec"]["executors"].values():
-        container = executor["container"]
-        container["env"] = [*container.get("env", []), *({"name": k, "value": v} for k, v in env.items())]
-        resources = container.setdefault("resources", {})
-        # Both spellings: older backends read the numbers, newer ones the Kubernetes quantities.
-        resources.update({"cpuRequest": _cpu_cores(cpu), "resourceCpuRequest": cpu,
-                          "memoryRequest": _gigabytes(memory), "resourceMemoryRequest": memory})
-    target.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
-    return target
-
-
-def _cpu_cores(quantity: str) -> float:
-    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
-
-
-def _gigabytes(quantity: str) -> float:
-    units = {"M": 1e-3, "G": 1.0}
-    return float(quantity[:-1]) * units[quantity[-1]]
+    """Compile the pipeline with ``env`` on every step and the given CPU/memory requests."""
+    settings = ClusterSettings.from_options(env=[f"{k}={v}" for k, v in env.items()],
+                                            resources=[f"{step}={cpu},{memory}" for step in STEPS])
+    return pathlib.Path(compile_pipeline(str(target), settings=settings))
 
 
 def upload_dataset(gcs_host: str, bucket: str, prefix: str, local_root: pathlib.Path) -> str:
@@ -185,7 +169,7 @@ def task_states(run: Any) -> Iterator[tuple[str, str]]:
 def kind_setup(tmp_path: pathlib.Path) -> tuple[Environment, pathlib.Path, dict[str, Any]]:
     """The environment and the kind copy of the pipeline; called in the tests, so a gap fails them."""
     env = e2e_environment()
-    package = kind_package(COMPILED_PIPELINE, tmp_path / "image_classification_kind.yaml",
+    package = kind_package(tmp_path / "image_classification_kind.yaml",
                            env={"STORAGE_EMULATOR_HOST": env.gcs_cluster_host})
     spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
     return env, package, spec

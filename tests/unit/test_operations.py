@@ -109,8 +109,10 @@ def test_submit_sends_every_resolved_hyperparameter_with_its_type(kfp_api, tmp_p
     for name, value in sent.items():
         assert type(value) is type(expected[name]), f"{name} sent as {type(value).__name__}"
     assert body["display_name"] == "first"
-    # Without --pipeline the committed package travels inside the run.
-    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "image-classification"
+    # Without --pipeline the committed package travels inside the run, with its Kubernetes settings.
+    spec = body["pipeline_spec"]
+    assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "image-classification"
+    assert "exec-train" in spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert "pipeline_version_reference" not in body
     [experiment] = kfp_api.experiments.values()
     assert (experiment["display_name"], body["experiment_id"]) == ("nightly", experiment["experiment_id"])

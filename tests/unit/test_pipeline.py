@@ -7,6 +7,7 @@ import yaml
 
 from components.train import train
 from pipelines import compiler
+from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import image_classification
 from trainer import hyperparameters as hps
 
@@ -24,7 +25,7 @@ def compiled(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec(compiled):
-    return yaml.safe_load(compiled)
+    return next(yaml.safe_load_all(compiled))
 
 
 def test_pipeline_signature_is_the_schema():
@@ -80,5 +81,55 @@ def test_committed_yaml_is_what_the_code_compiles_to(compiled):
 
 def test_compile_for_another_registry(tmp_path):
     path = compiler.compile_pipeline(str(tmp_path / "p.yaml"), image="registry.example.com/team/imgclf:7")
-    executors = yaml.safe_load(open(path))["deploymentSpec"]["executors"]
+    executors = next(yaml.safe_load_all(open(path)))["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"registry.example.com/team/imgclf:7"}
+
+
+def _platform(path):
+    documents = list(yaml.safe_load_all(open(path)))
+    return documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_default_cluster_settings_give_the_training_pod_shm_and_the_gpu_toleration(spec, compiled, tmp_path):
+    path = tmp_path / "default.yaml"
+    path.write_text(compiled)
+    train_pod = _platform(path)["exec-train"]
+    assert train_pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi",
+                                            "volumeName": "dshm"}]
+    assert train_pod["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert set(_platform(path)) == {"exec-train"}
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == ("8", "32G")
+
+
+def test_cluster_settings_from_compile_options(tmp_path):
+    settings = ClusterSettings.from_options(
+        node_selector=["cloud.google.com/gke-accelerator=nvidia-l4"], tolerations=["dedicated=ml:NoExecute"],
+        gcs_secret="imgclf-gcs-key", shm_size="32Gi", resources=["train=16,64G", "convert=500m,1G"],
+        env=["STORAGE_EMULATOR_HOST=http://gcs:9023"])
+    path = compiler.compile_pipeline(str(tmp_path / "p.yaml"), settings=settings)
+    platform = _platform(path)
+    train_pod = platform["exec-train"]
+    assert train_pod["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+    assert train_pod["tolerations"] == [{"effect": "NoExecute", "key": "dedicated", "operator": "Equal",
+                                         "value": "ml"}]
+    assert train_pod["emptyDirMounts"][0]["sizeLimit"] == "32Gi"
+    for name in ("exec-validate-data", "exec-convert-to-tfrecords", "exec-train", "exec-evaluate"):
+        assert platform[name]["secretAsVolume"][0]["secretName"] == "imgclf-gcs-key", name
+    executors = next(yaml.safe_load_all(open(path)))["deploymentSpec"]["executors"]
+    for executor in executors.values():
+        env = {item["name"]: item["value"] for item in executor["container"]["env"]}
+        assert env == {"STORAGE_EMULATOR_HOST": "http://gcs:9023",
+                       "GOOGLE_APPLICATION_CREDENTIALS": "/var/secrets/google/key.json"}
+    assert executors["exec-train"]["container"]["resources"]["resourceMemoryRequest"] == "64G"
+    assert executors["exec-convert-to-tfrecords"]["container"]["resources"]["resourceCpuRequest"] == "500m"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"resources": ["training=8,32G"]}, "--resources 'training=8,32G': expected STEP=CPU,MEMORY"),
+    ({"tolerations": ["nvidia.com/gpu"]}, "toleration 'nvidia.com/gpu': expected KEY[=VALUE]:EFFECT"),
+    ({"env": ["NOVALUE"]}, "--env 'NOVALUE': expected NAME=VALUE"),
+])
+def test_bad_cluster_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ClusterSettings.from_options(**options)

@@ -1,0 +1,111 @@
+"""Compile-time settings that fit the pipeline to a cluster: GPU nodes, credentials, shared memory, sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from kfp import dsl, kubernetes
+
+STEPS = ("validate", "convert", "train", "evaluate")
+
+# Requests sized for one GPU node; override per step with --resources.
+DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
+    "validate": ("2", "4G"),
+    "convert": ("4", "8G"),
+    "train": ("8", "32G"),
+    "evaluate": ("2", "8G"),
+}
+
+GCS_KEY_MOUNT = "/var/secrets/google"
+GCS_KEY_FILE = "key.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Toleration:
+    key: str
+    effect: str = "NoSchedule"
+    value: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Toleration:
+        """KEY[=VALUE]:EFFECT, the way kubectl taint writes a taint."""
+        match = re.fullmatch(r"([\w./-]+)(?:=([\w./-]*))?:(NoSchedule|PreferNoSchedule|NoExecute)", text)
+        if not match:
+            raise ValueError(f"toleration {text!r}: expected KEY[=VALUE]:EFFECT with EFFECT NoSchedule, "
+                             "PreferNoSchedule or NoExecute, e.g. nvidia.com/gpu:NoSchedule")
+        return cls(key=match.group(1), value=match.group(2) or "", effect=match.group(3))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSettings:
+    """How the compiled pipeline asks Kubernetes for nodes, credentials and memory.
+
+    Credentials never travel as pipeline parameters: either the run's service account carries
+    them (GKE Workload Identity: `imgclf submit --service-account`), or ``gcs_secret`` names a
+    Kubernetes secret holding a service-account key file ``key.json`` that every step mounts.
+    """
+
+    # Labels a GPU node must carry, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}.
+    gpu_node_selector: tuple[tuple[str, str], ...] = ()
+    # GPU nodes are usually tainted so that only GPU work lands there (GKE and the NVIDIA operator
+    # use nvidia.com/gpu); the training step tolerates that taint.
+    gpu_tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu"),)
+    gcs_secret: str = ""
+    # Kubernetes gives a pod 64 MiB of /dev/shm; NCCL across GPUs and tf.data need far more.
+    shm_size: str = "16Gi"
+    resources: tuple[tuple[str, str, str], ...] = tuple((step, *sizes) for step, sizes in DEFAULT_RESOURCES.items())
+    env: tuple[tuple[str, str], ...] = ()
+
+    def apply(self, task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
+        sizes = {name: (cpu, memory) for name, cpu, memory in self.resources}
+        cpu, memory = sizes[step]
+        task.set_cpu_request(cpu).set_memory_request(memory)
+        for name, value in self.env:
+            task.set_env_variable(name, value)
+        if self.gcs_secret:
+            kubernetes.use_secret_as_volume(task, secret_name=self.gcs_secret, mount_path=GCS_KEY_MOUNT)
+            task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_MOUNT}/{GCS_KEY_FILE}")
+        if step == "train":
+            for key, value in self.gpu_node_selector:
+                kubernetes.add_node_selector(task, label_key=key, label_value=value)
+            for toleration in self.gpu_tolerations:
+                kubernetes.add_toleration(task, key=toleration.key, value=toleration.value or None,
+                                          operator="Equal" if toleration.value else "Exists",
+                                          effect=toleration.effect)
+            if self.shm_size:
+                kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                           size_limit=self.shm_size)
+        return task
+
+    @classmethod
+    def from_options(cls, *, node_selector: list[str] = (), tolerations: list[str] | None = None,
+                     gcs_secret: str = "", shm_size: str | None = None, resources: list[str] = (),
+                     env: list[str] = ()) -> ClusterSettings:
+        """Build from command-line strings; ValueError names the option and the bad value."""
+        sizes = dict(DEFAULT_RESOURCES)
+        for item in resources:
+            step, _, value = item.partition("=")
+            cpu, _, memory = value.partition(",")
+            if step not in STEPS or not cpu or not memory:
+                raise ValueError(f"--resources {item!r}: expected STEP=CPU,MEMORY with STEP one of "
+                                 f"{', '.join(STEPS)}, e.g. train=16,64G")
+            sizes[step] = (cpu, memory)
+        settings = cls(
+            gpu_node_selector=tuple(_pair(item, "--gpu-node-selector") for item in node_selector),
+            gcs_secret=gcs_secret,
+            resources=tuple((step, *value) for step, value in sizes.items()),
+            env=tuple(_pair(item, "--env") for item in env),
+        )
+        if tolerations is not None:
+            settings = dataclasses.replace(settings, gpu_tolerations=tuple(Toleration.parse(t) for t in tolerations))
+        if shm_size is not None:
+            settings = dataclasses.replace(settings, shm_size=shm_size)
+        return settings
+
+
+def _pair(item: str, option: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{option} {item!r}: expected NAME=VALUE")
+    return key, value
