@@ -14,9 +14,13 @@ from trainer.errors import HyperparameterError, ImgclfError
 EXIT_USAGE = 2
 
 
-def add_hyperparameter_arguments(parser: argparse.ArgumentParser, *, flags: bool = False) -> None:
-    """--params FILE and --set name=value; with ``flags``, also one --NAME option per hyperparameter."""
-    group = parser.add_argument_group("hyperparameters")
+def add_hyperparameter_arguments(parser: argparse.ArgumentParser, *, flags: bool = False,
+                                 settings: bool = False) -> None:
+    """--params FILE and --set name=value; with ``flags``, also one --NAME option per hyperparameter.
+
+    ``settings`` says that the pipeline's own settings (e.g. min_eval_value) are accepted too.
+    """
+    group = parser.add_argument_group("hyperparameters" + (" and pipeline settings" if settings else ""))
     group.add_argument("--params", action="append", default=[], metavar="FILE",
                        help="YAML or JSON file of hyperparameters (SageMaker's all-string "
                             "hyperparameters.json works as it is); may be repeated, later files win")
@@ -103,6 +107,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch_predict(args: argparse.Namespace) -> int:
+    from trainer.prediction import batch_predict
+
+    result = batch_predict(args.model, args.data, args.output)
+    print(json.dumps(result))
+    if result["errors"]:
+        print(f"warning: {result['errors']} of {result['images']} images could not be read; their lines in "
+              f"{args.output} hold an \"error\" instead of probabilities", file=sys.stderr)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from trainer.registry import push_model
+
+    # By hand there is no gate decision to record; blessing.json says so instead of leaving it blank.
+    print(push_model(args.model, args.registry,
+                     metadata={"reason": "pushed by hand with the push command; no quality gate was applied"}))
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from trainer.demo_data import write_digits
 
@@ -160,6 +184,18 @@ def build_parser(prog: str = "python -m trainer") -> tuple[argparse.ArgumentPars
     cmd.add_argument("--verbose", action="store_true", help="add labels and predicted_label (application/json;verbose)")
     cmd.add_argument("images", nargs="+", help="jpg, jpeg or png files (local or gs://)")
     cmd.set_defaults(func=_cmd_predict)
+
+    cmd = commands.add_parser("batch-predict", help="classify every image in a folder; one JSON line per image")
+    cmd.add_argument("--model", required=True, help="model folder (local or gs://)")
+    cmd.add_argument("--data", required=True, help="folder of jpg, jpeg or png files, searched recursively")
+    cmd.add_argument("--output", required=True, help="JSON Lines file to write (local or gs://)")
+    cmd.set_defaults(func=_cmd_batch_predict)
+
+    cmd = commands.add_parser("push", help="copy a model folder into a new version of a model registry; "
+                                           "prints the version's URI")
+    cmd.add_argument("--model", required=True, help="model folder written by training (local or gs://)")
+    cmd.add_argument("--registry", required=True, help="registry root (local or gs://); created by the first push")
+    cmd.set_defaults(func=_cmd_push)
 
     cmd = commands.add_parser("demo-data", help="write scikit-learn's handwritten digits as class folders of PNGs")
     cmd.add_argument("--output", required=True)
