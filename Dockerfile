@@ -1,6 +1,10 @@
 # The image every imgclf pipeline step runs in: the trainer library, the components and kfp.
 #
-#   docker build -t ghcr.io/imgclf/imgclf:0.1.0 .
+#   docker build -t ghcr.io/imgclf/imgclf:0.1.0 .                                   # CPU
+#   docker build --build-arg TF_VARIANT=gpu -t ghcr.io/imgclf/imgclf:0.1.0-gpu .    # NVIDIA GPUs
+#
+# The GPU variant takes TensorFlow's CUDA and cuDNN wheels from PyPI, so the base stays a slim
+# Python image; the node needs only the NVIDIA driver (and the device plugin).
 #
 # Air-gapped / offline builds: put wheels in ./wheelhouse (pip download -d wheelhouse .) and pass
 # --build-arg PIP_OFFLINE=1; nothing is then fetched from the network. BASE_IMAGE may be any
@@ -9,6 +13,7 @@ ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
 ARG PIP_OFFLINE=0
+ARG TF_VARIANT=cpu
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY trainer ./trainer
@@ -18,9 +23,9 @@ COPY pipelines ./pipelines
 COPY wheelhouse /wheels
 RUN python3 -m venv /opt/imgclf \
     && if [ "$PIP_OFFLINE" = "1" ]; then \
-         /opt/imgclf/bin/pip install --no-cache-dir --no-index --find-links /wheels . ; \
+         /opt/imgclf/bin/pip install --no-cache-dir --no-index --find-links /wheels ".[${TF_VARIANT}]" ; \
        else \
-         /opt/imgclf/bin/pip install --no-cache-dir . ; \
+         /opt/imgclf/bin/pip install --no-cache-dir ".[${TF_VARIANT}]" ; \
        fi
 
 FROM ${BASE_IMAGE}

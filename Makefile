@@ -47,7 +47,7 @@ test-integration: install
 
 # Offline builds (air-gapped clusters, CI): every wheel the image needs, fetched on the host.
 wheelhouse: install
-	$(BIN)/pip download --quiet --dest wheelhouse . setuptools
+	$(BIN)/pip download --quiet --dest wheelhouse ".[cpu]" setuptools
 
 image: install
 	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PIP_OFFLINE=$(PIP_OFFLINE) -t $(IMAGE) .

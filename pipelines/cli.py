@@ -29,10 +29,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _cmd_run_local(args: argparse.Namespace) -> int:
     from pipelines.local import run_local
+    from trainer.hyperparameters import FIELDS, Hyperparameters
 
-    hp = trainer_cli.resolve_hyperparameters(args)
-    summary = run_local(args.data, args.output, hp, runner=args.runner, image=args.image,
-                        pipeline_args={"max_rejected_fraction": args.max_rejected_fraction})
+    # The same parameters a cluster run takes (`imgclf submit`): hyperparameters and pipeline settings.
+    values = operations.pipeline_parameters({**operations.load_parameters(args.params, args.assignments),
+                                             "data_uri": args.data})
+    hp = Hyperparameters.from_mapping({name: value for name, value in values.items() if name in FIELDS})
+    settings = {name: value for name, value in values.items() if name not in FIELDS and name != "data_uri"}
+    summary = run_local(args.data, args.output, hp, runner=args.runner, image=args.image, pipeline_args=settings)
     if summary["status"] != "succeeded":
         print(f"\npipeline failed in step '{summary['failed_step']}': {summary['error']}", file=sys.stderr)
         print(f"summary: {args.output}/summary.json", file=sys.stderr)
@@ -41,6 +45,7 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
     print(f"\npipeline succeeded in {summary['pipeline_seconds']:.0f} s: {summary['eval_metric']} = "
           f"{summary['eval_value']:.4f} on the test split")
     print(f"images: {counts}; rejected {summary['rejected']}, skipped {summary['skipped']}")
+    print(summary["blessing"])
     print(f"model: {summary['model_path']}")
     print(f"summary: {args.output}/summary.json")
     if args.json:
@@ -76,10 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="subprocess: steps run in this Python environment; docker: in the component "
                           "image, as a non-root user without network (needs a Docker engine)")
     cmd.add_argument("--image", help="component image for --runner docker (default: the project's)")
-    cmd.add_argument("--max-rejected-fraction", type=float, default=0.01,
-                     help="largest share of unusable files tolerated (default 0.01)")
     cmd.add_argument("--json", action="store_true", help="also print the whole summary")
-    trainer_cli.add_hyperparameter_arguments(cmd)
+    trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_run_local)
 
     operations.add_commands(commands)

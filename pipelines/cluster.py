@@ -7,7 +7,7 @@ import re
 
 from kfp import dsl, kubernetes
 
-STEPS = ("validate", "convert", "train", "evaluate")
+STEPS = ("validate", "convert", "train", "evaluate", "bless", "push", "batch_predict")
 
 # Requests sized for one GPU node; override per step with --resources.
 DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
@@ -15,6 +15,9 @@ DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
     "convert": ("4", "8G"),
     "train": ("8", "32G"),
     "evaluate": ("2", "8G"),
+    "bless": ("2", "8G"),
+    "push": ("1", "2G"),
+    "batch_predict": ("4", "8G"),
 }
 
 GCS_KEY_MOUNT = "/var/secrets/google"

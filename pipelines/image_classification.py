@@ -5,8 +5,11 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Model
 
+from components.batch_predict import batch_predict
 from components.convert_to_tfrecords import convert_to_tfrecords
 from components.evaluate import evaluate
+from components.gate import bless_model
+from components.push_model import push_model
 from components.train import train
 from components.validate_data import validate_data
 from pipelines.cluster import ClusterSettings
@@ -23,6 +26,7 @@ class Outputs(NamedTuple):
     dataset: Dataset
     validation: Artifact
     evaluation: Artifact
+    blessing: Artifact
     eval_value: float
 
 
@@ -71,10 +75,15 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         initial_model_uri: str = "",
         checkpoint_root: str = "",
         jit_compile: bool = False,
+        min_eval_value: float = 0.0,
+        baseline_model_uri: str = "",
+        model_registry_uri: str = "",
+        batch_data_uri: str = "",
     ) -> Outputs:
         """Trains and evaluates an image classifier on a class-folder data set.
 
-        Steps: validate-data -> convert-to-tfrecords -> train (GPU) -> evaluate.
+        Steps: validate-data -> convert-to-tfrecords -> train (GPU) -> evaluate -> bless-model, then for a
+        blessed model push-model (when model_registry_uri is set) and batch-predict (when batch_data_uri is set).
 
         Args:
             data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
@@ -83,6 +92,10 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             initial_model_uri: An earlier imgclf model to continue training from (incremental training).
             checkpoint_root: gs:// path or mounted volume for training backups that survive preemption.
             jit_compile: Compile the training step with XLA.
+            min_eval_value: The model is blessed only when eval_metric reaches this value (0: no threshold).
+            baseline_model_uri: An earlier model the new one must not fall below on eval_metric ("" : none).
+            model_registry_uri: gs:// path or volume where a blessed model is pushed as a new version.
+            batch_data_uri: Images to classify with a blessed model, written as JSON lines.
 
         Every other argument is one of the algorithm's hyperparameters; see the README's table.
         """
@@ -116,8 +129,33 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         evaluation.set_display_name("Evaluate")
         settings.apply(evaluation, "evaluate")
 
+        gate = bless_model(trained_model=training.outputs["trained_model"], dataset=conversion.outputs["dataset"],
+                           eval_metric=evaluation.outputs["eval_metric"], eval_value=evaluation.outputs["eval_value"],
+                           min_eval_value=min_eval_value, baseline_model_uri=baseline_model_uri)
+        # The baseline (e.g. the registry's newest version) can change between runs: decide every time.
+        gate.set_caching_options(False)
+        gate.set_display_name("Quality gate")
+        settings.apply(gate, "bless")
+
+        # An unblessed model skips what follows and the run ends green; the gate's log and
+        # blessing.json say why ("not blessed: accuracy 0.91 < threshold 0.95").
+        with dsl.If(gate.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition, not Python
+            with dsl.If(model_registry_uri != "", name="registry-set"):
+                push = push_model(trained_model=training.outputs["trained_model"], registry_uri=model_registry_uri,
+                                  blessing=gate.outputs["blessing"])
+                # Every run pushes a version of its own; a cached push would report one it did not write.
+                push.set_caching_options(False)
+                push.set_display_name("Push to registry").set_retry(num_retries=2, backoff_duration="30s")
+                settings.apply(push, "push")
+            with dsl.If(batch_data_uri != "", name="batch-data-set"):
+                predictions = batch_predict(trained_model=training.outputs["trained_model"], data_uri=batch_data_uri)
+                # The folder behind batch_data_uri can change between runs; always look at it again.
+                predictions.set_caching_options(False)
+                predictions.set_display_name("Batch predict")
+                settings.apply(predictions, "batch_predict")
+
         return Outputs(training.outputs["trained_model"], conversion.outputs["dataset"],
-                       validation.outputs["validation"], evaluation.outputs["evaluation"],
+                       validation.outputs["validation"], evaluation.outputs["evaluation"], gate.outputs["blessing"],
                        evaluation.outputs["eval_value"])
 
     return image_classification

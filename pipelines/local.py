@@ -134,7 +134,10 @@ def _describe_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     manifest = _read_json(outputs["dataset"].path, "manifest.json")
     validation = _read_json(outputs["validation"].path, "validation.json")
     evaluation = _read_json(outputs["evaluation"].path, "evaluation.json")
+    blessing = _read_json(outputs["blessing"].path, "blessing.json")
     return {
+        "blessed": blessing["blessed"],
+        "blessing": blessing["reason"],
         "eval_metric": evaluation["eval_metric"],
         "eval_value": evaluation["eval_value"],
         "metrics": evaluation["metrics"],

@@ -70,20 +70,10 @@ def pipeline_defaults() -> dict[str, Any]:
 
 def load_parameters(files: Iterable[str] = (), assignments: Iterable[str] = ()) -> dict[str, Any]:
     """Merge YAML/JSON files in turn, then ``name=value`` assignments, into raw (unchecked) values."""
-    merged: dict[str, Any] = {}
-    for path in files:
-        merged.update(hps.load_file(path))
-    problems = []
-    for assignment in assignments:
-        name, sep, value = assignment.partition("=")
-        if not sep or not name.strip():
-            problems.append(f"--set {assignment!r}: expected NAME=VALUE, e.g. --set epochs=10 "
-                            "or --set data_uri=gs://bucket/images")
-            continue
-        merged[name.strip()] = value.strip()
-    if problems:
-        raise ParameterError(problems)
-    return merged
+    try:
+        return hps.merge_sources(files, assignments)
+    except HyperparameterError as err:
+        raise ParameterError(err.problems) from None
 
 
 def pipeline_parameters(values: Mapping[str, Any]) -> dict[str, Any]:

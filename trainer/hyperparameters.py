@@ -181,19 +181,7 @@ class Hyperparameters:
     @classmethod
     def resolve(cls, files: Iterable[str] = (), assignments: Iterable[str] = ()) -> Hyperparameters:
         """Defaults, then each YAML/JSON file in turn, then each ``name=value`` assignment."""
-        merged: dict[str, Any] = {}
-        problems: list[str] = []
-        for path in files:
-            merged.update(load_file(path))
-        for assignment in assignments:
-            name, sep, value = assignment.partition("=")
-            if not sep or not name.strip():
-                problems.append(f"--set {assignment!r}: expected name=value, e.g. --set learning_rate=0.01")
-                continue
-            merged[name.strip()] = value.strip()
-        if problems:
-            raise HyperparameterError(problems)
-        return cls.from_mapping(merged)
+        return cls.from_mapping(merge_sources(files, assignments))
 
     # ---- output ----
     def to_dict(self) -> dict[str, Any]:
@@ -342,6 +330,26 @@ def load_file(path: str) -> dict[str, Any]:
         raise HyperparameterError([f"--params {path}: expected a mapping of names to values, "
                                    f"got a {type(data).__name__}"])
     return {str(k): v for k, v in data.items()}
+
+
+def merge_sources(files: Iterable[str] = (), assignments: Iterable[str] = ()) -> dict[str, Any]:
+    """Raw values from YAML/JSON files in turn, then ``name=value`` assignments (later ones win).
+
+    Values stay as given: the schema (or the pipeline's signature, for its other settings) checks them.
+    """
+    merged: dict[str, Any] = {}
+    for path in files:
+        merged.update(load_file(path))
+    problems = []
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        if not sep or not name.strip():
+            problems.append(f"--set {assignment!r}: expected name=value, e.g. --set learning_rate=0.01")
+            continue
+        merged[name.strip()] = value.strip()
+    if problems:
+        raise HyperparameterError(problems)
+    return merged
 
 
 def markdown_table() -> str:

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from pipelines.cli import main as imgclf
@@ -23,10 +24,12 @@ def _non_empty_files(folder):
     return found
 
 
-def test_whole_pipeline_succeeds_and_summarises(tmp_path):
+def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path):
     data = tmp_path / "data"
     make_image_folder(str(data), classes={"circles": 12, "squares": 12, "stripes": 12}, size=(48, 40))
-    summary = run_local(str(data), str(tmp_path / "run"), Hyperparameters(**FAST))
+    registry = tmp_path / "registry"
+    summary = run_local(str(data), str(tmp_path / "run"), Hyperparameters(**FAST),
+                        pipeline_args={"model_registry_uri": str(registry), "batch_data_uri": str(data)})
 
     assert summary["status"] == "succeeded", summary
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -38,11 +41,48 @@ def test_whole_pipeline_succeeds_and_summarises(tmp_path):
     for name in ("model.keras", "class_label_to_prediction_index.json", "hyperparameters.yaml", "history.json"):
         assert os.path.getsize(os.path.join(model_dir, name)) > 0, name
     assert os.path.isdir(os.path.join(model_dir, "saved_model"))
+    # No threshold and no baseline: blessed, pushed as the registry's first version, and used for batch prediction.
+    assert summary["blessed"] is True, summary["blessing"]
+    version = registry / "000001"
+    assert json.loads((version / "blessing.json").read_text())["blessed"] is True
+    assert (version / "saved_model").is_dir() and (version / "class_label_to_prediction_index.json").is_file()
+    [predictions] = list((tmp_path / "run" / "artifacts").glob("*/batch-predict/predictions"))
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(lines) == 36 and all(abs(sum(line["probabilities"]) - 1) < 1e-5 for line in lines)
     # Every artifact of every step holds something.
     artifacts = tmp_path / "run" / "artifacts"
     for step_dir in artifacts.glob("*/*"):
         for output in step_dir.iterdir():
             assert _non_empty_files(output) or output.stat().st_size > 0, output
+
+
+def _indistinguishable_classes(root, per_class=10):
+    """Two classes whose images differ only on even pixel rows and columns, which a nearest-neighbour
+    resize from 64 to 32 px never samples: the model sees the same picture in both classes, so no
+    model can be right on every test image."""
+    from PIL import Image
+
+    for label, offset in (("left", 0), ("right", 100)):
+        (root / label).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = np.full((64, 64), 128, np.uint8)
+            pixels[0::2, 0::2] = (offset + index * 7) % 256  # makes every file's bytes unique
+            Image.fromarray(pixels).save(root / label / f"{index}.png")
+
+
+def test_model_below_the_threshold_is_not_pushed_and_the_run_stays_green(tmp_path):
+    data = tmp_path / "data"
+    _indistinguishable_classes(data)
+    registry = tmp_path / "registry"
+    hp = Hyperparameters(**{**FAST, "epochs": 1, "image_resize_interpolation": "nearest"})
+    summary = run_local(str(data), str(tmp_path / "run"), hp,
+                        pipeline_args={"model_registry_uri": str(registry), "min_eval_value": 0.9})
+    assert summary["status"] == "succeeded", summary
+    assert summary["eval_value"] <= 0.75
+    assert summary["blessed"] is False
+    assert summary["blessing"].startswith("not blessed: accuracy ") and "< threshold 0.9" in summary["blessing"]
+    assert not any(registry.glob("0*/blessing.json"))
+    assert not list((tmp_path / "run" / "artifacts").glob("*/push-model"))
 
 
 def test_binary_mode_with_auc(tmp_path):
@@ -72,5 +112,5 @@ def test_bad_hyperparameters_stop_before_anything_runs(tmp_path, capsys):
     code = imgclf(["run-local", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
                    "--set", "learning_rte=0.1"])
     assert code == 2
-    assert "learning_rte: unknown hyperparameter; did you mean 'learning_rate'?" in capsys.readouterr().err
+    assert "learning_rte: unknown pipeline parameter; did you mean 'learning_rate'?" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

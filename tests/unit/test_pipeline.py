@@ -12,7 +12,8 @@ from pipelines.image_classification import image_classification
 from trainer import hyperparameters as hps
 
 PIPELINE_ONLY = {"data_uri", "max_rejected_fraction", "accelerator_count", "initial_model_uri",
-                 "checkpoint_root", "jit_compile"}
+                 "checkpoint_root", "jit_compile", "min_eval_value", "baseline_model_uri", "model_registry_uri",
+                 "batch_data_uri"}
 KFP_TYPES = {bool: "BOOLEAN", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING"}
 
 
@@ -66,7 +67,8 @@ def test_train_step_asks_for_a_gpu(spec):
 
 def test_wiring_retries_caching_and_names(spec):
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"validate-data", "convert-to-tfrecords", "train", "evaluate"}
+    assert set(tasks) == {"validate-data", "convert-to-tfrecords", "train", "evaluate", "bless-model",
+                          "condition-1"}
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 3
     assert tasks["validate-data"]["cachingOptions"] == {}
     assert tasks["train"]["cachingOptions"] == {"enableCache": True}
@@ -114,7 +116,8 @@ def test_cluster_settings_from_compile_options(tmp_path):
     assert train_pod["tolerations"] == [{"effect": "NoExecute", "key": "dedicated", "operator": "Equal",
                                          "value": "ml"}]
     assert train_pod["emptyDirMounts"][0]["sizeLimit"] == "32Gi"
-    for name in ("exec-validate-data", "exec-convert-to-tfrecords", "exec-train", "exec-evaluate"):
+    for name in ("exec-validate-data", "exec-convert-to-tfrecords", "exec-train", "exec-evaluate",
+                 "exec-bless-model", "exec-push-model", "exec-batch-predict"):
         assert platform[name]["secretAsVolume"][0]["secretName"] == "imgclf-gcs-key", name
     executors = next(yaml.safe_load_all(open(path)))["deploymentSpec"]["executors"]
     for executor in executors.values():
