@@ -1,4 +1,4 @@
-"""Checks an image-folder data set file by file and writes validation.json and a Markdown report.
+"""Checks an image-folder data set file by file; writes validation.json and a Markdown and an HTML report.
 
 The data set is a folder (local path or gs:// URI) with one sub-folder per class. Every listed entry
 ends in exactly one of three lists, so that nothing is lost silently:
@@ -35,18 +35,30 @@ validation.json (schema_version 1)::
                    exif_rotated, rejected_by_code}
   imbalance       {ratio (largest / smallest class count, null if one is empty), largest, smallest}
   fatal           [message, ...]; empty when the data set can be converted
+  fingerprint     SHA-256 hex digest of what a run would use (see ``compute_data_fingerprint``)
 
 Paths are relative to data_uri, POSIX style; lists are sorted by path. Width and height are those
 after EXIF orientation.
+
+The fingerprint exists for pipeline caching. The validation step is never cached (the folder behind
+a URI can change), and hands the fingerprint to the conversion step as a parameter: KFP's cache key
+includes every input value, so new content under the same URI can never reuse an old conversion.
+
+report.md is the plain summary; report.html (``render_html_report``) is the same summary for the
+Kubeflow UI, with a few thumbnails per class and of the rejected files, all inlined in the page.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
+import html
+import io
 import json
 import logging
 import os
+import posixpath
 import statistics as stats
 import threading
 import time
@@ -55,14 +67,25 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
+from PIL import Image
+
 from trainer import storage
 from trainer.errors import DataError, StorageError
-from trainer.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image_with_info, expected_format
+from trainer.images import (
+    DEFAULT_MAX_PIXELS,
+    SUPPORTED_EXTENSIONS,
+    ImageRejected,
+    decode_image,
+    decode_image_with_info,
+    expected_format,
+)
 
 log = logging.getLogger(__name__)
 
 VALIDATION_FILE = "validation.json"
 REPORT_FILE = "report.md"
+HTML_REPORT_FILE = "report.html"
 SCHEMA_VERSION = 1
 
 # Names that operating systems and tools leave next to data; never images, never classes.
@@ -71,6 +94,15 @@ _SYSTEM_NAMES = {"__MACOSX": "macOS archive metadata folder", "Thumbs.db": "Wind
 _FOLDER_MARKER = "_$folder$"
 # Rows of each list shown in report.md; validation.json always has all of them.
 _REPORT_ROWS = 200
+# report.html inlines its thumbnails, so their number and size bound the page (~3 KB each).
+THUMBNAIL_PIXELS = 64
+MAX_THUMBNAILS = 60
+# Of MAX_THUMBNAILS, at most this many show rejected files; the rest show the classes.
+_REJECTED_THUMBNAILS = 12
+# Rejection codes whose files are still pictures worth showing (they are refused for where they sit,
+# for their content type or for being in two classes); every other rejected file gets a placeholder
+# without being read: it is unreadable, empty, too large, or maybe not an image at all.
+_PREVIEWABLE = ("nested", "outside_class", "class_conflict", "format_mismatch", "animated")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -148,16 +180,17 @@ def _duration(seconds: float) -> str:
 
 def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = False,
                      max_rejected_fraction: float = 0.01, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     workers: int | None = None) -> dict[str, Any]:
-    """Check every file of an image-folder data set; write validation.json and report.md.
+                     workers: int | None = None, html_report: bool = True) -> dict[str, Any]:
+    """Check every file of an image-folder data set; write validation.json, report.md and report.html.
 
     Args:
       data_uri: local folder or gs:// URI holding one sub-folder per class.
-      output_dir: where validation.json and report.md are written (local or gs://).
+      output_dir: where validation.json and the reports are written (local or gs://).
       binary_mode: the data set must have exactly two classes.
       max_rejected_fraction: largest share of rejected files (of accepted + rejected) tolerated.
       max_pixels: largest width * height accepted for one image.
       workers: threads reading and decoding files (default ``default_workers()``).
+      html_report: also write report.html with thumbnails (it re-reads up to ``MAX_THUMBNAILS`` files).
 
     Returns:
       The content of validation.json (its schema is in the module docstring).
@@ -212,7 +245,8 @@ def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = Fals
         "imbalance": _imbalance(class_counts),
         "fatal": fatal,
     }
-    _write_outputs(output_dir, result)
+    result["fingerprint"] = compute_data_fingerprint(result)
+    _write_outputs(output_dir, result, html_report=html_report, workers=workers)
     log.info("Validation of %s took %.1f s: %d accepted, %d rejected, %d skipped, %d classes, %d fatal",
              data_uri, time.monotonic() - started, len(accepted), len(rejected), len(skipped), len(classes),
              len(fatal))
@@ -220,6 +254,26 @@ def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = Fals
         raise DataError(f"the data set at {data_uri} cannot be used ({len(fatal)} problem(s); details in "
                         f"{storage.join(output_dir, REPORT_FILE)}):\n" + "\n".join(f"  - {p}" for p in fatal))
     return result
+
+
+def compute_data_fingerprint(result: dict[str, Any]) -> str:
+    """SHA-256 over what a run would use: each accepted file's path and content hash, and the rejected
+    and skipped paths.
+
+    Equal data sets give equal fingerprints whatever the listing order; one changed byte in an
+    accepted file, or a file added, removed, renamed or newly rejected, gives another. The rejected and
+    skipped paths count too because the converted data set's manifest records how many files were
+    listed, rejected and skipped: a conversion reused from a different listing would not reconcile.
+    The content of rejected files is not read again; only whether and where they are rejected counts.
+    """
+    digest = hashlib.sha256(f"imgclf-data-fingerprint-v{SCHEMA_VERSION}\n".encode())
+    rows = [("accepted", e["path"], e["sha256"]) for e in result["accepted"]]
+    rows += [("rejected", e["path"], "") for e in result["rejected"]]
+    rows += [("skipped", e["path"], "") for e in result["skipped"]]
+    for row in sorted(rows):
+        # One JSON array per line: quoting makes every path unambiguous, whatever characters it holds.
+        digest.update(json.dumps(row, ensure_ascii=True).encode("ascii") + b"\n")
+    return digest.hexdigest()
 
 
 class _Layout:
@@ -456,11 +510,14 @@ def _imbalance(class_counts: dict[str, int]) -> dict[str, Any] | None:
             "smallest": {"class": smallest, "count": low}}
 
 
-def _write_outputs(output_dir: str, result: dict[str, Any]) -> None:
+def _write_outputs(output_dir: str, result: dict[str, Any], *, html_report: bool, workers: int) -> None:
     # storage.write_bytes creates missing local folders and replaces files atomically.
     storage.write_bytes(storage.join(output_dir, VALIDATION_FILE),
                         json.dumps(result, indent=1, ensure_ascii=False).encode("utf-8"))
     storage.write_bytes(storage.join(output_dir, REPORT_FILE), render_report(result).encode("utf-8"))
+    if html_report:
+        page = render_html_report(result, result["data_uri"], workers=workers)
+        storage.write_bytes(storage.join(output_dir, HTML_REPORT_FILE), page.encode("utf-8"))
 
 
 def _md(text: Any) -> str:
@@ -483,6 +540,8 @@ def render_report(result: dict[str, Any]) -> str:
                  else "**Result: passed.**")
     lines += ["", "| listed | accepted | rejected | skipped |", "|---:|---:|---:|---:|",
               "| {listed} | {accepted} | {rejected} | {skipped} |".format(**counts), ""]
+    if result.get("fingerprint"):
+        lines += [f"Data fingerprint: `{result['fingerprint']}`", ""]
     if fatal:
         lines += ["## Fatal problems", ""] + [f"- {_plain(p)}" for p in fatal] + [""]
     total = max(counts["accepted"], 1)
@@ -521,6 +580,185 @@ def render_report(result: dict[str, Any]) -> str:
                   "- height min/median/max: {min} / {median:g} / {max}".format(**st["height"]),
                   f"- rotated by EXIF orientation: {st['exif_rotated']}", ""]
     return "\n".join(lines)
+
+
+# --- report.html ------------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: middle; }
+td.n { text-align: right; }
+code { white-space: pre-wrap; word-break: break-all; }
+img.thumb, span.none { width: 64px; height: 64px; margin: 1px; vertical-align: middle; background: #eee; }
+img.thumb { object-fit: contain; }
+span.none { display: inline-flex; align-items: center; justify-content: center; color: #777;
+            font-size: 10px; text-align: center; }
+.passed { color: #087f23; } .failed { color: #b00020; }
+"""
+
+
+def _h(text: Any) -> str:
+    """Escape text for HTML content and attribute values."""
+    return html.escape(str(text), quote=True)
+
+
+def _hname(text: Any) -> str:
+    """A file or class name verbatim, with invisible characters spelled out (as in report.md)."""
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+    return f"<code>{_h(shown)}</code>"
+
+
+def _previewable(entry: dict[str, Any]) -> bool:
+    """Whether a rejected file is worth reading for a thumbnail (decided by its name and code only)."""
+    return entry["code"] in _PREVIEWABLE and posixpath.splitext(entry["path"])[1].lower() in SUPPORTED_EXTENSIONS
+
+
+def _pick_thumbnails(result: dict[str, Any], per_class: int) -> tuple[dict[str, list[str]], list[str]]:
+    """Paths to show: ({class: paths spread over its sorted files}, rejected paths), MAX_THUMBNAILS in all."""
+    rejected = [r["path"] for r in result["rejected"] if _previewable(r)][:_REJECTED_THUMBNAILS]
+    budget = MAX_THUMBNAILS - len(rejected)
+    by_class: dict[str, list[str]] = collections.defaultdict(list)
+    for entry in result["accepted"]:
+        by_class[entry["class"]].append(entry["path"])
+    classes = result["classes"]
+    # Many classes share the budget: fewer per class, but every class gets one while any is left.
+    share = min(per_class, max(1, budget // max(len(classes), 1)))
+    picks = {}
+    for name in classes:
+        paths = by_class.get(name, [])
+        count = min(share, len(paths), budget)
+        # Spread over the class rather than its first files, which often come from one source.
+        picks[name] = [paths[i * len(paths) // count] for i in range(count)]
+        budget -= count
+    return picks, rejected
+
+
+def _preview_pixels(data: bytes, path: str, max_pixels: int) -> np.ndarray | None:
+    """RGB pixels to show for a file, or None when it cannot be shown."""
+    try:
+        # Accepted files (and files rejected only for where they sit) look exactly as they will be trained on.
+        return decode_image(data, path, max_pixels)
+    except ImageRejected as e:
+        if e.code not in ("format_mismatch", "animated"):
+            return None
+    # A picture of another format, or an animation: show its first frame, size checked before decoding.
+    with Image.open(io.BytesIO(data)) as image:
+        if image.width * image.height > max_pixels:
+            return None
+        rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+
+
+def _thumbnail(data_uri: str, path: str, max_pixels: int) -> str | None:
+    """A small JPEG of one file as a data: URI, or None when it cannot be read or decoded now."""
+    try:
+        pixels = _preview_pixels(storage.read_bytes(storage.join(data_uri, path)), path, max_pixels)
+        if pixels is None:
+            return None
+        image = Image.fromarray(pixels)
+        image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=80)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a thumbnail illustrates; the report is written without it.
+        log.warning("no thumbnail for %s: %s", path, e)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _thumb_html(path: str, uri: str | None, missing: str) -> str:
+    if uri:
+        return f'<img class="thumb" src="{uri}" alt="{_h(path)}" title="{_h(path)}">'
+    return f'<span class="none" title="{_h(path)}">{_h(missing)}</span>'
+
+
+def render_html_report(result: dict[str, Any], data_uri: str, thumbnails_per_class: int = 4, *,
+                       workers: int | None = None) -> str:
+    """The validation result as one self-contained HTML page, for the Kubeflow UI.
+
+    It shows what report.md shows, plus up to ``thumbnails_per_class`` thumbnails per class and
+    thumbnails of rejected files that are still pictures (a placeholder for the others). Thumbnails
+    are re-read from ``data_uri`` through ``storage`` and decoded as for training, ``THUMBNAIL_PIXELS``
+    on their longer side, inlined as base64 JPEG data URIs: the page loads nothing from elsewhere
+    (the UI shows it in a sandbox, and a bucket is rarely readable from a browser). At most
+    ``MAX_THUMBNAILS`` are shown, so the page stays small for thousands of classes. A file that cannot
+    be read or decoded now gets a placeholder; the report never fails for a thumbnail.
+    """
+    if thumbnails_per_class < 0:
+        raise ValueError(f"thumbnails_per_class must be 0 or more, got {thumbnails_per_class!r}")
+    max_pixels = result["parameters"].get("max_pixels", DEFAULT_MAX_PIXELS)
+    class_picks, rejected_picks = _pick_thumbnails(result, thumbnails_per_class)
+    paths = [p for picks in class_picks.values() for p in picks] + rejected_picks
+    thumbs = dict(zip(paths, bounded_map(lambda p: _thumbnail(data_uri, p, max_pixels), paths,
+                                         workers or default_workers()), strict=True))
+
+    counts, fatal = result["counts"], result["fatal"]
+    out = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>Data validation: {_h(data_uri)}</title>", f"<style>{_STYLE}</style></head><body>",
+           f"<h1>Data validation: {_hname(data_uri)}</h1>"]
+    out.append(f'<p class="failed"><strong>Result: FAILED</strong> with {len(fatal)} fatal problem(s).</p>'
+               if fatal else '<p class="passed"><strong>Result: passed.</strong></p>')
+    out.append("<table><tr><th>listed</th><th>accepted</th><th>rejected</th><th>skipped</th></tr><tr>"
+               + "".join(f'<td class="n">{counts[k]}</td>' for k in ("listed", "accepted", "rejected", "skipped"))
+               + "</tr></table>")
+    if result.get("fingerprint"):
+        out.append(f"<p>Data fingerprint: <code>{_h(result['fingerprint'])}</code></p>")
+    if fatal:
+        out += ["<h2>Fatal problems</h2><ul>", *(f"<li>{_h(p)}</li>" for p in fatal), "</ul>"]
+
+    total = max(counts["accepted"], 1)
+    out.append("<h2>Classes (label index order)</h2><table><tr><th>index</th><th>class</th><th>images</th>"
+               "<th>share</th><th>examples</th></tr>")
+    for index, (name, count) in enumerate(result["class_counts"].items()):
+        examples = "".join(_thumb_html(p, thumbs.get(p), "cannot be shown") for p in class_picks.get(name, []))
+        out.append(f'<tr><td class="n">{index}</td><td>{_hname(name)}</td><td class="n">{count}</td>'
+                   f'<td class="n">{count / total:.1%}</td><td>{examples}</td></tr>')
+    out.append("</table>")
+    imbalance = result["imbalance"]
+    if imbalance and imbalance["ratio"]:
+        out.append(f"<p>Imbalance (largest / smallest class): {imbalance['ratio']:.2f}"
+                   f" ({_hname(imbalance['largest']['class'])}: {imbalance['largest']['count']},"
+                   f" {_hname(imbalance['smallest']['class'])}: {imbalance['smallest']['count']}).</p>")
+
+    for title, key in (("Rejected files", "rejected"), ("Skipped entries", "skipped")):
+        rows = result[key]
+        if not rows:
+            continue
+        preview = key == "rejected"
+        out.append(f"<h2>{title} ({len(rows)})</h2><table><tr>{'<th>preview</th>' if preview else ''}"
+                   "<th>file</th><th>reason</th></tr>")
+        for row in rows[:_REPORT_ROWS]:
+            cell = ""
+            if preview:
+                cell = "<td>" + _thumb_html(row["path"], thumbs.get(row["path"]),
+                                            "cannot be shown" if row["path"] in thumbs else "no preview") + "</td>"
+            out.append(f"<tr>{cell}<td>{_hname(row['path'])}</td><td>{_h(row['reason'])}</td></tr>")
+        out.append("</table>")
+        if len(rows) > _REPORT_ROWS:
+            out.append(f"<p>{len(rows) - _REPORT_ROWS} more in {VALIDATION_FILE}.</p>")
+
+    if result["duplicates"]:
+        out.append(f"<h2>Identical files ({len(result['duplicates'])} groups)</h2><p>Copies within one class are"
+                   " kept (and always put in the same split); copies in several classes are rejected.</p>"
+                   "<table><tr><th>files</th><th>classes</th><th>kept</th></tr>")
+        for group in result["duplicates"][:_REPORT_ROWS]:
+            out.append(f"<tr><td>{', '.join(_hname(p) for p in group['paths'])}</td>"
+                       f"<td>{', '.join(_hname(c) for c in group['classes'])}</td>"
+                       f"<td>{'no' if group['conflict'] else 'yes'}</td></tr>")
+        out.append("</table>")
+    st = result["statistics"]
+    if st["width"]:
+        items = [f"formats: {', '.join(f'{k} {v}' for k, v in st['formats'].items())}",
+                 f"colour modes: {', '.join(f'{k} {v}' for k, v in st['modes'].items())}",
+                 "width min/median/max: {min} / {median:g} / {max}".format(**st["width"]),
+                 "height min/median/max: {min} / {median:g} / {max}".format(**st["height"]),
+                 f"rotated by EXIF orientation: {st['exif_rotated']}"]
+        out += ["<h2>Images</h2><ul>", *(f"<li>{_h(item)}</li>" for item in items), "</ul>"]
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
 
 
 def load_validation(validation_json: str) -> dict[str, Any]:

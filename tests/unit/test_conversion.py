@@ -304,3 +304,22 @@ def test_gcs_data_set_end_to_end(tiny_dataset, gcs_bucket, tmp_path):
     storage.download_tree(f"{work}/dataset", str(local))
     assert sorted(r["path"] for s in conversion.SPLITS for r in read_split(local, manifest, s)) == sorted(
         e["path"] for e in result["accepted"])
+
+
+def test_data_fingerprint_from_validation_is_checked_and_recorded(tiny_dataset, tmp_path):
+    result = validate_dataset(str(tiny_dataset), str(tmp_path / "v"))
+    validation_json = tmp_path / "v" / "validation.json"
+    manifest = convert_dataset(str(tiny_dataset), str(validation_json), str(tmp_path / "o"), image_size=8,
+                               data_fingerprint=result["fingerprint"])
+    assert manifest["data_fingerprint"] == result["fingerprint"]
+    with pytest.raises(DataError, match="belongs to other data"):
+        convert_dataset(str(tiny_dataset), str(validation_json), str(tmp_path / "o2"), image_size=8,
+                        data_fingerprint="0" * 64)
+    # A validation.json whose lists were edited no longer matches the fingerprint it records.
+    edited = json.loads(validation_json.read_text())
+    dropped = edited["accepted"].pop()
+    edited["skipped"].append({"path": dropped["path"], "reason": "edited by hand"})
+    edited["counts"].update(accepted=edited["counts"]["accepted"] - 1, skipped=edited["counts"]["skipped"] + 1)
+    validation_json.write_text(json.dumps(edited))
+    with pytest.raises(DataError, match="its fingerprint does not match its file lists"):
+        convert_dataset(str(tiny_dataset), str(validation_json), str(tmp_path / "o3"), image_size=8)

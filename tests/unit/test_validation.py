@@ -1,11 +1,15 @@
 """validate_dataset puts every listed file in exactly one list, with a reason, and names what is fatal."""
 
+import base64
+import io
 import json
 import logging
+import re
 import threading
 import time
 
 import pytest
+from PIL import Image
 
 from tests.support import datasets as ds
 from trainer import validation
@@ -203,3 +207,75 @@ def test_report_shows_odd_names_verbatim(tmp_path):
     validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"))
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| 0 | `pipe\\|name` | 2 | 50.0% |" in report and "| 1 | `` tick`name `` | 2 | 50.0% |" in report
+
+
+def test_fingerprint_follows_content_and_status_not_order(tmp_path):
+    # A JPEG comment changes the file's bytes but not its pixels: the fingerprint must follow the bytes.
+    picture = ds.noise(30, 40, seed=3)
+    for folder in ("d", "copy"):
+        ds.make_image_folder(tmp_path / folder, {"a": 3, "b": 3})
+        (tmp_path / folder / "a" / "commented.jpg").write_bytes(ds.encode(picture, "JPEG", comment=b"x"))
+    first = validate_dataset(str(tmp_path / "d"), str(tmp_path / "v1"))
+    again = validate_dataset(str(tmp_path / "d"), str(tmp_path / "v2"))
+    elsewhere = validate_dataset(str(tmp_path / "copy"), str(tmp_path / "v3"))
+    assert len(first["fingerprint"]) == 64
+    assert first["fingerprint"] == again["fingerprint"] == elsewhere["fingerprint"]
+    assert json.loads((tmp_path / "v1" / "validation.json").read_text())["fingerprint"] == first["fingerprint"]
+    assert f"Data fingerprint: `{first['fingerprint']}`" in (tmp_path / "v1" / "report.md").read_text()
+    shuffled = {**first, "accepted": first["accepted"][::-1]}
+    assert validation.compute_data_fingerprint(shuffled) == first["fingerprint"]
+
+    (tmp_path / "d" / "a" / "commented.jpg").write_bytes(ds.encode(picture, "JPEG", comment=b"y"))
+    changed = validate_dataset(str(tmp_path / "d"), str(tmp_path / "v4"))
+    assert changed["counts"] == first["counts"] and changed["fingerprint"] != first["fingerprint"]
+
+    # A file newly rejected, or newly skipped, changes the counts a conversion records: a new fingerprint.
+    (tmp_path / "copy" / "b" / "cut.jpg").write_bytes(b"")
+    rejected = validate_dataset(str(tmp_path / "copy"), str(tmp_path / "v5"), max_rejected_fraction=0.5)
+    (tmp_path / "copy" / "b" / ".DS_Store").write_bytes(b"x")
+    skipped = validate_dataset(str(tmp_path / "copy"), str(tmp_path / "v6"), max_rejected_fraction=0.5)
+    assert len({first["fingerprint"], rejected["fingerprint"], skipped["fingerprint"]}) == 3
+
+
+def _img_sources(page: str) -> list[str]:
+    return re.findall(r'<img [^>]*src="([^"]*)"', page)
+
+
+def test_html_report_shows_classes_thumbnails_and_rejected_files(tmp_path):
+    data = tmp_path / "d"
+    ds.make_image_folder(data, {"cats": 6, "dogs": 5, "<script>": 3}, size=(80, 60))
+    (data / "dogs" / "cut.jpg").write_bytes(ds.truncate(ds.encode(ds.noise(), "JPEG")))
+    (data / "dogs" / "old").mkdir()
+    (data / "dogs" / "old" / "nested.jpg").write_bytes(ds.encode(ds.noise(seed=9), "JPEG"))
+    result = validate_dataset(str(data), str(tmp_path / "out"), max_rejected_fraction=0.5)
+    page = (tmp_path / "out" / "report.html").read_text()
+
+    for name in ("cats", "dogs", "&lt;script&gt;"):
+        assert f"<code>{name}</code>" in page
+    assert "<script" not in page  # the class name is text, never markup
+    # 4 per class (3 for the class with 3 images), and the nested file, which is still a picture.
+    sources = _img_sources(page)
+    assert len(sources) == page.count("<img ") == 4 + 4 + 3 + 1
+    assert all(s.startswith("data:image/jpeg;base64,") for s in sources)
+    assert "http" not in page and "url(" not in page  # nothing is loaded from elsewhere
+    thumbnail = Image.open(io.BytesIO(base64.b64decode(sources[0].split(",", 1)[1])))
+    assert max(thumbnail.size) == validation.THUMBNAIL_PIXELS
+    # The truncated file is listed with its reason and a placeholder instead of a picture.
+    row = next(line for line in page.splitlines() if "dogs/cut.jpg</code>" in line)
+    assert "truncated JPEG file" in row and "<img" not in row and 'class="none"' in row
+    assert 'alt="dogs/old/nested.jpg"' in page and "nested folder" in page
+
+    fewer = validation.render_html_report(result, str(data), thumbnails_per_class=1)
+    assert len(_img_sources(fewer)) == 3 + 1
+
+
+def test_html_report_is_capped_and_survives_missing_files(tmp_path, monkeypatch):
+    data = tmp_path / "d"
+    ds.make_image_folder(data, {f"class_{i}": 2 for i in range(6)}, size=(16, 16))
+    result = validate_dataset(str(data), str(tmp_path / "out"), html_report=False)
+    assert not (tmp_path / "out" / "report.html").exists()
+    monkeypatch.setattr(validation, "MAX_THUMBNAILS", 4)
+    (data / "class_0" / "class_0_000.jpg").unlink()  # gone since validation: a placeholder, no failure
+    page = validation.render_html_report(result, str(data))
+    assert len(_img_sources(page)) == 3 and page.count('class="none"') == 1
+    assert all(f"<code>class_{i}</code>" in page for i in range(6))
