@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Markdown, Output
+from kfp.dsl import HTML, Artifact, Markdown, Output
 
 from components._image import IMAGE
 
@@ -15,7 +15,8 @@ def validate_data(
     max_rejected_fraction: float,
     validation: Output[Artifact],
     report: Output[Markdown],
-) -> NamedTuple("Outputs", [("num_classes", int), ("accepted", int), ("rejected", int)]):
+    report_html: Output[HTML],
+) -> NamedTuple("Outputs", [("num_classes", int), ("accepted", int), ("rejected", int), ("fingerprint", str)]):
     """Validates a class-folder data set (local/volume path or gs:// URI).
 
     Args:
@@ -24,6 +25,11 @@ def validate_data(
         max_rejected_fraction: Largest share of unusable files the run tolerates.
         validation: Folder holding validation.json: classes, accepted and rejected files.
         report: Markdown summary shown in the Kubeflow UI.
+        report_html: The same with thumbnails of each class and of the rejected files.
+
+    Returns:
+        Counts, and the fingerprint of the content: it changes whenever a file does, so the
+        cached steps after this one never reuse results computed from other data.
     """
     import collections
     import logging
@@ -38,10 +44,11 @@ def validate_data(
         result = validate_dataset(data_uri, validation.path, binary_mode=binary_mode,
                                   max_rejected_fraction=max_rejected_fraction)
     finally:
-        # The report is worth showing even when the data set is refused.
-        if os.path.exists(os.path.join(validation.path, "report.md")):
-            shutil.copyfile(os.path.join(validation.path, "report.md"), report.path)
+        # The reports are worth showing even when the data set is refused.
+        for name, target in (("report.md", report.path), ("report.html", report_html.path)):
+            if os.path.exists(os.path.join(validation.path, name)):
+                shutil.copyfile(os.path.join(validation.path, name), target)
     validation.metadata.update({"classes": result["classes"], "accepted": len(result["accepted"]),
-                                "rejected": len(result["rejected"])})
-    outputs = collections.namedtuple("Outputs", ["num_classes", "accepted", "rejected"])
-    return outputs(len(result["classes"]), len(result["accepted"]), len(result["rejected"]))
+                                "rejected": len(result["rejected"]), "fingerprint": result["fingerprint"]})
+    outputs = collections.namedtuple("Outputs", ["num_classes", "accepted", "rejected", "fingerprint"])
+    return outputs(len(result["classes"]), len(result["accepted"]), len(result["rejected"]), result["fingerprint"])

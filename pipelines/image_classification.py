@@ -110,9 +110,8 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
 
         conversion = convert_to_tfrecords(
             data_uri=data_uri, validation=validation.outputs["validation"],
-            validation_split_ratio=validation_split_ratio, test_split_ratio=test_split_ratio,
-            random_seed=random_seed, model=model, image_size=image_size,
-            image_resize_interpolation=image_resize_interpolation)
+            data_fingerprint=validation.outputs["fingerprint"], validation_split_ratio=validation_split_ratio,
+            test_split_ratio=test_split_ratio, random_seed=random_seed)
         conversion.set_display_name("Convert to TFRecords").set_retry(num_retries=2, backoff_duration="30s")
         settings.apply(conversion, "convert")
 

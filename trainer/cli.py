@@ -69,14 +69,12 @@ def _cmd_validate_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from trainer.backbones import input_size
     from trainer.conversion import convert_dataset
 
     hp = resolve_hyperparameters(args)
-    manifest = convert_dataset(
-        args.data, args.validation, args.output, validation_split_ratio=hp.validation_split_ratio,
-        test_split_ratio=hp.test_split_ratio, random_seed=hp.random_seed,
-        image_size=input_size(hp.model, hp.image_size), image_resize_interpolation=hp.image_resize_interpolation)
+    manifest = convert_dataset(args.data, args.validation, args.output,
+                               validation_split_ratio=hp.validation_split_ratio,
+                               test_split_ratio=hp.test_split_ratio, random_seed=hp.random_seed)
     print(json.dumps({split: info["count"] for split, info in manifest["splits"].items()}))
     return 0
 

@@ -4,11 +4,17 @@ The data set is written once by the conversion step (``trainer/conversion.py``):
 
     DATASET_DIR/train/part-NNNNN-of-MMMMM.tfrecord       (likewise validation/ and test/)
     DATASET_DIR/class_label_to_prediction_index.json     {class: index}, alphabetical
-    DATASET_DIR/manifest.json                            classes, image_size, splits: {split: {count, ...}}
+    DATASET_DIR/manifest.json                            format_version 2, classes, splits: {split: {count, ...}}
 
-Every record already holds the resized uint8 pixels, so training never decodes or resizes an
-image: an epoch costs one ``decode_raw`` per record, and when the split fits in memory not even
-that after the first epoch (the parsed split is cached).
+Records hold each image file's original bytes (see ``trainer/conversion.py`` for the decision), so
+one data set serves every model size. The input pipeline decodes them with ``images.decode_tensor``
+and resizes them with ``images.resize_image`` -- the functions the serving signature uses, with the
+model's image size and interpolation -- in parallel (``num_parallel_calls=AUTOTUNE``, order kept, so
+seeded runs repeat). That happens ONCE per pipeline: the resized uint8 pixels are cached, in memory
+when they fit in ``cache_bytes``, else in a cache file on local disk (``$IMGCLF_CACHE_DIR`` or the
+system temp directory) when it has room, so every epoch after the first reads pixels and does no
+decoding. Only when neither fits does every epoch decode again, and the log says so. After the cache
+come the shuffle (training), batching, the cast to float32 and prefetching.
 
 gs:// data sets are copied to a local cache directory before reading (``local_dataset_dir``)
 rather than streamed through TensorFlow's GCS file system: the copy goes through
@@ -26,10 +32,12 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from typing import Any
 
 import tensorflow as tf
 
+from trainer import images
 from trainer.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
@@ -38,17 +46,24 @@ SPLITS = ("train", "validation", "test")
 LABEL_MAP_FILE = "class_label_to_prediction_index.json"
 MANIFEST_FILE = "manifest.json"
 
-# The record layout written by conversion; "path" is kept for error messages and evaluation.
+# The record format conversion writes. Version 1 held resized pixels ("image/raw"); version 2 holds
+# the original file bytes.
+FORMAT_VERSION = 2
+# The record layout written by conversion; "path" is kept for error messages and evaluation, and
+# "image/format" for tools (decode_tensor tells JPEG from PNG by the bytes themselves).
 FEATURES = {
-    "image/raw": tf.io.FixedLenFeature([], tf.string),
-    "image/size": tf.io.FixedLenFeature([], tf.int64),
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/format": tf.io.FixedLenFeature([], tf.string, default_value=""),
     "label": tf.io.FixedLenFeature([], tf.int64),
     "path": tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 
-# A split whose pixels fit in this many bytes is cached in memory after its first pass.
+# A split whose resized pixels fit in this many bytes is cached in memory after its first pass;
+# a larger one in a cache file on local disk.
 DEFAULT_CACHE_BYTES = 1 << 30
-# The shuffle buffer holds at most this many bytes of pixels (the whole split when it is cached).
+# A disk cache must leave this much of its file system free.
+CACHE_DISK_RESERVE_BYTES = 1 << 30
+# The shuffle buffer holds at most this many bytes of pixels (the whole split when it is in memory).
 SHUFFLE_BUFFER_BYTES = 256 << 20
 
 # Where gs:// data sets are copied; one subdirectory per URI.
@@ -61,8 +76,25 @@ _COMPLETE_MARKER = ".imgclf-complete"
 # ---------------------------------------------------------------------------------------------
 
 def read_manifest(dataset_dir: str) -> dict[str, Any]:
-    """The data set's ``manifest.json`` as a dict; DataError naming the file if missing or invalid."""
-    return _read_json(_join(dataset_dir, MANIFEST_FILE), "manifest", dict)
+    """The data set's ``manifest.json`` as a dict; DataError naming the file if missing, invalid or
+    of another format version."""
+    path = _join(dataset_dir, MANIFEST_FILE)
+    manifest = _read_json(path, "manifest", dict)
+    check_format_version(manifest, path)
+    return manifest
+
+
+def check_format_version(manifest: dict[str, Any], where: str) -> None:
+    """DataError unless ``manifest`` (read from ``where``) is of the format this code reads."""
+    version = manifest.get("format_version")
+    if version == FORMAT_VERSION:
+        return
+    if version == 1:
+        raise DataError(f"{where}: this data set is of format version 1 (records of pixels resized at conversion,"
+                        f" written by an earlier imgclf); this imgclf reads version {FORMAT_VERSION}, whose records"
+                        " hold the original image files: re-run the conversion step on the data set")
+    raise DataError(f"{where}: format_version {version!r} is not one this imgclf reads (version {FORMAT_VERSION});"
+                    " re-run the conversion step with this version of imgclf")
 
 
 def read_label_map(dataset_dir: str) -> dict[str, int]:
@@ -81,16 +113,6 @@ def split_count(dataset_dir: str, split: str) -> int:
     _check_split(split)
     info = read_manifest(dataset_dir).get("splits", {}).get(split) or {}
     return int(info.get("count", 0))
-
-
-def image_size(dataset_dir: str) -> int:
-    """Side in pixels of the (square) images stored in the data set."""
-    manifest = read_manifest(dataset_dir)
-    size = manifest.get("image_size")
-    if not isinstance(size, int) or size < 1:
-        raise DataError(f"{_join(dataset_dir, MANIFEST_FILE)}: 'image_size' must be a positive integer, "
-                        f"got {size!r}; re-run the conversion step")
-    return size
 
 
 def shard_files(dataset_dir: str, split: str) -> list[str]:
@@ -154,60 +176,74 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
 # tf.data pipelines
 # ---------------------------------------------------------------------------------------------
 
-def read_split(dataset_dir: str, split: str) -> tf.data.Dataset:
+def read_split(dataset_dir: str, split: str, *, image_size: int, interpolation: str) -> tf.data.Dataset:
     """Unbatched ``(image uint8 [S, S, 3], label int64)`` pairs of one split, in file order.
 
-    An empty dataset for a split that was not written (ratio 0). The number of elements is known
-    to tf.data (``cardinality``) and checked against the manifest while reading.
+    Each image is decoded and resized as the serving signature does it (``images.decode_tensor``,
+    then ``images.resize_image`` to ``image_size`` with ``interpolation``), several at a time. Not
+    cached: this is for reading a split once (evaluation). An empty dataset for a split that was not
+    written (ratio 0). The number of elements is known to tf.data (``cardinality``) and checked
+    against the manifest while reading.
     """
-    return _records(local_dataset_dir(dataset_dir, (split,)), split, shuffle_files=False, seed=None)
+    _check_resize(image_size, interpolation)
+    local = local_dataset_dir(dataset_dir, (split,))
+    return _decoded(_records(local, split, shuffle_files=False, seed=None), image_size, interpolation)
 
 
 def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: bool, seed: int | None,
-                 num_classes: int, binary_mode: bool,
+                 num_classes: int, binary_mode: bool, image_size: int, interpolation: str,
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> tf.data.Dataset:
     """Batches ``(images float32 [B, S, S, 3] in 0-255, targets)`` for Keras ``fit``/``evaluate``.
 
-    Targets are one-hot float32 [B, K] (float so that label smoothing applies), or float32 [B, 1]
-    holding the label (0 or 1) in binary mode. ``training`` shuffles (seeded, a new order every
-    epoch); evaluation keeps file order. The last batch may be smaller than ``batch_size``.
+    Images are decoded and resized to ``image_size`` with ``interpolation`` (as ``read_split``) during
+    the first pass, and the resized uint8 pixels cached (see the module docstring), so later passes
+    do no decoding. Targets are one-hot float32 [B, K] (float so that label smoothing applies), or
+    float32 [B, 1] holding the label (0 or 1) in binary mode. ``training`` shuffles (seeded, a new
+    order every epoch); evaluation keeps file order. The last batch may be smaller than ``batch_size``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _check_resize(image_size, interpolation)
     local = local_dataset_dir(dataset_dir, (split,))
     count = split_count(local, split)
-    records = _records(local, split, shuffle_files=training, seed=seed)
+    dataset = _decoded(_records(local, split, shuffle_files=training, seed=seed), image_size, interpolation)
+    image_bytes = image_size * image_size * 3
+    shuffled = training and count > 1
+    dataset, in_memory = _cache(dataset, f"{local}/{split}", count, image_size, cache_bytes,
+                                read_ahead=not shuffled)
+    if shuffled:
+        buffer = count if in_memory else max(batch_size, min(count, SHUFFLE_BUFFER_BYTES // image_bytes))
+        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    def to_target(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def to_inputs(images_batch: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # An out-of-range label would silently become an all-zero one-hot row.
-        check = tf.debugging.Assert(tf.logical_and(label >= 0, label < num_classes), [
+        check = tf.debugging.Assert(tf.reduce_all(tf.logical_and(labels >= 0, labels < num_classes)), [
             f"a label in {local}/{split} is outside 0..{num_classes - 1}; the data set and its label map "
-            "disagree: re-run the conversion step. Label:", label])
+            "disagree: re-run the conversion step. Labels:", labels])
         with tf.control_dependencies([check]):
             if binary_mode:
-                return image, tf.cast(tf.reshape(label, [1]), tf.float32)
-            return image, tf.one_hot(label, num_classes, dtype=tf.float32)
+                targets = tf.cast(tf.reshape(labels, [-1, 1]), tf.float32)
+            else:
+                targets = tf.one_hot(labels, num_classes, dtype=tf.float32)
+        # Cast a whole batch at once (one op per step); uint8 keeps the cache and shuffle buffer 4x smaller.
+        return tf.cast(images_batch, tf.float32), targets
 
-    dataset = records.map(to_target, num_parallel_calls=tf.data.AUTOTUNE)
-    image_bytes = image_size(local) ** 2 * 3
-    cached = count * image_bytes <= cache_bytes
-    if cached:
-        # Parsing is then paid once; later epochs read the parsed tensors from memory.
-        dataset = dataset.cache()
-    if training and count > 1:
-        buffer = count if cached else max(batch_size, min(count, SHUFFLE_BUFFER_BYTES // image_bytes))
-        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE)
-    # Cast a whole batch at once (one op per step); uint8 keeps the cache and shuffle buffer 4x smaller.
-    dataset = dataset.map(lambda images, targets: (tf.cast(images, tf.float32), targets),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def _check_resize(image_size: int, interpolation: str) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive whole number of pixels, got {image_size!r}")
+    if interpolation not in images.RESIZE_METHODS:
+        raise ValueError(f"unknown image_resize_interpolation {interpolation!r}; use one of "
+                         f"{', '.join(images.RESIZE_METHODS)}")
+
+
 def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | None) -> tf.data.Dataset:
-    """Parsed ``(image, label)`` pairs of a split from a local data set directory."""
+    """``(encoded image, label)`` pairs of a split from a local data set directory, parsed."""
     count = split_count(local_dir, split)
-    size = image_size(local_dir)
     files = shard_files(local_dir, split)
     if count and not files:
         raise DataError(f"{_join(local_dir, MANIFEST_FILE)}: the {split} split has {count} images but no "
@@ -217,28 +253,106 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
         raise DataError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}; the "
                         "data set is incomplete: re-run the conversion step")
     if not files:
-        return tf.data.Dataset.from_tensor_slices((tf.zeros([0, size, size, 3], tf.uint8),
-                                                   tf.zeros([0], tf.int64)))
+        return tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int64)))
     if shuffle_files:
         shards = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed,
                                                                    reshuffle_each_iteration=True)
         # Several shards read at once keeps the CPU busy while one shard waits on storage, and mixes
         # the shards; the order stays a function of the seed, so runs are reproducible.
         records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                                    num_parallel_calls=tf.data.AUTOTUNE)
+                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         # Evaluation reads in conversion's order, so results line up with the manifest.
         records = tf.data.TFRecordDataset(files)
 
     def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         example = tf.io.parse_single_example(record, FEATURES)
-        image = tf.reshape(tf.io.decode_raw(example["image/raw"], tf.uint8), [size, size, 3])
-        return image, example["label"]
+        return example["image/encoded"], example["label"]
 
-    dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Tells Keras the number of steps per epoch (progress, ETA) and fails loudly when the shards
     # hold a different number of records than the manifest says.
     return dataset.apply(tf.data.experimental.assert_cardinality(count))
+
+
+def _decoded(records: tf.data.Dataset, image_size: int, interpolation: str) -> tf.data.Dataset:
+    """``(encoded, label)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's decode and resize.
+
+    Parallel, and deterministic (the order of ``records`` is kept), so a seeded run repeats.
+    """
+    def decode(encoded: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        pixels = images.resize_image(images.decode_tensor(encoded), image_size, interpolation)
+        return tf.ensure_shape(pixels, [image_size, image_size, 3]), label
+
+    return records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _cache(dataset: tf.data.Dataset, name: str, count: int, image_size: int, cache_bytes: int, *,
+           read_ahead: bool) -> tuple[tf.data.Dataset, bool]:
+    """Cache the decoded pixels of the first pass; return the dataset and whether they are in memory.
+
+    In memory when ``count`` images fit in ``cache_bytes``; else in a cache file in a new temporary
+    folder on local disk (removed when the dataset is garbage-collected or the process ends) when
+    that file system keeps ``CACHE_DISK_RESERVE_BYTES`` free; else not at all, which is logged.
+
+    ``read_ahead``: tf.data completes a cache only once its input has reported its end, and Keras
+    starts the next epoch's iterator as soon as it has taken an epoch's last batch. Without a shuffle
+    buffer (which reads to the end before giving out its last elements) that end could come too late:
+    a memory cache would then be dropped and refilled, and a second writer of a cache file fails
+    ("concurrent caching iterator"). ``_read_ahead`` makes the end arrive before the last element.
+    """
+    if count == 0:
+        return dataset, True
+    needed = count * image_size * image_size * 3
+    if needed <= cache_bytes:
+        log.info("%s: %d images of %d px are decoded once, in the first pass, and kept in memory (%.0f MiB)",
+                 name, count, image_size, needed / 2**20)
+        cached, in_memory = dataset.cache(), True
+    else:
+        root = os.environ.get(CACHE_DIR_ENV) or tempfile.gettempdir()
+        os.makedirs(root, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if free - needed < CACHE_DISK_RESERVE_BYTES:
+            log.warning("%s: not caching the decoded images: %d images of %d px need %.1f GiB, more than "
+                        "cache_bytes (%.1f GiB) and than %s can spare (%.1f GiB free); every epoch decodes and "
+                        "resizes them again. Set %s to a larger local disk to cache them there", name, count,
+                        image_size, needed / 2**30, cache_bytes / 2**30, root, free / 2**30, CACHE_DIR_ENV)
+            return dataset, False
+        folder = tempfile.mkdtemp(prefix="imgclf-pixels-", dir=root)
+        log.info("%s: %d images of %d px are decoded once, in the first pass, and cached in %s (%.1f GiB)",
+                 name, count, image_size, folder, needed / 2**30)
+        # When it completes the file, tf.data logs "The calling iterator did not fully read the dataset
+        # being cached ... will be discarded": a false alarm (its writer looks for its pre-merge file
+        # name once the files are merged). Nothing is discarded; later epochs read the file.
+        cached, in_memory = dataset.cache(os.path.join(folder, "pixels")), False
+        # Iterators keep their dataset alive, so the folder outlives every reader of the cache.
+        weakref.finalize(cached, shutil.rmtree, folder, ignore_errors=True)
+    if read_ahead:
+        cached = _read_ahead(cached, count)
+    return cached, in_memory
+
+
+def _read_ahead(dataset: tf.data.Dataset, count: int) -> tf.data.Dataset:
+    """The same elements in the same order, each given out only once the next one (or the end) has
+    been read from ``dataset``; so ``dataset`` has reported its end before its last element leaves."""
+    image_spec, label_spec = dataset.element_spec
+    placeholder = (tf.zeros(image_spec.shape, image_spec.dtype), tf.constant(-1, label_spec.dtype))
+
+    def delay(previous, current):
+        # Keep the current element; give out the one before it, flagged with whether there was one.
+        (image, label), real = previous
+        return (current, True), (image, label, real)
+
+    def is_real(image, label, real):
+        return real
+
+    def without_flag(image, label, real):
+        return image, label
+
+    # The placeholder appended at the end pushes the last element out; the one given out first is dropped.
+    delayed = dataset.concatenate(tf.data.Dataset.from_tensors(placeholder)).scan((placeholder, False), delay)
+    delayed = delayed.filter(is_real).map(without_flag)
+    return delayed.apply(tf.data.experimental.assert_cardinality(count))
 
 
 # ---------------------------------------------------------------------------------------------

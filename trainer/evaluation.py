@@ -62,7 +62,7 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
       The evaluation dict that is written to ``evaluation.json`` (see ``build_evaluation``).
 
     Raises:
-      ModelError: the model does not fit the data set (classes, image size) or cannot be loaded.
+      ModelError: the model does not fit the data set (its classes) or cannot be loaded.
       DataError: the split is empty or holds labels outside the label map.
       HyperparameterError: ``eval_metric`` or ``threshold`` is not valid for this model.
     """
@@ -71,11 +71,10 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
         raise _empty_split(split, dataset_dir)
     label_map = data.read_label_map(dataset_dir)
     dataset_labels = sorted(label_map, key=label_map.__getitem__)
-    image_size = data.image_size(dataset_dir)
 
     loaded = prediction.load_model(model_dir)
     metric = _check_arguments(eval_metric or loaded.hyperparameters.eval_metric, threshold, loaded.binary)
-    _check_fit(loaded, dataset_labels, image_size, dataset_dir)
+    _check_fit(loaded, dataset_labels, dataset_dir)
     y_true, probabilities = _predict_split(loaded, dataset_dir, split,
                                            batch_size or loaded.hyperparameters.batch_size)
     if y_true.size == 0:
@@ -117,9 +116,8 @@ def _check_arguments(metric: str, threshold: float, binary: bool) -> str:
     return metric
 
 
-def _check_fit(loaded: prediction.LoadedModel, dataset_labels: Sequence[str], image_size: int,
-               dataset_dir: str) -> None:
-    """The model must predict the data set's classes, in the same order, from images of its size."""
+def _check_fit(loaded: prediction.LoadedModel, dataset_labels: Sequence[str], dataset_dir: str) -> None:
+    """The model must predict the data set's classes, in the same order."""
     model_labels = list(loaded.labels)
     outputs = "1 sigmoid output (binary mode, 2 classes)" if loaded.binary else f"{len(model_labels)} outputs"
     if len(model_labels) != len(dataset_labels):
@@ -132,11 +130,6 @@ def _check_fit(loaded: prediction.LoadedModel, dataset_labels: Sequence[str], im
             f"the model in {loaded.model_dir} was trained on the classes {_preview(model_labels)} but "
             f"the data set {dataset_dir} has {_preview(dataset_labels)}; the same index would mean a "
             "different class, so evaluate a model trained on this data set")
-    if image_size != loaded.image_size:
-        raise ModelError(
-            f"the model in {loaded.model_dir} takes {loaded.image_size}x{loaded.image_size} images but the "
-            f"data set {dataset_dir} holds {image_size}x{image_size} images; convert the data set with "
-            f"image_size={loaded.image_size} or evaluate a model trained on it")
 
 
 def _preview(labels: Sequence[str], limit: int = 8) -> str:
@@ -146,9 +139,15 @@ def _preview(labels: Sequence[str], limit: int = 8) -> str:
 
 def _predict_split(loaded: prediction.LoadedModel, dataset_dir: str, split: str,
                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels int64 [N] and probabilities float32 [N, K] for every example of the split, in order."""
+    """Labels int64 [N] and probabilities float32 [N, K] for every example of the split, in order.
+
+    The images are decoded and resized as the model's serving signature does it: to the model's own
+    input size, with the interpolation of its hyperparameters.yaml.
+    """
     labels, probabilities = [], []
-    batches = data.read_split(dataset_dir, split).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    split_images = data.read_split(dataset_dir, split, image_size=loaded.image_size,
+                                   interpolation=loaded.interpolation)
+    batches = split_images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     for images, batch_labels in batches:
         labels.append(batch_labels.numpy().astype(np.int64))
         probabilities.append(loaded.probabilities(images.numpy()))

@@ -10,13 +10,12 @@ The layout (pinned; prediction, evaluation and serving code read it)::
     model_dir/hyperparameters.yaml                   the resolved hyperparameters of the run
     model_dir/history.json                           Keras History: {"loss": [...], "val_loss": [...], ...}
 
-The SavedModel carries the pre-processing, so a client sends the file's bytes: JPEG and PNG are
-decoded the way conversion decoded the training images (``trainer.images.decode_image``, Pillow):
-JPEG with the accurate integer IDCT that Pillow's libjpeg uses, PNG transparency composited onto
-white with Pillow's integer arithmetic, 16-bit PNG reduced to its high byte, and the EXIF
-orientation (JPEG APP1, PNG eXIf) applied as Pillow's ``exif_transpose`` does. Then the image is
-resized with ``trainer.images.resize_image``, the same function conversion used. Binary models
-answer [1 - p, p], so every model returns one probability per label.
+The SavedModel carries the pre-processing, so a client sends the file's bytes: they are decoded
+by ``trainer.images.decode_tensor`` and resized by ``trainer.images.resize_image``, the very
+functions the training input pipeline applied to the training images, with the model's image size
+and ``image_resize_interpolation``. (``decode_tensor`` gives the pixels of ``decode_image``, the
+Pillow decoder validation checked every training file with.) Binary models answer [1 - p, p], so
+every model returns one probability per label.
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ def serving_function(model: keras.Model, *, image_size: int, interpolation: str,
     pixels_spec = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
 
     def prepare(data: tf.Tensor) -> tf.Tensor:
-        return images.resize_image(decode_for_serving(data), image_size, interpolation)
+        return images.resize_image(images.decode_tensor(data), image_size, interpolation)
 
     outputs = model.output_shape[-1]
 
@@ -116,131 +115,6 @@ def serving_function(model: keras.Model, *, image_size: int, interpolation: str,
         return {SERVING_OUTPUT: probabilities}
 
     return serve
-
-
-def decode_for_serving(data: tf.Tensor) -> tf.Tensor:
-    """Encoded JPEG/PNG bytes (scalar tf.string) -> RGB uint8 [H, W, 3], pixel for pixel as Pillow
-    decodes them at conversion (see the module docstring); other formats fail."""
-    def jpeg() -> tf.Tensor:
-        # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, the IDCT Pillow uses; TF's default is faster
-        # but differs by a level here and there.
-        return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
-
-    def png() -> tf.Tensor:
-        # A tRNS chunk (a transparent colour or palette entry) comes before the first IDAT chunk;
-        # libpng turns it into a real alpha channel when asked for 4 channels.
-        header = tf.strings.split(data, sep="IDAT", maxsplit=1)[0]
-        # Byte-wise search (a regex would read the binary header as UTF-8).
-        has_transparency = tf.size(tf.strings.split(header, sep="tRNS", maxsplit=1)) > 1
-        return tf.cond(has_transparency, lambda: composite_on_white(tf.io.decode_png(data, channels=4)),
-                       opaque_or_alpha_png)
-
-    def opaque_or_alpha_png() -> tf.Tensor:
-        # Without tRNS, decode with the file's own channels: asking for 4 makes libpng add an alpha
-        # "filler" that is not 255 for 1-, 2- and 4-bit grayscale and palette files.
-        decoded = tf.io.decode_png(data, channels=0, dtype=tf.uint8)
-        gray, alpha = decoded[..., :1], decoded[..., -1:]
-        return tf.switch_case(tf.shape(decoded)[-1] - 1, [
-            lambda: tf.image.grayscale_to_rgb(decoded),
-            lambda: composite_on_white(tf.concat([gray, gray, gray, alpha], axis=-1)),
-            lambda: decoded,
-            lambda: composite_on_white(decoded),
-        ])
-
-    image = tf.cond(tf.io.is_jpeg(data), jpeg, png)
-    image.set_shape([None, None, 3])
-    return apply_orientation(image, exif_orientation(data))
-
-
-# EXIF orientation, as conversion applies it (Pillow's ImageOps.exif_transpose) and TensorFlow's
-# decoders do not: phone cameras store pictures sideways and record the turn in this tag.
-_ORIENTATION_TAG = 0x0112
-# Where the TIFF block of EXIF data starts: after "Exif\0\0" in a JPEG's APP1 segment (within the
-# first 64 KiB, the largest a segment can be), after the chunk type of a PNG "eXIf" chunk.
-_JPEG_EXIF_MARKER = b"Exif\x00\x00"
-_PNG_EXIF_MARKER = b"eXIf"
-_TIFF_LITTLE_ENDIAN = (0x49, 0x49, 0x2A, 0x00)
-_TIFF_BIG_ENDIAN = (0x4D, 0x4D, 0x00, 0x2A)
-# IFD0 entries examined; tags are sorted and orientation comes early (cameras write about 10-20).
-_MAX_IFD_ENTRIES = 128
-
-
-def exif_orientation(data: tf.Tensor) -> tf.Tensor:
-    """The EXIF orientation (int32 1-8) of encoded JPEG/PNG bytes; 1 when absent or unreadable."""
-    def tiff_offset(haystack: tf.Tensor, marker: bytes) -> tf.Tensor:
-        parts = tf.strings.split(haystack, sep=marker, maxsplit=1)
-        found = tf.size(parts) > 1
-        offset = tf.cast(tf.strings.length(parts[0]), tf.int64) + len(marker)
-        return tf.where(found, offset, tf.constant(-1, tf.int64))
-
-    start = tf.cond(tf.io.is_jpeg(data),
-                    lambda: tiff_offset(tf.strings.substr(data, 0, 1 << 16), _JPEG_EXIF_MARKER),
-                    lambda: tiff_offset(data, _PNG_EXIF_MARKER))
-    tiff = tf.strings.substr(data, tf.maximum(start, 0), 1 << 16)
-    header = _read_bytes(tiff, 0, 4)
-    little = tf.reduce_all(tf.equal(header, _TIFF_LITTLE_ENDIAN))
-    big = tf.reduce_all(tf.equal(header, _TIFF_BIG_ENDIAN))
-
-    def number(raw: tf.Tensor) -> tf.Tensor:
-        # Unsigned integer from bytes along the last axis, in the TIFF block's byte order.
-        weights = tf.cast(256, tf.int64) ** tf.range(tf.shape(raw, out_type=tf.int64)[-1])
-        weights = tf.where(little, weights, tf.reverse(weights, [0]))
-        return tf.reduce_sum(raw * weights, axis=-1)
-
-    ifd = number(_read_bytes(tiff, 4, 4))
-    count = number(_read_bytes(tiff, ifd, 2))
-    entries = tf.reshape(_read_bytes(tiff, ifd + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12])
-    is_orientation = tf.logical_and(tf.equal(number(entries[:, 0:2]), _ORIENTATION_TAG),
-                                    tf.range(_MAX_IFD_ENTRIES, dtype=tf.int64) < count)
-    # An orientation is a SHORT stored in the first two bytes of the entry's value field.
-    values = tf.boolean_mask(number(entries[:, 8:10]), is_orientation)
-    value = tf.cond(tf.size(values) > 0, lambda: values[0], lambda: tf.constant(1, tf.int64))
-    usable = tf.logical_and(tf.logical_and(start >= 0, tf.logical_or(little, big)),
-                            tf.logical_and(value >= 1, value <= 8))
-    return tf.cast(tf.where(usable, value, 1), tf.int32)
-
-
-def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
-    """Turn/mirror [H, W, C] so that it is upright for EXIF ``orientation`` 1-8 (as Pillow does)."""
-    def transpose() -> tf.Tensor:
-        return tf.transpose(image, [1, 0, 2])
-
-    branches = [
-        lambda: image,  # 1: upright
-        lambda: tf.image.flip_left_right(image),  # 2: mirrored
-        lambda: tf.image.rot90(image, 2),  # 3: upside down
-        lambda: tf.image.flip_up_down(image),  # 4: mirrored upside down
-        transpose,  # 5: mirrored along the main diagonal
-        lambda: tf.image.rot90(image, 3),  # 6: turn 90 degrees clockwise
-        lambda: tf.image.rot90(transpose(), 2),  # 7: mirrored along the other diagonal
-        lambda: tf.image.rot90(image, 1),  # 8: turn 90 degrees counter-clockwise
-    ]
-    oriented = tf.switch_case(orientation - 1, branches)
-    oriented.set_shape([None, None, image.shape[-1]])
-    return oriented
-
-
-def _read_bytes(blob: tf.Tensor, position: tf.Tensor, length: int) -> tf.Tensor:
-    """``length`` bytes of ``blob`` from ``position`` as int64 [length]; zeros past its end."""
-    size = tf.cast(tf.strings.length(blob), tf.int64)
-    position = tf.clip_by_value(tf.cast(position, tf.int64), 0, size)
-    padded = tf.strings.join([tf.strings.substr(blob, position, length), b"\x00" * length])
-    return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 0, length), tf.uint8), tf.int64)
-
-
-def composite_on_white(rgba: tf.Tensor) -> tf.Tensor:
-    """RGBA uint8 [H, W, 4] -> RGB uint8 [H, W, 3] over an opaque white background.
-
-    The integer arithmetic of Pillow's ``Image.alpha_composite`` (7 fractional bits and its
-    shift-based division by 255), so the result equals conversion's pixels exactly; opaque pixels
-    come out unchanged.
-    """
-    rgba = tf.cast(rgba, tf.int32)
-    color, alpha = rgba[..., :3], rgba[..., 3:]
-    # With an opaque background Pillow's blend weights are alpha * 128 and (255 - alpha) * 128.
-    total = (color * alpha + 255 * (255 - alpha)) * 128 + (0x80 << 7)
-    divided = tf.bitwise.right_shift(tf.bitwise.right_shift(total, 8) + total, 8)
-    return tf.cast(tf.bitwise.right_shift(divided, 7), tf.uint8)
 
 
 def _check_outputs(model: keras.Model, hp: Hyperparameters, label_map: Mapping[str, int]) -> None:

@@ -1,8 +1,8 @@
-"""Image decoding and resizing shared by conversion, training and serving.
+"""Image decoding and resizing shared by validation, training, evaluation, prediction and serving.
 
-``decode_image`` is the strict gate every data-set file passes (at validation and again at
-conversion). It turns whatever the user stored into one canonical form, an RGB uint8 array
-[height, width, 3], by these rules:
+``decode_image`` (Pillow) is the strict gate every data-set file passes at validation, and the
+decoder of the Python prediction path. It turns whatever the user stored into one canonical form,
+an RGB uint8 array [height, width, 3], by these rules:
 
 * Only JPEG (``.jpg``/``.jpeg``) and PNG (``.png``) files are accepted, extension case-insensitive,
   and the bytes must really be of that format: a PNG, GIF, BMP or WebP named ``.jpg`` is rejected.
@@ -20,16 +20,28 @@ conversion). It turns whatever the user stored into one canonical form, an RGB u
 * Grayscale, bilevel and palette images are expanded to RGB. Transparent images (RGBA, LA, PA and
   palette or grayscale/RGB images with a ``tRNS`` transparency key) are composited onto an opaque
   WHITE background: the pixels a viewer shows for a transparent image, rather than whatever colour
-  happens to be stored under alpha = 0. Serving must apply the same rule.
+  happens to be stored under alpha = 0. ``decode_tensor`` applies the same rule.
 * CMYK and YCCK JPEGs are converted to RGB with Pillow's conversion (Adobe-inverted CMYK handled by
   the JPEG plugin).
 * Embedded ICC colour profiles are ignored (values are taken as sRGB), as TensorFlow's decoders do.
 * 16-bit PNGs are reduced to 8 bits by keeping the high byte (v >> 8). That maps 0 -> 0 and
   65535 -> 255, is within one level of exact rounding, and is exactly what TensorFlow's
   ``decode_png`` and Pillow's 16-bit RGB(A) readers do, so a 16-bit picture gives the same pixels
-  at conversion and at serving. (Pillow's own ``convert("L")`` would clip every value above 255.)
+  to both decoders. (Pillow's own ``convert("L")`` would clip every value above 255.)
 
 Anything refused raises ``ImageRejected`` with a short ``reason`` and a machine-readable ``code``.
+
+``decode_tensor`` is the one TensorFlow decoder, used inside tf.data by training and evaluation and
+inside the SavedModel's serving signature. It applies the same rules in TensorFlow ops and gives
+pixel for pixel the array ``decode_image`` gives (JPEG with libjpeg's accurate integer IDCT, as
+Pillow's libjpeg uses; transparency composited with Pillow's integer arithmetic; EXIF orientation
+parsed from the bytes). The two decoders are separate code, so validation runs both on every
+file and rejects one they disagree on (``check_tensorflow_decode``): what training and serving see
+is then exactly what validation checked. The one disagreement known is a 16-bit PNG with a ``tRNS``
+transparency key, which Pillow reads without its transparency; and TensorFlow's libpng refuses PNGs
+more than 1,000,000 pixels wide or high. Validation rejects both.
+
+``resize_image`` is the one resize, used by training, evaluation, batch prediction and serving.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import posixpath
+import re
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -229,8 +243,8 @@ def _decode_failure(error: Exception, expected: str, name: str) -> ImageRejected
 def resize_image(image: tf.Tensor, image_size: int, interpolation: str) -> tf.Tensor:
     """Resize an RGB uint8 image [H, W, 3] to [image_size, image_size, 3] uint8.
 
-    The single resize used at conversion time and inside the serving signature, so that a
-    picture reaches the network with the same pixels in training and in production.
+    The single resize used by the training input pipeline, evaluation, prediction and the serving
+    signature, so that a picture reaches the network with the same pixels in training and in production.
     Antialiasing is on: most inputs are larger than the model's input and are shrunk.
     """
     if interpolation not in RESIZE_METHODS:
@@ -241,3 +255,198 @@ def resize_image(image: tf.Tensor, image_size: int, interpolation: str) -> tf.Te
         antialias=interpolation != "nearest",
     )
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The TensorFlow decoder: training, evaluation and serving
+# ---------------------------------------------------------------------------------------------
+
+def decode_tensor(data: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG/PNG bytes (scalar tf.string) -> RGB uint8 [H, W, 3], in TensorFlow ops.
+
+    The one TensorFlow decoder used by training, evaluation and serving; pixel for pixel equal to
+    ``decode_image`` (Pillow) on every file validation accepts (validation checks each one). It
+    checks nothing: files are vetted by ``decode_image`` at validation, and bytes that are neither
+    JPEG nor PNG fail in ``tf.io.decode_png``.
+    """
+    def jpeg() -> tf.Tensor:
+        # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, the IDCT Pillow uses; TF's default is faster
+        # but differs by a level here and there.
+        return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+    def png() -> tf.Tensor:
+        # A tRNS chunk (a transparent colour or palette entry) comes before the first IDAT chunk;
+        # libpng turns it into a real alpha channel when asked for 4 channels.
+        header = tf.strings.split(data, sep="IDAT", maxsplit=1)[0]
+        # Byte-wise search (a regex would read the binary header as UTF-8).
+        has_transparency = tf.size(tf.strings.split(header, sep="tRNS", maxsplit=1)) > 1
+        return tf.cond(has_transparency, lambda: composite_on_white(tf.io.decode_png(data, channels=4)),
+                       opaque_or_alpha_png)
+
+    def opaque_or_alpha_png() -> tf.Tensor:
+        # Without tRNS, decode with the file's own channels: asking for 4 makes libpng add an alpha
+        # "filler" that is not 255 for 1-, 2- and 4-bit grayscale and palette files.
+        decoded = tf.io.decode_png(data, channels=0, dtype=tf.uint8)
+        gray, alpha = decoded[..., :1], decoded[..., -1:]
+        return tf.switch_case(tf.shape(decoded)[-1] - 1, [
+            lambda: tf.image.grayscale_to_rgb(decoded),
+            lambda: composite_on_white(tf.concat([gray, gray, gray, alpha], axis=-1)),
+            lambda: decoded,
+            lambda: composite_on_white(decoded),
+        ])
+
+    image = tf.cond(tf.io.is_jpeg(data), jpeg, png)
+    image.set_shape([None, None, 3])
+    return apply_orientation(image, exif_orientation(data))
+
+
+# EXIF orientation, as decode_image applies it (Pillow's ImageOps.exif_transpose) and TensorFlow's
+# decoders do not: phone cameras store pictures sideways and record the turn in this tag.
+_ORIENTATION_TAG = 0x0112
+# Where the TIFF block of EXIF data starts: after "Exif\0\0" in a JPEG's APP1 segment (within the
+# first 64 KiB, the largest a segment can be), after the chunk type of a PNG "eXIf" chunk.
+_JPEG_EXIF_MARKER = b"Exif\x00\x00"
+_PNG_EXIF_MARKER = b"eXIf"
+_TIFF_LITTLE_ENDIAN = (0x49, 0x49, 0x2A, 0x00)
+_TIFF_BIG_ENDIAN = (0x4D, 0x4D, 0x00, 0x2A)
+# IFD0 entries examined; tags are sorted and orientation comes early (cameras write about 10-20).
+_MAX_IFD_ENTRIES = 128
+
+
+def exif_orientation(data: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation (int32 1-8) of encoded JPEG/PNG bytes; 1 when absent or unreadable."""
+    def tiff_offset(haystack: tf.Tensor, marker: bytes) -> tf.Tensor:
+        parts = tf.strings.split(haystack, sep=marker, maxsplit=1)
+        found = tf.size(parts) > 1
+        offset = tf.cast(tf.strings.length(parts[0]), tf.int64) + len(marker)
+        return tf.where(found, offset, tf.constant(-1, tf.int64))
+
+    start = tf.cond(tf.io.is_jpeg(data),
+                    lambda: tiff_offset(tf.strings.substr(data, 0, 1 << 16), _JPEG_EXIF_MARKER),
+                    lambda: tiff_offset(data, _PNG_EXIF_MARKER))
+    tiff = tf.strings.substr(data, tf.maximum(start, 0), 1 << 16)
+    header = _read_bytes(tiff, 0, 4)
+    little = tf.reduce_all(tf.equal(header, _TIFF_LITTLE_ENDIAN))
+    big = tf.reduce_all(tf.equal(header, _TIFF_BIG_ENDIAN))
+
+    def number(raw: tf.Tensor) -> tf.Tensor:
+        # Unsigned integer from bytes along the last axis, in the TIFF block's byte order.
+        weights = tf.cast(256, tf.int64) ** tf.range(tf.shape(raw, out_type=tf.int64)[-1])
+        weights = tf.where(little, weights, tf.reverse(weights, [0]))
+        return tf.reduce_sum(raw * weights, axis=-1)
+
+    ifd = number(_read_bytes(tiff, 4, 4))
+    count = number(_read_bytes(tiff, ifd, 2))
+    entries = tf.reshape(_read_bytes(tiff, ifd + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12])
+    is_orientation = tf.logical_and(tf.equal(number(entries[:, 0:2]), _ORIENTATION_TAG),
+                                    tf.range(_MAX_IFD_ENTRIES, dtype=tf.int64) < count)
+    # An orientation is a SHORT stored in the first two bytes of the entry's value field.
+    values = tf.boolean_mask(number(entries[:, 8:10]), is_orientation)
+    value = tf.cond(tf.size(values) > 0, lambda: values[0], lambda: tf.constant(1, tf.int64))
+    usable = tf.logical_and(tf.logical_and(start >= 0, tf.logical_or(little, big)),
+                            tf.logical_and(value >= 1, value <= 8))
+    return tf.cast(tf.where(usable, value, 1), tf.int32)
+
+
+def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """Turn/mirror [H, W, C] so that it is upright for EXIF ``orientation`` 1-8 (as Pillow does)."""
+    def transpose() -> tf.Tensor:
+        return tf.transpose(image, [1, 0, 2])
+
+    branches = [
+        lambda: image,  # 1: upright
+        lambda: tf.image.flip_left_right(image),  # 2: mirrored
+        lambda: tf.image.rot90(image, 2),  # 3: upside down
+        lambda: tf.image.flip_up_down(image),  # 4: mirrored upside down
+        transpose,  # 5: mirrored along the main diagonal
+        lambda: tf.image.rot90(image, 3),  # 6: turn 90 degrees clockwise
+        lambda: tf.image.rot90(transpose(), 2),  # 7: mirrored along the other diagonal
+        lambda: tf.image.rot90(image, 1),  # 8: turn 90 degrees counter-clockwise
+    ]
+    oriented = tf.switch_case(orientation - 1, branches)
+    oriented.set_shape([None, None, image.shape[-1]])
+    return oriented
+
+
+def _read_bytes(blob: tf.Tensor, position: tf.Tensor, length: int) -> tf.Tensor:
+    """``length`` bytes of ``blob`` from ``position`` as int64 [length]; zeros past its end."""
+    size = tf.cast(tf.strings.length(blob), tf.int64)
+    position = tf.clip_by_value(tf.cast(position, tf.int64), 0, size)
+    padded = tf.strings.join([tf.strings.substr(blob, position, length), b"\x00" * length])
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 0, length), tf.uint8), tf.int64)
+
+
+def composite_on_white(rgba: tf.Tensor) -> tf.Tensor:
+    """RGBA uint8 [H, W, 4] -> RGB uint8 [H, W, 3] over an opaque white background.
+
+    The integer arithmetic of Pillow's ``Image.alpha_composite`` (7 fractional bits and its
+    shift-based division by 255), so the result equals ``decode_image``'s pixels exactly; opaque
+    pixels come out unchanged.
+    """
+    rgba = tf.cast(rgba, tf.int32)
+    color, alpha = rgba[..., :3], rgba[..., 3:]
+    # With an opaque background Pillow's blend weights are alpha * 128 and (255 - alpha) * 128.
+    total = (color * alpha + 255 * (255 - alpha)) * 128 + (0x80 << 7)
+    divided = tf.bitwise.right_shift(tf.bitwise.right_shift(total, 8) + total, 8)
+    return tf.cast(tf.bitwise.right_shift(divided, 7), tf.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation's cross-check of the two decoders
+# ---------------------------------------------------------------------------------------------
+
+_decoder_lock = threading.Lock()
+_decoder = None
+
+
+def tensorflow_decoder():
+    """``decode_tensor`` traced once into a graph function of one scalar string, safe to call from threads.
+
+    A graph call costs far less than running the ops eagerly (dozens of small ops for the EXIF
+    parse), and one trace serves every file.
+    """
+    global _decoder
+    with _decoder_lock:
+        if _decoder is None:
+            _decoder = tf.function(decode_tensor).get_concrete_function(tf.TensorSpec([], tf.string))
+        return _decoder
+
+
+def check_tensorflow_decode(data: bytes, name: str, expected: np.ndarray) -> None:
+    """Raise ImageRejected unless ``decode_tensor`` decodes ``data`` to exactly ``expected``.
+
+    ``expected`` is ``decode_image``'s array for the same bytes. Training and serving decode with
+    ``decode_tensor``, so a file TensorFlow cannot decode would fail a training run midway, and one it
+    decodes differently would be trained on as other pixels than validation checked.
+    """
+    try:
+        pixels = tensorflow_decoder()(tf.constant(data)).numpy()
+    except tf.errors.OpError as e:
+        raise ImageRejected(
+            f"Pillow reads it but TensorFlow cannot decode it ({_op_error_text(e)}), and training and serving"
+            " decode with TensorFlow; re-save it as a baseline JPEG or PNG", "tensorflow_unreadable", name) from e
+    if pixels.shape != expected.shape:
+        (height, width), (tf_height, tf_width) = expected.shape[:2], pixels.shape[:2]
+        raise ImageRejected(
+            f"TensorFlow decodes it as {tf_width}x{tf_height} pixels but Pillow as {width}x{height} (EXIF"
+            " orientation stored where only Pillow finds it?); re-save it upright without EXIF orientation",
+            "decoder_mismatch", name)
+    if not np.array_equal(pixels, expected):
+        differ = int(np.count_nonzero((pixels != expected).any(axis=-1)))
+        worst = int(np.abs(pixels.astype(np.int16) - expected).max())
+        raise ImageRejected(
+            f"TensorFlow and Pillow decode it to different pixels ({differ:,} of {pixels.shape[0] * pixels.shape[1]:,}"
+            f" differ, by up to {worst} levels), so training would not see the picture validation checked;"
+            " re-save it as a baseline JPEG or an 8-bit PNG", "decoder_mismatch", name)
+
+
+def _op_error_text(error: tf.errors.OpError) -> str:
+    """The reason in a TensorFlow op error, without graph-node names, op tags and tracebacks."""
+    # Graph-mode errors wrap the reason in "Graph execution error", "Detected at node ..." and a Python
+    # traceback before it, and node and op tags after it.
+    reasons = []
+    for line in (error.message or "").splitlines():
+        line = re.sub(r"\[\[.*?\]\]|\{\{.*?\}\}|\[Op:[^\]]*\].*$", "", line).strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node", "File ")):
+            reasons.append(line)
+    return reasons[-1].rstrip(".:; ") if reasons else type(error).__name__

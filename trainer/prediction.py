@@ -2,8 +2,11 @@
 
 ``predict`` answers the way the reference endpoint does: ``{"probabilities": [...]}``, or with
 ``verbose`` also ``"labels"`` and ``"predicted_label"`` (``Accept: application/json;verbose``).
-Images are decoded and resized exactly as the conversion step prepared the training data, so the
-network sees the same pixels in training and in production.
+Images are decoded with ``images.decode_image`` (Pillow, with its checks and messages naming the
+file) and resized with ``images.resize_image`` to the model's size and interpolation: the pixels the
+training input pipeline and the serving signature compute with ``images.decode_tensor`` (validation
+checks that the two decoders agree on every training file), so the network sees the same pixels in
+training and in production.
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ def predict(model_dir: str, image_uris: list[str], *, verbose: bool = False,
 
 
 def preprocess(name: str, data: bytes, loaded: LoadedModel) -> np.ndarray:
-    """Decode and resize one encoded image to the model's uint8 [S, S, 3] input, as conversion does."""
+    """Decode and resize one encoded image to the model's uint8 [S, S, 3] input, as training does."""
     # decode_image refuses other extensions and mismatched contents with a message naming the file.
     image = images.decode_image(data, name)
     return np.asarray(images.resize_image(image, loaded.image_size, loaded.interpolation))

@@ -2,6 +2,10 @@
 
 Decisions worth knowing:
 
+* Input: the converted data set holds the original image files, so one conversion serves every
+  model and image size. ``trainer.data`` decodes and resizes them to ``input_size`` with
+  ``image_resize_interpolation`` -- the functions and values the exported serving signature uses --
+  during the first epoch, and caches the pixels for the later ones.
 * Early stopping watches ``val_loss`` (``loss`` when there is no validation split, which is logged)
   and restores the weights of the best epoch, so the exported model and the reported final
   metrics are those of that epoch.
@@ -95,12 +99,17 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
              hp.epochs, hp.optimizer, hp.learning_rate, "on" if mixed_precision else "off",
              "on" if jit_compile else "off")
 
+    # The model's own input size and resize method, as its serving signature will use them: the data
+    # set holds the original files, decoded and resized during the first epoch and cached.
+    pixels = {"image_size": hp.input_size, "interpolation": hp.image_resize_interpolation}
     train_data = data.make_dataset(local_data, "train", batch_size=hp.batch_size, training=True,
-                                   seed=hp.random_seed, num_classes=num_classes, binary_mode=hp.binary_mode)
+                                   seed=hp.random_seed, num_classes=num_classes, binary_mode=hp.binary_mode,
+                                   **pixels)
     validation_data = None
     if validation_count:
         validation_data = data.make_dataset(local_data, "validation", batch_size=hp.batch_size, training=False,
-                                            seed=None, num_classes=num_classes, binary_mode=hp.binary_mode)
+                                            seed=None, num_classes=num_classes, binary_mode=hp.binary_mode,
+                                            **pixels)
     monitor = "val_loss" if validation_data is not None else "loss"
     if validation_data is None:
         log.warning("The data set has no validation split (validation_split_ratio was 0): no validation "
@@ -301,17 +310,6 @@ def _inference_copy(network: keras.Model, hp: Hyperparameters, num_classes: int)
 # ---------------------------------------------------------------------------------------------
 
 def _check_data(hp: Hyperparameters, dataset_dir: str, local_dir: str, label_map: Mapping[str, int]) -> None:
-    manifest = data.read_manifest(local_dir)
-    size = data.image_size(local_dir)
-    if size != hp.input_size:
-        raise DataError(f"{dataset_dir} holds {size}-pixel images but {hp.model} with image_size={hp.image_size} "
-                        f"takes {hp.input_size} pixels; convert the data with the same model and image_size as "
-                        "training")
-    interpolation = manifest.get("image_resize_interpolation")
-    if interpolation != hp.image_resize_interpolation:
-        raise DataError(f"{dataset_dir} was resized with {interpolation!r} interpolation but "
-                        f"image_resize_interpolation is {hp.image_resize_interpolation!r}; the served model "
-                        "would resize differently from the training data: use the same value for both steps")
     if data.split_count(local_dir, "train") == 0:
         raise DataError(f"{dataset_dir} has no training images; check validation_split_ratio and "
                         "test_split_ratio, and the data set")
@@ -365,7 +363,8 @@ class ProgressLogger(keras.callbacks.Callback):
         training_seconds = max((self._validation_start or now) - self._epoch_start, 1e-9)
         self.rates.append(self.train_count / training_seconds)
         self.durations.append(now - self._epoch_start)
-        # The first epoch includes tracing the graph; later epochs predict the remaining time better.
+        # The first epoch includes tracing the graph and decoding the images into the input pipeline's
+        # cache; later epochs predict the remaining time better.
         typical = statistics.median(self.durations[1:] or self.durations)
         remaining = self.total_epochs - epoch - 1
         metrics = ", ".join(f"{name} {float(value):.4f}" for name, value in (logs or {}).items())
@@ -375,7 +374,7 @@ class ProgressLogger(keras.callbacks.Callback):
 
     @property
     def images_per_second(self) -> float:
-        """Median training throughput over the epochs after the first (which includes tracing)."""
+        """Median training throughput over the epochs after the first (which includes tracing and decoding)."""
         rates = self.rates[1:] or self.rates
         return float(statistics.median(rates)) if rates else 0.0
 

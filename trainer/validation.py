@@ -10,7 +10,12 @@ ends in exactly one of three lists, so that nothing is lost silently:
   level (not in a class folder), files in nested sub-folders (decision: images must sit directly in
   their class folder; a nested file is rejected, not counted for the top-level class, because a
   sub-folder often holds a different kind of picture), unsupported extensions, files
-  ``images.decode_image`` refuses, and every copy of content found in more than one class.
+  ``images.decode_image`` refuses, files that TensorFlow's ``images.decode_tensor`` (what training
+  and serving decode with) cannot decode or decodes to other pixels than Pillow (codes
+  ``tensorflow_unreadable`` and ``decoder_mismatch``; see ``images.check_tensorflow_decode``), and
+  every copy of content found in more than one class. Decoding every file with both decoders here
+  means a training run never meets a file it cannot read, and trains on the very pixels checked;
+  it costs about 2.2 ms of CPU per 500x375 JPEG instead of 0.9 with Pillow alone.
 * ``accepted``: everything else, with its content hash, size and format.
 
 Class names are the top-level folder names exactly as stored; their label indices follow Python's
@@ -76,6 +81,7 @@ from trainer.images import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_EXTENSIONS,
     ImageRejected,
+    check_tensorflow_decode,
     decode_image,
     decode_image_with_info,
     expected_format,
@@ -100,9 +106,11 @@ MAX_THUMBNAILS = 60
 # Of MAX_THUMBNAILS, at most this many show rejected files; the rest show the classes.
 _REJECTED_THUMBNAILS = 12
 # Rejection codes whose files are still pictures worth showing (they are refused for where they sit,
-# for their content type or for being in two classes); every other rejected file gets a placeholder
-# without being read: it is unreadable, empty, too large, or maybe not an image at all.
-_PREVIEWABLE = ("nested", "outside_class", "class_conflict", "format_mismatch", "animated")
+# for their content type, for being in two classes or because only Pillow reads them right); every
+# other rejected file gets a placeholder without being read: it is unreadable, empty, too large, or
+# maybe not an image at all.
+_PREVIEWABLE = ("nested", "outside_class", "class_conflict", "format_mismatch", "animated",
+                "tensorflow_unreadable", "decoder_mismatch")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -379,7 +387,8 @@ def _check_images(data_uri: str, candidates: list[tuple[str, str]], max_pixels: 
                            "read_error", class_name)
         digest = hashlib.sha256(data).hexdigest()
         try:
-            _, info = decode_image_with_info(data, path, max_pixels)
+            pixels, info = decode_image_with_info(data, path, max_pixels)
+            check_tensorflow_decode(data, path, pixels)
         except ImageRejected as e:
             return _reject(path, e.reason, e.code, class_name)
         return {"path": path, "class": class_name, "sha256": digest, "width": info.width,

@@ -56,6 +56,19 @@ def png16_gray(values: np.ndarray) -> bytes:
     return encode(Image.fromarray(np.asarray(values, dtype=np.uint16)), "PNG")
 
 
+def png16_gray_transparent_key() -> bytes:
+    """A 16-bit grayscale PNG whose value 1000 is marked transparent (tRNS): Pillow reads it without its
+    transparency, TensorFlow with it (the pixel turns white), so the two decoders disagree."""
+    values = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
+    return encode(Image.fromarray(values), "PNG", transparency=1000)
+
+
+def too_wide_png() -> bytes:
+    """A 1,000,001 x 1 PNG (a few KB): Pillow reads it, but the libpng in TensorFlow refuses images wider
+    than its default limit of 1,000,000 pixels, so ``tf.io.decode_png`` fails on it."""
+    return encode(Image.new("L", (1_000_001, 1), 7), "PNG")
+
+
 def cmyk_jpeg(image: np.ndarray) -> bytes:
     return encode(Image.fromarray(image).convert("CMYK"), "JPEG", quality=95)
 
@@ -184,7 +197,7 @@ class Corpus:
 
 
 def bad_inputs_corpus(root: str | os.PathLike) -> Corpus:
-    """Write one file per case of items 1-9 of bad-inputs.md below ``root``.
+    """Write one file per case of items 1-9 of bad-inputs.md, and one Pillow alone decodes right, below ``root``.
 
     Validated with ``max_pixels=Corpus.max_pixels`` it must end with every file in its expected list,
     and fatal problems for the empty class, the NFC/NFD and case-only name pairs and the rejected share.
@@ -256,6 +269,9 @@ def bad_inputs_corpus(root: str | os.PathLike) -> Corpus:
     twin = encode(noise(seed=41), "PNG")
     put(f"{good}/twin_1.png", twin, "accepted")
     put(f"{good}/twin_2.png", twin, "accepted")
+    # 10. a file TensorFlow (training and serving) decodes to other pixels than Pillow. (too_wide_png(), which
+    # TensorFlow cannot decode at all, is above the corpus's pixel limit: tested on its own.)
+    put(f"{good}/gray16_key.png", png16_gray_transparent_key(), "rejected", "decoder_mismatch")
     fatal = ["'ghost'", "'vacant'", "Unicode normalisation", "letter case", "max_rejected_fraction"]
     return Corpus(root, expected, fatal)
 

@@ -1,20 +1,28 @@
 """Tests for trainer.data: metadata readers and the tf.data input pipelines over converted shards.
 
-``write_dataset`` / ``write_arrays`` write a data set in the pinned conversion format without
-going through trainer.conversion, so these tests (and the model/training/export tests that import
-them) depend only on the format.
+``write_dataset`` / ``write_arrays`` write a data set in the pinned conversion format (version 2:
+records hold encoded image files) without going through trainer.conversion, so these tests (and the
+training, evaluation and other tests that import them) depend only on the format. They store each
+uint8 array as a lossless PNG, so a split read back at the arrays' own size gives the arrays exactly
+(resizing to the same size is the identity for the usual methods).
 """
 
 from __future__ import annotations
 
+import gc
+import io
 import json
+import logging
 import os
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
-from trainer import data
+from tests.support import datasets as ds
+from trainer import data, images
 from trainer.errors import DataError
 
 COLOURS = {"blue": (30, 40, 210), "green": (40, 200, 50), "red": (220, 30, 40), "yellow": (230, 220, 30)}
@@ -31,12 +39,19 @@ def colour_images(classes: tuple[str, ...], count: int, size: int, seed: int) ->
 
 
 def write_arrays(root: str, classes: tuple[str, ...], splits: dict[str, tuple[np.ndarray, np.ndarray]], *,
-                 shards: int = 2, interpolation: str = "bilinear") -> str:
-    """Write uint8 images [N, S, S, 3] and labels per split as conversion would; returns ``root``."""
-    size = next(iter(splits.values()))[0].shape[1]
+                 shards: int = 2) -> str:
+    """Write uint8 images [N, H, W, 3] (as PNG files) and labels per split as conversion would; returns ``root``."""
+    return write_files(root, classes, {split: ([_png(image) for image in pixels], labels)
+                                       for split, (pixels, labels) in splits.items()}, shards=shards)
+
+
+def write_files(root: str, classes: tuple[str, ...], splits: dict[str, tuple[list[bytes], np.ndarray]], *,
+                shards: int = 2) -> str:
+    """Write encoded JPEG/PNG files and labels per split as conversion would; returns ``root``."""
     info = {}
     for split in data.SPLITS:
-        pixels, labels = splits.get(split, (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)))
+        blobs, labels = splits.get(split, ([], np.zeros(0, np.int64)))
+        labels = np.asarray(labels, np.int64)
         files = []
         if len(labels):
             os.makedirs(os.path.join(root, split), exist_ok=True)
@@ -45,37 +60,44 @@ def write_arrays(root: str, classes: tuple[str, ...], splits: dict[str, tuple[np
                 name = f"part-{part:05d}-of-{parts:05d}.tfrecord"
                 with tf.io.TFRecordWriter(os.path.join(root, split, name)) as writer:
                     for i in indices:
-                        writer.write(_example(pixels[i], int(labels[i]), f"{classes[labels[i]]}/{split}-{i}.png"))
+                        writer.write(example(blobs[i], int(labels[i]), f"{classes[labels[i]]}/{split}-{i}"))
                 files.append(name)
         info[split] = {"count": int(len(labels)),
                        "class_counts": {c: int(np.sum(labels == k)) for k, c in enumerate(classes)},
-                       "files": files}
+                       "bytes": sum(len(b) for b in blobs), "files": files}
     with open(os.path.join(root, data.LABEL_MAP_FILE), "w") as handle:
         json.dump({c: k for k, c in enumerate(classes)}, handle)
-    manifest = {"format_version": 1, "classes": list(classes), "num_classes": len(classes), "image_size": size,
-                "image_resize_interpolation": interpolation, "splits": info}
+    manifest = {"format_version": data.FORMAT_VERSION, "classes": list(classes), "num_classes": len(classes),
+                "splits": info}
     with open(os.path.join(root, data.MANIFEST_FILE), "w") as handle:
         json.dump(manifest, handle)
     return root
 
 
 def write_dataset(root: str, *, classes: tuple[str, ...] = ("blue", "green", "red"), size: int = 16,
-                  counts: dict[str, int] | None = None, shards: int = 2, interpolation: str = "bilinear",
-                  seed: int = 0) -> str:
-    """A small colour-coded data set (default 48 train / 12 validation / 6 test images at 16 px)."""
+                  counts: dict[str, int] | None = None, shards: int = 2, seed: int = 0) -> str:
+    """A small colour-coded data set (default 48 train / 12 validation / 6 test PNGs of 16 px)."""
     counts = {"train": 48, "validation": 12, "test": 6} if counts is None else counts
     splits = {split: colour_images(classes, n, size, seed + i) for i, (split, n) in enumerate(counts.items()) if n}
-    return write_arrays(str(root), classes, splits, shards=shards, interpolation=interpolation)
+    return write_arrays(str(root), classes, splits, shards=shards)
 
 
-def _example(pixels: np.ndarray, label: int, path: str) -> bytes:
+def example(blob: bytes, label: int, stem: str) -> bytes:
+    """One record as conversion writes it; ``stem`` + the format's extension is its path."""
+    fmt = b"jpeg" if blob[:2] == b"\xff\xd8" else b"png"
     feature = {
-        "image/raw": tf.train.Feature(bytes_list=tf.train.BytesList(value=[pixels.tobytes()])),
-        "image/size": tf.train.Feature(int64_list=tf.train.Int64List(value=[pixels.shape[0]])),
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[blob])),
+        "image/format": tf.train.Feature(bytes_list=tf.train.BytesList(value=[fmt])),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[path.encode()])),
+        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"{stem}.{fmt.decode()}".encode()])),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,19 +114,27 @@ def dataset(tmp_path, arrays):
     return write_arrays(str(tmp_path / "ds"), classes, splits, shards=3)
 
 
+PIXELS = {"image_size": 8, "interpolation": "bilinear"}  # the arrays' own size: read back unchanged
+
+
+def make(dataset, split="train", **kwargs):
+    options = {"batch_size": 4, "training": False, "seed": None, "num_classes": 3, "binary_mode": False,
+               **PIXELS, **kwargs}
+    return data.make_dataset(dataset, split, **options)
+
+
 def test_metadata(dataset):
     assert data.read_label_map(dataset) == {"blue": 0, "green": 1, "red": 2}
     assert data.split_count(dataset, "train") == 10
     assert data.split_count(dataset, "validation") == 5
     assert data.split_count(dataset, "test") == 0
-    assert data.image_size(dataset) == 8
     assert [os.path.basename(p) for p in data.shard_files(dataset, "train")] == [
         "part-00000-of-00003.tfrecord", "part-00001-of-00003.tfrecord", "part-00002-of-00003.tfrecord"]
 
 
-def test_read_split_returns_stored_pixels_and_labels_in_file_order(dataset, arrays):
+def test_read_split_decodes_the_stored_images_and_labels_in_file_order(dataset, arrays):
     _, splits = arrays
-    ds = data.read_split(dataset, "train")
+    ds = data.read_split(dataset, "train", **PIXELS)
     assert ds.element_spec == (tf.TensorSpec([8, 8, 3], tf.uint8), tf.TensorSpec([], tf.int64))
     assert int(ds.cardinality()) == 10
     got = list(ds.as_numpy_iterator())
@@ -112,22 +142,56 @@ def test_read_split_returns_stored_pixels_and_labels_in_file_order(dataset, arra
     np.testing.assert_array_equal([g[1] for g in got], splits["train"][1])
 
 
+def test_one_data_set_serves_every_image_size_and_method(dataset, arrays):
+    """Records hold files, so the model's size and resize method are chosen when reading."""
+    _, splits = arrays
+    for size, method in [(5, "bilinear"), (12, "area"), (8, "nearest")]:
+        got = np.stack([image for image, _ in data.read_split(dataset, "train", image_size=size,
+                                                             interpolation=method).as_numpy_iterator()])
+        expected = np.stack([images.resize_image(a, size, method).numpy() for a in splits["train"][0]])
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_training_pixels_are_the_pillow_decoders_resized(tmp_path):
+    """What training reads is ``resize_image(decode_image(file))``, the pixels validation checked and
+    the Python prediction path computes, for JPEG and PNG of every colour mode, EXIF-rotated or not."""
+    rgba = np.dstack([ds.noise(30, 40, seed=3), np.random.default_rng(4).integers(0, 256, (30, 40), np.uint8)])
+    files = {
+        "photo.jpg": ds.encode(ds.noise(30, 40, seed=1), "JPEG", quality=90),
+        "subsampled.jpg": ds.encode(ds.noise(37, 29, seed=2), "JPEG", quality=75, subsampling=2),
+        "sideways.jpg": ds.exif_bytes(ds.halves(20, 40), 6),
+        "mirrored.png": ds.exif_bytes(ds.noise(20, 30, seed=5), 5, "PNG"),
+        "cmyk.jpg": ds.cmyk_jpeg(ds.noise(30, 40, seed=6)),
+        "rgb.png": ds.encode(ds.noise(30, 40, seed=7), "PNG"),
+        "rgba.png": ds.encode(rgba, "PNG"),
+        "palette.png": ds.palette_with_transparency(),
+        "gray16.png": ds.png16_gray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50),
+    }
+    names = sorted(files)
+    root = write_files(str(tmp_path), ("a", "b"), {"train": ([files[n] for n in names], [0] * len(names))},
+                       shards=2)
+    for size, method in [(16, "bilinear"), (24, "area")]:
+        got = [image for image, _ in make(root, batch_size=4, image_size=size, interpolation=method,
+                                          num_classes=2).unbatch().as_numpy_iterator()]
+        for name, image in zip(names, got, strict=True):
+            expected = images.resize_image(images.decode_image(files[name], name), size, method).numpy()
+            np.testing.assert_array_equal(image, expected.astype(np.float32), err_msg=name)
+
+
 def test_absent_split_is_empty(dataset):
-    ds = data.read_split(dataset, "test")
+    ds = data.read_split(dataset, "test", **PIXELS)
     assert ds.element_spec[0].shape == (8, 8, 3)
     assert list(ds) == []
 
 
 def test_make_dataset_batches_float_images_and_one_hot_targets(dataset, arrays):
     _, splits = arrays
-    ds = data.make_dataset(dataset, "validation", batch_size=2, training=False, seed=None, num_classes=3,
-                           binary_mode=False)
-    batches = list(ds.as_numpy_iterator())
+    batches = list(make(dataset, "validation", batch_size=2).as_numpy_iterator())
     assert [len(b[0]) for b in batches] == [2, 2, 1]
-    images = np.concatenate([b[0] for b in batches])
+    pixels = np.concatenate([b[0] for b in batches])
     targets = np.concatenate([b[1] for b in batches])
-    assert images.dtype == np.float32 and targets.dtype == np.float32
-    np.testing.assert_array_equal(images, splits["validation"][0].astype(np.float32))
+    assert pixels.dtype == np.float32 and targets.dtype == np.float32
+    np.testing.assert_array_equal(pixels, splits["validation"][0].astype(np.float32))
     np.testing.assert_array_equal(targets, np.eye(3)[splits["validation"][1]])
 
 
@@ -135,8 +199,7 @@ def test_binary_targets_are_a_column_of_labels(tmp_path):
     classes = ("cat", "dog")
     pixels, labels = colour_images(("blue", "red"), 6, 8, 0)
     root = write_arrays(str(tmp_path), classes, {"train": (pixels, labels)})
-    ds = data.make_dataset(root, "train", batch_size=6, training=False, seed=None, num_classes=2, binary_mode=True)
-    _, targets = next(iter(ds))
+    _, targets = next(iter(make(root, batch_size=6, num_classes=2, binary_mode=True)))
     assert targets.shape == (6, 1) and targets.dtype == tf.float32
     np.testing.assert_array_equal(targets.numpy()[:, 0], labels)
 
@@ -146,26 +209,115 @@ def _order(ds) -> list[int]:
     return [tuple(px) for batch in ds.as_numpy_iterator() for px in batch[0][:, 0, 0, :]]
 
 
-@pytest.mark.parametrize("cache_bytes", [data.DEFAULT_CACHE_BYTES, 0], ids=["cached", "streamed"])
-def test_training_order_is_seeded_reshuffled_each_epoch_and_complete(dataset, cache_bytes):
-    def make(seed):
-        return data.make_dataset(dataset, "train", batch_size=4, training=True, seed=seed, num_classes=3,
-                                 binary_mode=False, cache_bytes=cache_bytes)
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """Where disk caches go during the test."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(data.CACHE_DIR_ENV, str(folder))
+    return folder
 
-    ds = make(7)
+
+@pytest.mark.parametrize("cache_bytes", [data.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
+def test_training_order_is_seeded_reshuffled_each_epoch_and_complete(dataset, cache_bytes, cache_dir):
+    def shuffled(seed):
+        return make(dataset, training=True, seed=seed, cache_bytes=cache_bytes)
+
+    ds = shuffled(7)
     first, second = _order(ds), _order(ds)
-    evaluation = _order(data.make_dataset(dataset, "train", batch_size=4, training=False, seed=None,
-                                          num_classes=3, binary_mode=False))
-    assert sorted(first) == sorted(second) == sorted(evaluation)  # every image once per epoch
+    assert sorted(first) == sorted(second) == sorted(_order(make(dataset)))  # every image once per epoch
     assert first != second  # a new order every epoch
-    assert _order(make(7)) == first  # the same seed gives the same order
-    assert _order(make(8)) != first
+    assert _order(shuffled(7)) == first  # the same seed gives the same order
+    assert _order(shuffled(8)) != first
+
+
+def _remove_shards(dataset: str) -> None:
+    for split in ("train", "validation"):
+        for path in data.shard_files(dataset, split):
+            os.remove(path)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_images_are_decoded_once_and_later_epochs_read_the_memory_cache(dataset, training):
+    ds = make(dataset, training=training, seed=1)
+    first = sorted(_order(ds))
+    _remove_shards(dataset)  # a later epoch that decoded again would fail now
+    assert sorted(_order(ds)) == first
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_a_split_too_large_for_memory_is_cached_on_local_disk(dataset, cache_dir, training, caplog):
+    caplog.set_level(logging.INFO, logger="trainer.data")
+    ds = make(dataset, training=training, seed=1, cache_bytes=100)
+    [folder] = cache_dir.iterdir()
+    assert any(str(folder) in r.getMessage() and "decoded once" in r.getMessage() for r in caplog.records)
+    first = sorted(_order(ds))
+    _remove_shards(dataset)
+    assert sorted(_order(ds)) == first
+    del ds
+    gc.collect()
+    assert not folder.exists()  # removed with the dataset
+
+
+@pytest.mark.parametrize("cache_bytes", [data.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
+def test_keras_style_epochs_complete_the_cache_before_the_next_iterator(dataset, cache_dir, cache_bytes):
+    """Keras takes exactly the known number of batches and opens the next epoch's iterator while the
+    last one is still alive. A cache whose input had not yet reported its end would then not be
+    complete: the next iterator would decode again (memory) or fail as a second writer (disk).
+    10 images in batches of 5, in file order: nothing else reads to the end early."""
+    ds = make(dataset, batch_size=5, cache_bytes=cache_bytes)
+    iterator = iter(ds)
+    first = [next(iterator)[0].numpy() for _ in range(int(ds.cardinality()))]
+    _remove_shards(dataset)
+    following = iter(ds)  # while ``iterator`` is alive, as Keras does
+    np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in following]), np.concatenate(first))
+    del iterator
+
+
+def test_read_ahead_completes_a_cache_before_its_last_element_leaves(tmp_path):
+    """Read synchronously (no prefetch thread to race): a cache file is complete once it has reported its
+    end, which ``_read_ahead`` makes happen before the last element is given out."""
+    pairs = tf.data.Dataset.from_tensor_slices((np.arange(12, dtype=np.uint8).reshape(3, 2, 2, 1),
+                                                tf.constant([0, 1, 2], tf.int64)))
+    for name, wrap in (("plain", lambda d: d), ("read_ahead", lambda d: data._read_ahead(d, 3))):
+        prefix = str(tmp_path / name)
+        iterator = iter(wrap(pairs.cache(prefix)))
+        got = [next(iterator) for _ in range(3)]
+        assert [int(label) for _, label in got] == [0, 1, 2]
+        assert os.path.exists(prefix + ".index") == (name == "read_ahead"), name
+    assert int(data._read_ahead(pairs, 3).cardinality()) == 3
+
+
+def test_without_room_for_a_cache_every_epoch_decodes_and_the_log_says_so(dataset, cache_dir, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="trainer.data")
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1, used=1, free=0))
+    ds = make(dataset, training=True, seed=1, cache_bytes=100)
+    assert "every epoch decodes and resizes them again" in caplog.text and data.CACHE_DIR_ENV in caplog.text
+    assert not list(cache_dir.iterdir())
+    first = sorted(_order(ds))
+    assert sorted(_order(ds)) == first
+
+
+def test_image_size_and_interpolation_are_checked(dataset):
+    with pytest.raises(ValueError, match="unknown image_resize_interpolation 'cubic'"):
+        make(dataset, interpolation="cubic")
+    with pytest.raises(ValueError, match="image_size must be a positive whole number"):
+        data.read_split(dataset, "train", image_size=0, interpolation="bilinear")
 
 
 def test_steps_per_epoch_are_known(dataset):
-    ds = data.make_dataset(dataset, "train", batch_size=4, training=True, seed=0, num_classes=3,
-                           binary_mode=False)
-    assert int(ds.cardinality()) == 3
+    assert int(make(dataset, training=True, seed=0).cardinality()) == 3
+
+
+def test_format_version_1_data_set_is_refused(dataset):
+    path = os.path.join(dataset, data.MANIFEST_FILE)
+    with open(path) as handle:
+        manifest = json.load(handle)
+    manifest.update(format_version=1, image_size=8, image_resize_interpolation="bilinear")
+    with open(path, "w") as handle:
+        json.dump(manifest, handle)
+    with pytest.raises(DataError, match=r"manifest\.json: this data set is of format version 1 .*re-run the "
+                                        r"conversion step"):
+        data.split_count(dataset, "train")
 
 
 def test_missing_manifest_names_the_file(tmp_path):
@@ -183,7 +335,7 @@ def test_bad_label_map_is_reported(dataset):
 def test_missing_shard_is_reported(dataset):
     os.remove(data.shard_files(dataset, "train")[1])
     with pytest.raises(DataError, match=r"1 shard\(s\) listed in the manifest are missing.*part-00001"):
-        data.read_split(dataset, "train")
+        data.read_split(dataset, "train", **PIXELS)
 
 
 def test_record_count_differing_from_manifest_fails_while_reading(dataset):
@@ -194,12 +346,11 @@ def test_record_count_differing_from_manifest_fails_while_reading(dataset):
     with open(path, "w") as handle:
         json.dump(manifest, handle)
     with pytest.raises(tf.errors.FailedPreconditionError, match="expected to contain 11 elements"):
-        list(data.read_split(dataset, "train"))
+        list(data.read_split(dataset, "train", **PIXELS))
 
 
 def test_label_outside_the_label_map_fails(dataset):
-    ds = data.make_dataset(dataset, "train", batch_size=4, training=False, seed=None, num_classes=2,
-                           binary_mode=False)
+    ds = make(dataset, num_classes=2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="outside 0..1"):
         list(ds)
 
@@ -235,10 +386,10 @@ def test_gcs_dataset_is_copied_once_to_the_cache(tmp_path, monkeypatch, dataset)
     monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
 
     assert data.split_count(bucket, "train") == 10
-    got = [label for _, label in data.read_split(bucket, "train").as_numpy_iterator()]
-    expected = [label for _, label in data.read_split(dataset, "train").as_numpy_iterator()]
+    got = [label for _, label in data.read_split(bucket, "train", **PIXELS).as_numpy_iterator()]
+    expected = [label for _, label in data.read_split(dataset, "train", **PIXELS).as_numpy_iterator()]
     assert got == expected
     shards = [uri for uri in downloads if uri.endswith(".tfrecord")]
     assert len(shards) == 3
-    data.read_split(bucket, "train")
+    data.read_split(bucket, "train", **PIXELS)
     assert len([uri for uri in downloads if uri.endswith(".tfrecord")]) == 3  # cached, not copied again

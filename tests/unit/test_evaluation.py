@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from sklearn import metrics as skm
 
+from tests.unit.test_data import write_arrays
 from trainer import evaluation
 from trainer.errors import DataError, HyperparameterError, ModelError
 from trainer.hyperparameters import Hyperparameters
@@ -36,31 +36,10 @@ def save_model_dir(path, model, labels, **hyperparameters):
 
 
 def write_dataset(path, labels, splits):
-    """Write ``{split: [(uint8 image [S, S, 3], label), ...]}`` as conversion does (one shard a split)."""
-    path.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    shard = "part-00000-of-00001.tfrecord"
-    for split in ("train", "validation", "test"):
-        examples = splits.get(split, [])
-        counts[split] = {"count": len(examples), "files": [shard] if examples else []}
-        if not examples:
-            continue  # Conversion writes no folder for an empty split.
-        (path / split).mkdir()
-        with tf.io.TFRecordWriter(str(path / split / shard)) as writer:
-            for number, (image, label) in enumerate(examples):
-                feature = {
-                    "image/raw": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-                    "image/size": tf.train.Feature(int64_list=tf.train.Int64List(value=[SIZE])),
-                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-                    "path": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[f"{labels[label]}/{number}.png".encode()])),
-                }
-                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-    (path / "class_label_to_prediction_index.json").write_text(
-        json.dumps({label: index for index, label in enumerate(labels)}))
-    (path / "manifest.json").write_text(json.dumps(
-        {"classes": list(labels), "num_classes": len(labels), "image_size": SIZE, "splits": counts}))
-    return str(path)
+    """Write ``{split: [(uint8 image [S, S, 3], label), ...]}`` as conversion does (PNG files, one shard a split)."""
+    arrays = {split: (np.stack([image for image, _ in examples]), np.array([label for _, label in examples]))
+              for split, examples in splits.items() if examples}
+    return write_arrays(str(path), tuple(labels), arrays, shards=1)
 
 
 def colour_model():
@@ -164,6 +143,23 @@ def test_multiclass_evaluation_matches_sklearn_and_labels_the_confusion_matrix(c
     assert report.startswith("# accuracy on the test split: 0.8571")
     assert "| **green** | 0 | 4 | 2 |" in report
     assert "| green | red | 2 | 33.3% |" in report
+
+
+def test_images_are_resized_to_the_model_as_its_serving_signature_does(tmp_path):
+    """The data set holds larger files; evaluation resizes them to the model's input size with the
+    interpolation of its hyperparameters.yaml, as serving will."""
+    from trainer.images import resize_image
+
+    rng = np.random.default_rng(2)
+    test = [(np.repeat(np.repeat(tinted(rng, c), 2, axis=0), 3, axis=1), COLOURS.index(c)) for c in COLOURS * 3]
+    model = colour_model()
+    model_dir = save_model_dir(tmp_path / "model", model, COLOURS, image_resize_interpolation="area")
+    dataset_dir = write_dataset(tmp_path / "data", COLOURS, {"test": test})  # 48 x 32 files, model 16 x 16
+    result = evaluation.evaluate(model_dir, dataset_dir, str(tmp_path / "out"))
+    resized = [(resize_image(image, SIZE, "area").numpy(), label) for image, label in test]
+    y_true = np.array([label for _, label in test])
+    assert result["metrics"]["loss"] == pytest.approx(skm.log_loss(y_true, model_probabilities(model, resized)),
+                                                      rel=1e-5)
 
 
 def test_binary_evaluation_matches_sklearn(binary_case, tmp_path):

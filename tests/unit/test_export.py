@@ -83,12 +83,12 @@ def test_signature_contract(serve):
     assert outputs["probabilities"].shape.as_list() == [None, 3]
 
 
-def test_saved_model_matches_the_keras_model_on_the_conversion_pixels(exported, serve):
+def test_saved_model_matches_the_keras_model_on_the_pillow_pixels(exported, serve):
     hp, model, _ = exported
     blobs = [encode(photo(40, 30, 1), "PNG"), encode(photo(9, 50, 2), "JPEG", quality=90),
              encode(photo(16, 16, 3), "PNG"), with_orientation(photo(12, 30, 4), "JPEG", 6)]
     names = ["a.png", "b.jpg", "c.png", "d.jpg"]
-    # What conversion feeds training: images.decode_image's pixels resized by images.resize_image.
+    # What validation checked and training reads: images.decode_image's pixels resized by images.resize_image.
     pixels = np.stack([images.resize_image(images.decode_image(b, n), 16, hp.image_resize_interpolation).numpy()
                        for b, n in zip(blobs, names, strict=True)])
     expected = model(pixels.astype(np.float32), training=False).numpy()
@@ -119,16 +119,16 @@ def test_binary_model_answers_both_probabilities(tmp_path):
     np.testing.assert_allclose(got, [[1.0 - p, p]], rtol=1e-5)
 
 
-# --- decoding like Pillow ------------------------------------------------------------------------------
+# --- images.decode_tensor, the serving (and training) decoder, decodes like Pillow ----------------------
 
 def test_jpeg_decoding_matches_pillow():
     for seed, subsampling in [(0, 0), (1, 2)]:  # 4:4:4 and 4:2:0 chroma
         blob = encode(photo(37, 53, seed), "JPEG", quality=85, subsampling=subsampling)
-        np.testing.assert_array_equal(export.decode_for_serving(tf.constant(blob)).numpy(), pillow_pixels(blob))
+        np.testing.assert_array_equal(images.decode_tensor(tf.constant(blob)).numpy(), pillow_pixels(blob))
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P"])
-def test_png_decoding_matches_the_conversion_decoder(mode):
+def test_png_decoding_matches_the_pillow_decoder(mode):
     rgba = photo(12, 10).astype(np.uint8)
     alpha = np.random.default_rng(5).integers(0, 256, (12, 10, 1), dtype=np.uint8)
     image = Image.fromarray(np.concatenate([rgba, alpha], axis=-1), "RGBA").convert(mode)
@@ -136,12 +136,12 @@ def test_png_decoding_matches_the_conversion_decoder(mode):
     image.save(out, "PNG")
     blob = out.getvalue()
     expected = images.decode_image(blob, "x.png")
-    np.testing.assert_array_equal(export.decode_for_serving(tf.constant(blob)).numpy(), expected)
+    np.testing.assert_array_equal(images.decode_tensor(tf.constant(blob)).numpy(), expected)
 
 
 @pytest.mark.parametrize("mode, bits", [("P", 1), ("P", 2), ("P", 4), ("L", 1), ("L", 4), ("L", 8), ("RGB", 8)])
 @pytest.mark.parametrize("transparent_key", [False, True])
-def test_low_bit_depth_and_transparency_key_pngs_match_the_conversion_decoder(mode, bits, transparent_key):
+def test_low_bit_depth_and_transparency_key_pngs_match_the_pillow_decoder(mode, bits, transparent_key):
     """Optimised PNGs use 1-4 bit depths; a tRNS chunk marks one colour transparent."""
     image = Image.new(mode, (8, 3))
     if mode == "P":
@@ -154,7 +154,7 @@ def test_low_bit_depth_and_transparency_key_pngs_match_the_conversion_decoder(mo
     expected = images.decode_image(blob, "x.png")
     if transparent_key:
         assert (expected == 255).all(axis=-1).any(), "the transparent pixels should be white"
-    np.testing.assert_array_equal(export.decode_for_serving(tf.constant(blob)).numpy(), expected)
+    np.testing.assert_array_equal(images.decode_tensor(tf.constant(blob)).numpy(), expected)
 
 
 def test_composite_on_white_is_pillows_alpha_composite_for_every_value():
@@ -162,7 +162,7 @@ def test_composite_on_white_is_pillows_alpha_composite_for_every_value():
     rgba = np.stack([colour, colour, colour, alpha], axis=-1).astype(np.uint8)
     white = Image.new("RGBA", (256, 256), (255, 255, 255, 255))
     expected = np.asarray(Image.alpha_composite(white, Image.fromarray(rgba, "RGBA")).convert("RGB"))
-    np.testing.assert_array_equal(export.composite_on_white(tf.constant(rgba)).numpy(), expected)
+    np.testing.assert_array_equal(images.composite_on_white(tf.constant(rgba)).numpy(), expected)
 
 
 # --- errors and storage --------------------------------------------------------------------------------
@@ -203,16 +203,16 @@ def with_orientation(pixels: np.ndarray, fmt: str, orientation: int) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_is_applied_like_conversion(fmt, orientation):
+def test_exif_orientation_is_applied_like_pillow(fmt, orientation):
     blob = with_orientation(photo(10, 16, orientation), fmt, orientation)
-    assert int(export.exif_orientation(tf.constant(blob))) == orientation
+    assert int(images.exif_orientation(tf.constant(blob))) == orientation
     expected = images.decode_image(blob, "x.jpg" if fmt == "JPEG" else "x.png")
-    np.testing.assert_array_equal(export.decode_for_serving(tf.constant(blob)).numpy(), expected)
+    np.testing.assert_array_equal(images.decode_tensor(tf.constant(blob)).numpy(), expected)
 
 
 def test_missing_or_broken_exif_means_upright():
     plain = encode(photo(8, 8), "JPEG")
-    assert int(export.exif_orientation(tf.constant(plain))) == 1
+    assert int(images.exif_orientation(tf.constant(plain))) == 1
     broken = plain[:2] + b"\xff\xe1\x00\x0eExif\x00\x00XX\x00\x2a" + plain[2:]  # no valid TIFF header
-    assert int(export.exif_orientation(tf.constant(broken))) == 1
-    assert int(export.exif_orientation(tf.constant(encode(photo(8, 8), "PNG")))) == 1
+    assert int(images.exif_orientation(tf.constant(broken))) == 1
+    assert int(images.exif_orientation(tf.constant(encode(photo(8, 8), "PNG")))) == 1

@@ -180,3 +180,42 @@ def test_pixel_limit_is_checked_before_decoding():
 def test_supported_extensions_are_what_serving_lists():
     assert set(images.SUPPORTED_EXTENSIONS) == {".jpg", ".jpeg", ".png"}
     assert images.expected_format("A/B.JpEg") == "JPEG"
+
+
+# --- the TensorFlow decoder against Pillow's ------------------------------------------------------------
+
+def test_check_tensorflow_decode_passes_when_both_decoders_agree():
+    for name, blob in [("a.jpg", ds.exif_bytes(ds.halves(), 6)), ("b.png", ds.palette_with_transparency()),
+                       ("c.jpg", ds.cmyk_jpeg(ds.noise(seed=2))), ("d.png", ds.png16_gray(np.full((3, 5), 700)))]:
+        images.check_tensorflow_decode(blob, name, decode_image(blob, name))
+
+
+def test_check_tensorflow_decode_names_every_disagreement():
+    blob = ds.encode(ds.noise(10, 20), "PNG")
+    pixels = decode_image(blob, "a.png")
+    other = pixels.copy()
+    other[0, 0] = pixels[0, 0] ^ 0x10
+    with pytest.raises(ImageRejected) as info:
+        images.check_tensorflow_decode(blob, "a.png", other)
+    assert info.value.code == "decoder_mismatch" and info.value.name == "a.png"
+    assert "different pixels (1 of 200 differ, by up to 16 levels)" in info.value.reason
+    with pytest.raises(ImageRejected, match=r"TensorFlow decodes it as 20x10 pixels but Pillow as 10x20"):
+        images.check_tensorflow_decode(blob, "a.png", pixels.transpose(1, 0, 2))
+
+
+def test_file_only_pillow_can_decode_is_refused_with_tensorflows_reason():
+    blob = ds.too_wide_png()
+    pixels = decode_image(blob, "wide.png")  # Pillow: fine
+    assert pixels.shape == (1, 1_000_001, 3)
+    with pytest.raises(ImageRejected) as info:
+        images.check_tensorflow_decode(blob, "wide.png", pixels)
+    assert info.value.code == "tensorflow_unreadable"
+    assert info.value.reason.startswith("Pillow reads it but TensorFlow cannot decode it (Invalid PNG.")
+    assert "re-save it as a baseline JPEG or PNG" in info.value.reason
+
+
+def test_decode_tensor_runs_inside_tf_data():
+    blobs = [ds.encode(ds.noise(6, 9, seed=i), fmt) for i, fmt in enumerate(["JPEG", "PNG"])]
+    decoded = list(tf.data.Dataset.from_tensor_slices(blobs).map(images.decode_tensor).as_numpy_iterator())
+    for blob, name, pixels in zip(blobs, ["a.jpg", "b.png"], decoded, strict=True):
+        np.testing.assert_array_equal(pixels, decode_image(blob, name))

@@ -51,8 +51,9 @@ def world(tmp_path_factory):
     validation.validate_dataset(str(root / "images"), str(root / "validation"))
     dataset = str(root / "dataset")
     conversion.convert_dataset(str(root / "images"), str(root / "validation" / "validation.json"), dataset,
-                               validation_split_ratio=0.0, test_split_ratio=0.5, random_seed=0, image_size=SIZE)
-    labels = np.array([int(label) for _, label in data.read_split(dataset, "test")])
+                               validation_split_ratio=0.0, test_split_ratio=0.5, random_seed=0)
+    labels = np.array([int(label) for _, label in data.read_split(dataset, "test", image_size=SIZE,
+                                                                  interpolation="bilinear")])
     cats_share = float(np.mean(labels == 0))
     assert 0.5 < cats_share < 1.0, "the test split must be unbalanced for the two models to differ"
     return {

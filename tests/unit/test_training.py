@@ -297,15 +297,22 @@ def test_seed_makes_runs_repeatable(tmp_path, dataset):
     assert first["history"] == second["history"]
 
 
-def test_data_converted_at_another_size_is_refused(tmp_path, dataset):
-    with pytest.raises(DataError, match="holds 16-pixel images but small_cnn with image_size=32 takes 32"):
-        training.train(small(image_size=32), dataset, str(tmp_path / "model"))
+def test_one_data_set_trains_models_of_any_image_size(tmp_path, dataset):
+    """The records hold image files: a run resizes them to its own input size and method."""
+    result = training.train(small(image_size=24, image_resize_interpolation="area"), dataset, str(tmp_path / "model"))
+    assert result["epochs_completed"] == 1
+    assert model_lib.load_model(str(tmp_path / "model")).input_shape == (None, 24, 24, 3)
 
 
-def test_data_resized_with_another_interpolation_is_refused(tmp_path, dataset):
-    with pytest.raises(DataError, match="resized with 'bilinear' interpolation but image_resize_interpolation "
-                                        "is 'area'"):
-        training.train(small(image_resize_interpolation="area"), dataset, str(tmp_path / "model"))
+def test_data_set_of_the_old_pixel_format_is_refused(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", counts={"train": 6})
+    manifest_path = os.path.join(dataset, data.MANIFEST_FILE)
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    with open(manifest_path, "w") as handle:
+        json.dump({**manifest, "format_version": 1}, handle)
+    with pytest.raises(DataError, match="format version 1.*re-run the conversion step"):
+        training.train(small(), dataset, str(tmp_path / "model"))
 
 
 # --- incremental training ----------------------------------------------------------------------
@@ -426,7 +433,8 @@ def test_small_cnn_learns_handwritten_digits(tmp_path):
     result = training.train(hp, dataset, str(tmp_path / "model"))
     seconds = time.perf_counter() - start
     model = model_lib.load_model(str(tmp_path / "model"))
-    images, labels = zip(*data.read_split(dataset, "test").as_numpy_iterator(), strict=True)
+    test_split = data.read_split(dataset, "test", image_size=32, interpolation="bilinear")
+    images, labels = zip(*test_split.as_numpy_iterator(), strict=True)
     predicted = model.predict(np.stack(images).astype(np.float32), verbose=0).argmax(axis=1)
     accuracy = float(np.mean(predicted == np.array(labels)))
     print(f"digits: test accuracy {accuracy:.4f} on {len(labels)} images, validation "

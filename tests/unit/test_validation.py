@@ -82,6 +82,7 @@ def test_corpus_reasons_name_the_problem(bad_corpus, tmp_path):
     assert "outside any class folder" in reasons["top_level.jpg"]
     assert "1,100,000 pixels" in reasons["good/over_limit.png"]
     assert "_$folder$" in reasons["ghost_$folder$"] and "hidden" in reasons["good/.DS_Store"]
+    assert reasons["good/gray16_key.png"].startswith("TensorFlow and Pillow decode it to different pixels (1 of 12")
     # Odd but legal names are classes like any other, in sorted() order.
     assert result["classes"] == sorted(result["classes"]) and ds.ODD_NAME in result["classes"]
     assert ds.NFC_NAME in result["classes"] and ds.NFD_NAME in result["classes"]
@@ -279,3 +280,24 @@ def test_html_report_is_capped_and_survives_missing_files(tmp_path, monkeypatch)
     page = validation.render_html_report(result, str(data))
     assert len(_img_sources(page)) == 3 and page.count('class="none"') == 1
     assert all(f"<code>class_{i}</code>" in page for i in range(6))
+
+
+def test_file_tensorflow_cannot_decode_is_rejected_so_training_never_meets_it(tmp_path):
+    """Pillow reads the too-wide PNG, TensorFlow (which training and serving decode with) refuses it:
+    validation rejects it, and the converted data set decodes from the first record to the last."""
+    from trainer import conversion, data
+
+    ds.make_image_folder(tmp_path / "d", {"a": 4, "b": 4}, fmt="png")
+    (tmp_path / "d" / "a" / "wide.png").write_bytes(ds.too_wide_png())
+    result = validate_dataset(str(tmp_path / "d"), str(tmp_path / "v"), max_rejected_fraction=0.2)
+    [rejected] = result["rejected"]
+    assert (rejected["path"], rejected["code"]) == ("a/wide.png", "tensorflow_unreadable")
+    assert rejected["reason"] == (
+        "Pillow reads it but TensorFlow cannot decode it (Invalid PNG. Failed to initialize decoder), and training"
+        " and serving decode with TensorFlow; re-save it as a baseline JPEG or PNG")
+    assert result["statistics"]["rejected_by_code"] == {"tensorflow_unreadable": 1}
+    conversion.convert_dataset(str(tmp_path / "d"), str(tmp_path / "v" / "validation.json"), str(tmp_path / "o"),
+                               validation_split_ratio=0.0, test_split_ratio=0.0)
+    batches = data.make_dataset(str(tmp_path / "o"), "train", batch_size=3, training=True, seed=0, num_classes=2,
+                                binary_mode=False, image_size=8, interpolation="bilinear")
+    assert sum(len(images) for images, _ in batches) == 8

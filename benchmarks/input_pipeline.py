@@ -1,0 +1,108 @@
+"""Benchmark: our TFRecord input pipeline against the reference's image_dataset_from_directory.
+
+    .venv/bin/python benchmarks/input_pipeline.py [--images 1000] [--image-size 224] [--batch-size 32]
+
+Both read the same synthetic photo-like JPEGs (about 500x375) with the same batch size and image
+size, and each is iterated for ``--epochs`` epochs in this one process:
+
+* reference: ``keras.utils.image_dataset_from_directory`` over the class folders, as the reference
+  script does: every epoch reads, decodes and resizes every file again (with prefetch, to be fair).
+* ours: ``trainer.data.make_dataset`` over the shards ``trainer.conversion`` wrote: the images were
+  decoded, checked and resized once, at conversion; epochs parse raw pixels, shuffle, batch, prefetch.
+
+The conversion itself is timed too and reported, with the speed-up that remains when its cost is
+spread over the measured epochs. Images/s are for steady-state epochs (the first is dropped: it
+traces functions and fills caches). The last line is a JSON object with ``speedup`` (ours over the
+reference, steady state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from synthetic import write_photos  # noqa: E402
+from trainer import conversion, data, validation  # noqa: E402
+
+TARGET = 3.0
+
+
+def images_per_second(dataset: tf.data.Dataset, epochs: int) -> tuple[float, float]:
+    """Iterate ``epochs`` times; return (first epoch's rate, mean rate of the later epochs)."""
+    rates = []
+    for _ in range(epochs):
+        started, count = time.perf_counter(), 0
+        for images, _ in dataset:
+            count += int(images.shape[0])
+        rates.append(count / (time.perf_counter() - started))
+    later = rates[1:] or rates
+    return rates[0], sum(later) / len(later)
+
+
+def convert(folder: Path, work: Path) -> tuple[Path, float]:
+    """Validate (not timed: the pipeline's previous step) and convert everything into one training split."""
+    validation.validate_dataset(str(folder), str(work / "validation"))
+    started = time.perf_counter()
+    conversion.convert_dataset(str(folder), str(work / "validation" / "validation.json"), str(work / "dataset"),
+                               validation_split_ratio=0.0, test_split_ratio=0.0)
+    return work / "dataset", time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per pipeline; the first is dropped")
+    parser.add_argument("--workdir", help="keep the data set here (default: a temporary folder)")
+    args = parser.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="imgclf-input-bench-"))
+    folder = work / "photos"
+    write_photos(folder, args.images)
+    dataset_dir, conversion_seconds = convert(folder, work)
+    print(f"conversion (once): {args.images} images in {conversion_seconds:.1f} s "
+          f"({args.images / conversion_seconds:.0f} images/s)", flush=True)
+
+    size = (args.image_size, args.image_size)
+    reference = keras.utils.image_dataset_from_directory(
+        str(folder), image_size=size, batch_size=args.batch_size, label_mode="categorical", shuffle=True,
+        seed=0, verbose=False).prefetch(tf.data.AUTOTUNE)
+    ref_first, ref_rate = images_per_second(reference, args.epochs)
+    print(f"reference image_dataset_from_directory: {ref_rate:.0f} images/s (first epoch {ref_first:.0f})",
+          flush=True)
+
+    ours = data.make_dataset(str(dataset_dir), "train", batch_size=args.batch_size, training=True, seed=0,
+                             num_classes=len(data.read_label_map(str(dataset_dir))), binary_mode=False,
+                             image_size=args.image_size, interpolation="bilinear")
+    ours_first, ours_rate = images_per_second(ours, args.epochs)
+    print(f"ours (TFRecords of resized pixels): {ours_rate:.0f} images/s (first epoch {ours_first:.0f})", flush=True)
+
+    measured = args.epochs - 1 or 1
+    amortised = (args.images * measured) / (conversion_seconds + args.images * measured / ours_rate)
+    print(f"ours with the conversion spread over {measured} epoch(s): {amortised:.0f} images/s", flush=True)
+    print(json.dumps({
+        "speedup": round(ours_rate / ref_rate, 2),
+        "speedup_with_conversion": round(amortised / ref_rate, 2),
+        "ours_images_per_second": round(ours_rate, 1),
+        "reference_images_per_second": round(ref_rate, 1),
+        "conversion_images_per_second": round(args.images / conversion_seconds, 1),
+        "images": args.images, "image_size": args.image_size, "batch_size": args.batch_size,
+        "target_speedup": TARGET,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Benchmark: a training epoch fed by our TFRecords against one fed by image_dataset_from_directory.
+
+    .venv/bin/python benchmarks/train_throughput.py [--images 640] [--model mobilenet_v2] [--full-network]
+
+The same model (``trainer.model.build_model``, random weights: no download needed), optimizer, loss
+and batch size are trained for one epoch on each input, in this process, after a warm-up epoch that
+traces the training step. By default only the head is trained (``train_only_top_layer``, which AWS
+advises for large backbones): the backbone's forward pass remains, and the input pipeline's share of
+each step is what differs. ``--full-network`` trains every layer.
+
+On a GPU machine it runs unchanged, over all visible GPUs (the global batch is split across them),
+and reports images/s per GPU too. The last line is a JSON object with ``speedup`` (ours over the
+reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from input_pipeline import convert  # noqa: E402
+from synthetic import write_photos  # noqa: E402
+from trainer import data, model, training  # noqa: E402
+from trainer.hyperparameters import Hyperparameters  # noqa: E402
+
+
+def epoch_rate(network: keras.Model, dataset: tf.data.Dataset, count: int) -> float:
+    """Images/s of one epoch, after a warm-up epoch that traces the step and fills caches."""
+    network.fit(dataset, epochs=1, verbose=0)
+    started = time.perf_counter()
+    network.fit(dataset, epochs=1, verbose=0)
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--model", default="mobilenet_v2")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--full-network", action="store_true", help="train the backbone too")
+    parser.add_argument("--workdir", help="keep the data set here (default: a temporary folder)")
+    args = parser.parse_args()
+
+    hp = Hyperparameters(model=args.model, weights="none", image_size=args.image_size, batch_size=args.batch_size,
+                         train_only_top_layer=not args.full_network)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="imgclf-train-bench-"))
+    folder = work / "photos"
+    write_photos(folder, args.images)
+    dataset_dir, _ = convert(folder, work)
+    classes = len(data.read_label_map(str(dataset_dir)))
+
+    strategy = training.choose_strategy()
+    replicas = strategy.num_replicas_in_sync
+    size = (hp.input_size, hp.input_size)
+    inputs = {
+        "reference": keras.utils.image_dataset_from_directory(
+            str(folder), image_size=size, batch_size=hp.batch_size, label_mode="categorical", shuffle=True,
+            seed=0, verbose=False).prefetch(tf.data.AUTOTUNE),
+        "ours": data.make_dataset(str(dataset_dir), "train", batch_size=hp.batch_size, training=True, seed=0,
+                                  num_classes=classes, binary_mode=False, image_size=hp.input_size,
+                                  interpolation=hp.image_resize_interpolation),
+    }
+    rates = {}
+    for name, dataset in inputs.items():
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            network = model.build_model(hp, classes)  # freezes the backbone when train_only_top_layer
+            network.compile(optimizer=training.make_optimizer(hp), loss=training.make_loss(hp),
+                            metrics=["accuracy"])
+        rates[name] = epoch_rate(network, dataset, args.images)
+        print(f"{name}: {rates[name]:.1f} images/s ({rates[name] / replicas:.1f} per replica, {replicas} "
+              f"replica(s), {'whole network' if args.full_network else 'head only'})", flush=True)
+
+    print(json.dumps({
+        "speedup": round(rates["ours"] / rates["reference"], 2),
+        "ours_images_per_second": round(rates["ours"], 1),
+        "reference_images_per_second": round(rates["reference"], 1),
+        "ours_images_per_second_per_replica": round(rates["ours"] / replicas, 1),
+        "replicas": replicas, "devices": [d.name for d in tf.config.list_logical_devices("GPU")] or ["CPU"],
+        "model": args.model, "image_size": hp.input_size, "batch_size": hp.batch_size,
+        "trained": "whole network" if args.full_network else "head only",
+    }))
+
+
+if __name__ == "__main__":
+    main()
