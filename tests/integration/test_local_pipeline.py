@@ -17,6 +17,13 @@ FAST = {"model": "small_cnn", "weights": "none", "image_size": 32, "epochs": 2, 
         "validation_split_ratio": 0.2, "test_split_ratio": 0.2}
 
 
+def _evaluate_outputs(run_dir):
+    """What the evaluate step handed to KFP: its metrics artifacts' metadata, as the UI reads them."""
+    [executor_output] = list((run_dir / "artifacts").glob("*/evaluate/executor_output.json"))
+    artifacts = json.loads(executor_output.read_text())["artifacts"]
+    return {name: value["artifacts"][0]["metadata"] for name, value in artifacts.items()}
+
+
 def _non_empty_files(folder):
     found = []
     for root, _, files in os.walk(folder):
@@ -41,6 +48,11 @@ def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path):
     for name in ("model.keras", "class_label_to_prediction_index.json", "hyperparameters.yaml", "history.json"):
         assert os.path.getsize(os.path.join(model_dir, name)) > 0, name
     assert os.path.isdir(os.path.join(model_dir, "saved_model"))
+    shown = _evaluate_outputs(tmp_path / "run")
+    matrix = shown["confusion_matrix"]["confusionMatrix"]
+    assert [spec["displayName"] for spec in matrix["annotationSpecs"]] == summary["classes"]
+    assert sum(sum(row["row"]) for row in matrix["rows"]) == summary["counts"]["test"]
+    assert "confidenceMetrics" not in shown["confusion_matrix"]  # a ROC curve only in binary mode
     # No threshold and no baseline: blessed, pushed as the registry's first version, and used for batch prediction.
     assert summary["blessed"] is True, summary["blessing"]
     version = registry / "000001"
@@ -93,6 +105,12 @@ def test_binary_mode_with_auc(tmp_path):
     assert summary["status"] == "succeeded", summary
     assert summary["eval_metric"] == "auc"
     assert {"accuracy", "auc", "precision", "recall", "prc"} <= set(summary["metrics"])
+    shown = _evaluate_outputs(tmp_path / "run")
+    assert [spec["displayName"] for spec in shown["confusion_matrix"]["confusionMatrix"]["annotationSpecs"]] == [
+        "cats", "dogs"]
+    roc = shown["confusion_matrix"]["confidenceMetrics"]
+    assert roc and {"falsePositiveRate", "recall", "confidenceThreshold"} <= set(roc[0])
+    assert shown["metrics"]["auc"] == summary["eval_value"]
 
 
 def test_failed_step_is_named_with_its_reason(tmp_path, capsys):
