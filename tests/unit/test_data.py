@@ -278,12 +278,13 @@ def test_read_ahead_completes_a_cache_before_its_last_element_leaves(tmp_path):
     end, which ``_read_ahead`` makes happen before the last element is given out."""
     pairs = tf.data.Dataset.from_tensor_slices((np.arange(12, dtype=np.uint8).reshape(3, 2, 2, 1),
                                                 tf.constant([0, 1, 2], tf.int64)))
-    for name, wrap in (("plain", lambda d: d), ("read_ahead", lambda d: data._read_ahead(d, 3))):
-        prefix = str(tmp_path / name)
-        iterator = iter(wrap(pairs.cache(prefix)))
-        got = [next(iterator) for _ in range(3)]
-        assert [int(label) for _, label in got] == [0, 1, 2]
-        assert os.path.exists(prefix + ".index") == (name == "read_ahead"), name
+    # Without the read-ahead the cache is usually, but not always, still open at this point (it depends on
+    # TensorFlow's scheduling), so only the guarantee _read_ahead gives is asserted.
+    prefix = str(tmp_path / "read_ahead")
+    iterator = iter(data._read_ahead(pairs.cache(prefix), 3))
+    got = [next(iterator) for _ in range(3)]
+    assert [int(label) for _, label in got] == [0, 1, 2]
+    assert os.path.exists(prefix + ".index")
     assert int(data._read_ahead(pairs, 3).cardinality()) == 3
 
 
