@@ -37,7 +37,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainer import images
+from trainer import images, storage
 from trainer.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ _COMPLETE_MARKER = ".imgclf-complete"
 def read_manifest(dataset_dir: str) -> dict[str, Any]:
     """The data set's ``manifest.json`` as a dict; DataError naming the file if missing, invalid or
     of another format version."""
-    path = _join(dataset_dir, MANIFEST_FILE)
+    path = storage.join(dataset_dir, MANIFEST_FILE)
     manifest = _read_json(path, "manifest", dict)
     check_format_version(manifest, path)
     return manifest
@@ -99,7 +99,7 @@ def check_format_version(manifest: dict[str, Any], where: str) -> None:
 
 def read_label_map(dataset_dir: str) -> dict[str, int]:
     """The ``{class: prediction index}`` mapping written by conversion, checked to be 0..K-1."""
-    path = _join(dataset_dir, LABEL_MAP_FILE)
+    path = storage.join(dataset_dir, LABEL_MAP_FILE)
     mapping = _read_json(path, "label map", dict)
     indices = sorted(mapping.values()) if all(type(v) is int for v in mapping.values()) else None
     if not mapping or indices != list(range(len(mapping))):
@@ -123,9 +123,9 @@ def shard_files(dataset_dir: str, split: str) -> list[str]:
     info = manifest.get("splits", {}).get(split) or {}
     names = info.get("files", [])
     if not isinstance(names, list) or not all(isinstance(n, str) and "/" not in n for n in names):
-        raise DataError(f"{_join(dataset_dir, MANIFEST_FILE)}: splits.{split}.files must be a list of shard "
+        raise DataError(f"{storage.join(dataset_dir, MANIFEST_FILE)}: splits.{split}.files must be a list of shard "
                         f"file names, got {names!r}; re-run the conversion step")
-    return [_join(dataset_dir, split, name) for name in names]
+    return [storage.join(dataset_dir, split, name) for name in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +144,6 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
     """
     if not dataset_dir.startswith("gs://"):
         return dataset_dir
-    from trainer import storage  # Only needed for gs:// data sets.
 
     root = cache_dir or os.environ.get(CACHE_DIR_ENV) or os.path.join(tempfile.gettempdir(), "imgclf-cache")
     digest = hashlib.sha256(dataset_dir.rstrip("/").encode()).hexdigest()[:16]
@@ -246,7 +245,7 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
     count = split_count(local_dir, split)
     files = shard_files(local_dir, split)
     if count and not files:
-        raise DataError(f"{_join(local_dir, MANIFEST_FILE)}: the {split} split has {count} images but no "
+        raise DataError(f"{storage.join(local_dir, MANIFEST_FILE)}: the {split} split has {count} images but no "
                         "shard files; the data set is incomplete: re-run the conversion step")
     missing = [path for path in files if not os.path.isfile(path)]
     if missing:
@@ -359,11 +358,6 @@ def _read_ahead(dataset: tf.data.Dataset, count: int) -> tf.data.Dataset:
 # Helpers
 # ---------------------------------------------------------------------------------------------
 
-def _join(root: str, *parts: str) -> str:
-    # Works for local paths and gs:// URIs alike, without importing trainer.storage.
-    return "/".join([root.rstrip("/"), *parts]) if root.startswith("gs://") else os.path.join(root, *parts)
-
-
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -371,20 +365,11 @@ def _check_split(split: str) -> None:
 
 def _read_json(path: str, what: str, kind: type) -> Any:
     try:
-        if path.startswith("gs://"):
-            from trainer import storage  # Only needed for gs:// data sets.
-
-            data = storage.read_bytes(path)
-        else:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        value = json.loads(data)
-    except FileNotFoundError:
-        raise DataError(f"{path}: the data set's {what} is missing; is this a directory written by the "
-                        "conversion step?") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read the data set's {what} ({err.strerror or err})") from None
+        value = json.loads(storage.read_bytes(path))
     except StorageError as err:
+        if not storage.is_gcs(path) and not os.path.exists(path):
+            raise DataError(f"{path}: the data set's {what} is missing; is this a directory written by the "
+                            "conversion step?") from None
         raise DataError(f"cannot read the data set's {what}: {err}") from None
     except ValueError as err:
         raise DataError(f"{path}: the data set's {what} is not valid JSON ({err}); re-run the conversion "

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 
 import keras
 
+from trainer import storage
 from trainer.backbones import BACKBONES
 from trainer.errors import ModelError
 from trainer.hyperparameters import Hyperparameters
@@ -242,11 +243,6 @@ def small_cnn(input_shape: tuple[int, int, int]) -> keras.Model:
     return keras.Model(inputs, x, name="small_cnn")
 
 
-def _join(root: str, name: str) -> str:
-    # Works for local paths and gs:// URIs alike, without importing trainer.storage.
-    return f"{root.rstrip('/')}/{name}" if root.startswith("gs://") else os.path.join(root, name)
-
-
 @contextlib.contextmanager
 def _local_weights_file(uri: str) -> Iterator[str]:
     """A local copy of a weights file given as a path or gs:// URI; the name (extension) is kept
@@ -257,7 +253,6 @@ def _local_weights_file(uri: str) -> Iterator[str]:
                              "file (.h5 / .weights.h5), 'imagenet' or 'none'")
         yield uri
         return
-    from trainer import storage  # Only needed for gs:// weights.
 
     tmp = tempfile.mkdtemp(prefix="imgclf-weights-")
     try:
@@ -286,12 +281,11 @@ def load_model(model_dir_or_file: str, *, compile: bool = False) -> keras.Model:
     """
     path = model_dir_or_file.rstrip("/")
     if not path.endswith(".keras"):
-        path = _join(path, KERAS_MODEL_FILE)
+        path = storage.join(path, KERAS_MODEL_FILE)
     tmp = None
     try:
         local = path
         if path.startswith("gs://"):
-            from trainer import storage  # Only needed for gs:// models.
 
             tmp = tempfile.mkdtemp(prefix="imgclf-model-")
             local = os.path.join(tmp, KERAS_MODEL_FILE)

@@ -41,7 +41,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from trainer import data, export
+from trainer import data, export, storage
 from trainer import model as model_lib
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError, StorageError
 from trainer.hyperparameters import Hyperparameters
@@ -236,10 +236,10 @@ def choose_strategy() -> tf.distribute.Strategy:
 
 def load_initial_model(initial_model_dir: str, label_map: Mapping[str, int], dataset_dir: str) -> keras.Model:
     """The earlier model to continue from, after checking it was trained on the same classes."""
-    path = _join(initial_model_dir, export.LABEL_MAP_FILE)
+    path = storage.join(initial_model_dir, export.LABEL_MAP_FILE)
     try:
-        earlier = json.loads(_read_bytes(path))
-    except (FileNotFoundError, StorageError):
+        earlier = json.loads(storage.read_bytes(path))
+    except StorageError:
         raise ModelError(f"{path} is missing or unreadable: initial_model_dir must be a model directory "
                          "written by imgclf training (it holds model.keras and the label map)") from None
     except ValueError as err:
@@ -385,7 +385,7 @@ class _EpochRecorder(keras.callbacks.Callback):
 
     def __init__(self, backup_dir: str | None):
         super().__init__()
-        self.path = _join(backup_dir, HISTORY_BACKUP_FILE) if backup_dir else None
+        self.path = storage.join(backup_dir, HISTORY_BACKUP_FILE) if backup_dir else None
         self.epochs: dict[int, dict[str, float]] = {}
         self._first_epoch_seen = False
         if self.path and tf.io.gfile.exists(self.path):
@@ -433,16 +433,3 @@ def _duration(seconds: float) -> str:
         return f"{minutes} min {seconds:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
-
-
-def _join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}"
-
-
-def _read_bytes(path: str) -> bytes:
-    if path.startswith("gs://"):
-        from trainer import storage  # Only needed for gs:// models.
-
-        return storage.read_bytes(path)
-    with open(path, "rb") as handle:
-        return handle.read()

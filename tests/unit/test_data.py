@@ -372,7 +372,11 @@ def test_gcs_dataset_is_copied_once_to_the_cache(tmp_path, monkeypatch, dataset)
         assert uri.startswith(bucket + "/"), uri
         return os.path.join(dataset, uri[len(bucket) + 1:])
 
+    real_read_bytes = storage.read_bytes
+
     def read_bytes(uri):
+        if not uri.startswith("gs://"):  # the local cache is read through storage too
+            return real_read_bytes(uri)
         with open(local(uri), "rb") as handle:
             return handle.read()
 
