@@ -14,7 +14,6 @@ def train(
     tensorboard_logs: Output[Artifact],
     initial_model_uri: str,
     backup_root: str,
-    run_id: str,
     jit_compile: bool,
     augmentation: bool,
     augmentation_random_flip: str,
@@ -58,7 +57,9 @@ def train(
         initial_model_uri: An earlier imgclf model folder to continue from (incremental training), or "".
         backup_root: Durable folder (gs:// or volume) for per-epoch backups, so a retried step resumes;
             "" backs up next to the model output when that is on GCS, and otherwise not at all.
-        run_id: The pipeline run's id; retries of this step share it and so find the backup.
+            Retries of this step find the backup through trained_model's URI, which is the same for
+            every retry of one task (no run id among the inputs, so a run on unchanged data reuses
+            this step from the cache).
         jit_compile: Compile the training step with XLA.
     """
     import logging
@@ -68,7 +69,7 @@ def train(
     hp = hyperparameters.Hyperparameters.from_mapping(
         {name: value for name, value in locals().items() if name in hyperparameters.FIELDS})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    backup_dir = checkpoints.durable_backup_dir(backup_root, trained_model.uri, run_id)
+    backup_dir = checkpoints.durable_backup_dir(backup_root, trained_model.uri)
     result = training.train(hp, dataset.path, trained_model.path, initial_model_dir=initial_model_uri or None,
                             backup_dir=backup_dir, tensorboard_dir=tensorboard_logs.path, jit_compile=jit_compile)
     for name, value in result["final_metrics"].items():

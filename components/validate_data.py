@@ -11,6 +11,7 @@ from components._image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validate_data(
     data_uri: str,
+    content_fingerprint: str,
     binary_mode: bool,
     max_rejected_fraction: float,
     validation: Output[Artifact],
@@ -21,6 +22,8 @@ def validate_data(
 
     Args:
         data_uri: Folder with one sub-folder of .jpg/.jpeg/.png images per class.
+        content_fingerprint: What the look at the data found; part of this step's cache key, so the
+            step is reused exactly when the content is unchanged. Checked again after validating.
         binary_mode: Whether the run trains a binary model (needs exactly two classes).
         max_rejected_fraction: Largest share of unusable files the run tolerates.
         validation: Folder holding validation.json: classes, accepted and rejected files.
@@ -36,19 +39,20 @@ def validate_data(
     import os
     import shutil
 
-    from trainer.validation import validate_dataset
+    from trainer.fingerprint import validate_unchanged
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.makedirs(validation.path, exist_ok=True)
     try:
-        result = validate_dataset(data_uri, validation.path, binary_mode=binary_mode,
-                                  max_rejected_fraction=max_rejected_fraction)
+        result = validate_unchanged(data_uri, validation.path, content_fingerprint, binary_mode=binary_mode,
+                                    max_rejected_fraction=max_rejected_fraction)
     finally:
         # The reports are worth showing even when the data set is refused.
         for name, target in (("report.md", report.path), ("report.html", report_html.path)):
             if os.path.exists(os.path.join(validation.path, name)):
                 shutil.copyfile(os.path.join(validation.path, name), target)
     validation.metadata.update({"classes": result["classes"], "accepted": len(result["accepted"]),
-                                "rejected": len(result["rejected"]), "fingerprint": result["fingerprint"]})
+                                "rejected": len(result["rejected"]), "fingerprint": result["fingerprint"],
+                                "content_fingerprint": result["content_fingerprint"]})
     outputs = collections.namedtuple("Outputs", ["num_classes", "accepted", "rejected", "fingerprint"])
     return outputs(len(result["classes"]), len(result["accepted"]), len(result["rejected"]), result["fingerprint"])

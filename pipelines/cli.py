@@ -36,7 +36,8 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
                                              "data_uri": args.data})
     hp = Hyperparameters.from_mapping({name: value for name, value in values.items() if name in FIELDS})
     settings = {name: value for name, value in values.items() if name not in FIELDS and name != "data_uri"}
-    summary = run_local(args.data, args.output, hp, runner=args.runner, image=args.image, pipeline_args=settings)
+    summary = run_local(args.data, args.output, hp, runner=args.runner, image=args.image, pipeline_args=settings,
+                        cache_dir=args.cache)
     if summary["status"] != "succeeded":
         print(f"\npipeline failed in step '{summary['failed_step']}': {summary['error']}", file=sys.stderr)
         print(f"summary: {args.output}/summary.json", file=sys.stderr)
@@ -46,6 +47,9 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
           f"{summary['eval_value']:.4f} on the test split")
     print(f"images: {counts}; rejected {summary['rejected']}, skipped {summary['skipped']}")
     print(summary["blessing"])
+    if args.cache:
+        reused = ", ".join(summary["steps_reused"]) or "none (nothing matched an earlier run)"
+        print(f"reused from the cache in {args.cache}: {reused}")
     print(f"model: {summary['model_path']}")
     print(f"summary: {args.output}/summary.json")
     if args.json:
@@ -81,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="subprocess: steps run in this Python environment; docker: in the component "
                           "image, as a non-root user without network (needs a Docker engine)")
     cmd.add_argument("--image", help="component image for --runner docker (default: the project's)")
+    cmd.add_argument("--cache", metavar="DIR",
+                     help="reuse steps from earlier runs with this cache folder: on unchanged data and "
+                          "parameters, validation, conversion, training and evaluation are taken from the "
+                          "cache; the look at the data, the gate and the push run every time")
     cmd.add_argument("--json", action="store_true", help="also print the whole summary")
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_run_local)

@@ -7,10 +7,11 @@ import re
 
 from kfp import dsl, kubernetes
 
-STEPS = ("validate", "convert", "train", "evaluate", "bless", "push", "batch_predict")
+STEPS = ("look", "validate", "convert", "train", "evaluate", "bless", "push", "batch_predict")
 
 # Requests sized for one GPU node; override per step with --resources.
 DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
+    "look": ("1", "2G"),
     "validate": ("2", "4G"),
     "convert": ("4", "8G"),
     "train": ("8", "32G"),

@@ -6,12 +6,11 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Model
 
 from components.batch_predict import batch_predict
-from components.convert_to_tfrecords import convert_to_tfrecords
 from components.evaluate import evaluate
 from components.gate import bless_model
 from components.push_model import push_model
 from components.train import train
-from components.validate_data import validate_data
+from pipelines._steps import prepare_data
 from pipelines.cluster import ClusterSettings
 from trainer.hyperparameters import DEFAULTS, FIELDS
 
@@ -82,8 +81,10 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
     ) -> Outputs:
         """Trains and evaluates an image classifier on a class-folder data set.
 
-        Steps: validate-data -> convert-to-tfrecords -> train (GPU) -> evaluate -> bless-model, then for a
-        blessed model push-model (when model_registry_uri is set) and batch-predict (when batch_data_uri is set).
+        Steps: look-at-data -> validate-data -> convert-to-tfrecords -> train (GPU) -> evaluate -> bless-model,
+        then for a blessed model push-model (when model_registry_uri is set) and batch-predict (when
+        batch_data_uri is set). With caching on, a run on unchanged content reuses validation, conversion,
+        training and evaluation; the look, the gate, the push and batch prediction run every time.
 
         Args:
             data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
@@ -101,24 +102,17 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         """
         hyperparameters = {name: value for name, value in locals().items() if name in FIELDS}
 
-        validation = validate_data(data_uri=data_uri, binary_mode=binary_mode,
-                                   max_rejected_fraction=max_rejected_fraction)
-        # The folder behind data_uri can change between runs; always look at it again.
-        validation.set_caching_options(False)
-        validation.set_display_name("Validate data").set_retry(num_retries=2, backoff_duration="30s")
-        settings.apply(validation, "validate")
-
-        conversion = convert_to_tfrecords(
-            data_uri=data_uri, validation=validation.outputs["validation"],
-            data_fingerprint=validation.outputs["fingerprint"], validation_split_ratio=validation_split_ratio,
-            test_split_ratio=test_split_ratio, random_seed=random_seed)
-        conversion.set_display_name("Convert to TFRecords").set_retry(num_retries=2, backoff_duration="30s")
-        settings.apply(conversion, "convert")
+        # Look at the data (every run), then validate and convert it: both reused from the cache while the
+        # content is unchanged, and so are training and evaluation, whose inputs are then the same.
+        data = prepare_data(data_uri, binary_mode=binary_mode, max_rejected_fraction=max_rejected_fraction,
+                            validation_split_ratio=validation_split_ratio, test_split_ratio=test_split_ratio,
+                            random_seed=random_seed, settings=settings)
+        validation, conversion = data.validation, data.conversion
 
         training = train(dataset=conversion.outputs["dataset"], initial_model_uri=initial_model_uri,
-                         backup_root=checkpoint_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                         jit_compile=jit_compile, **hyperparameters)
-        # Retries cover node preemption; the step resumes from its last backup (see checkpoint_root).
+                         backup_root=checkpoint_root, jit_compile=jit_compile, **hyperparameters)
+        # Retries cover node preemption; the step resumes from its last backup (see checkpoint_root). The
+        # backup is found through the model output's URI, which every retry of the task shares.
         training.set_display_name("Train").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
         training.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
         settings.apply(training, "train")

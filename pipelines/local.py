@@ -11,6 +11,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from kfp import components, local
@@ -75,36 +76,79 @@ def _docker_runner(data_uri: str, pipeline_root: str) -> local.DockerRunner:
     return local.DockerRunner(**options)
 
 
+class _CacheHits(logging.Handler):
+    """Notes the steps kfp.local takes from its cache; it says so at INFO on the root logger, which is
+    otherwise quiet. Warnings and errors still reach stderr, as they would without this handler."""
+
+    _HIT = re.compile(r"^Task ([\w-]+) cache hit")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.reused: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        hit = self._HIT.match(message)
+        if hit:
+            self.reused.append(hit.group(1))
+            print(f"step {hit.group(1)}: reused from the cache", flush=True)
+        elif record.levelno >= logging.WARNING:
+            print(f"{record.levelname}: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _noting_cache_hits() -> Iterator[_CacheHits]:
+    root = logging.getLogger()
+    handler, level = _CacheHits(), root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: str = "subprocess",
-              image: str | None = None, pipeline_args: dict[str, Any] | None = None) -> dict[str, Any]:
+              image: str | None = None, pipeline_args: dict[str, Any] | None = None,
+              cache_dir: str | None = None, pipeline_file: str | None = None) -> dict[str, Any]:
     """Compile the pipeline, run it with kfp.local, and return (and write) the run summary.
 
     ``runner`` is "subprocess" (steps run as processes of this Python environment) or "docker"
-    (steps run in the component image, ``image`` or the project's own).
+    (steps run in the component image, ``image`` or the project's own). ``cache_dir`` turns on
+    kfp.local's cache, kept in that folder: a step whose component, image and inputs (values, and
+    artifacts by URI and metadata) match an earlier run's is not run again, and its outputs are the
+    earlier run's (as long as their files still exist). ``pipeline_file`` runs an already compiled
+    pipeline instead of compiling one (``image`` is then ignored).
     """
     output_dir = os.path.abspath(output_dir)
     pipeline_root = os.path.join(output_dir, "artifacts")
     os.makedirs(pipeline_root, exist_ok=True)
     if not storage.is_gcs(data_uri):
         data_uri = os.path.abspath(data_uri)
-    pipeline_yaml = compile_pipeline(os.path.join(output_dir, "pipeline.yaml"), image=image)
+    pipeline_yaml = pipeline_file or compile_pipeline(os.path.join(output_dir, "pipeline.yaml"), image=image)
     pipeline = components.load_component_from_file(pipeline_yaml)
 
+    caching: dict[str, Any] = {}
+    if cache_dir:
+        cache_dir = os.path.abspath(cache_dir)
+        caching = {"enable_caching": True, "cache_root": cache_dir}
     if runner == "subprocess":
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, **caching)
     elif runner == "docker":
-        local.init(runner=_docker_runner(data_uri, pipeline_root), pipeline_root=pipeline_root)
+        local.init(runner=_docker_runner(data_uri, pipeline_root), pipeline_root=pipeline_root, **caching)
     else:
         raise ValueError(f"unknown runner {runner!r}; use 'subprocess' or 'docker'")
     # Steps run in child processes that inherit the environment; keep TensorFlow's start-up noise down.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     arguments = {"data_uri": data_uri, **hp.to_dict(), "accelerator_count": 0, **(pipeline_args or {})}
-    summary: dict[str, Any] = {"data_uri": data_uri, "hyperparameters": hp.to_dict()}
+    summary: dict[str, Any] = {"data_uri": data_uri, "hyperparameters": hp.to_dict(), "cache_dir": cache_dir}
     tail = _LogTail(sys.stdout)
+    earlier_runs = set(os.listdir(pipeline_root))
     started = time.monotonic()
     try:
-        with contextlib.redirect_stdout(tail), warnings.catch_warnings():
+        with contextlib.redirect_stdout(tail), warnings.catch_warnings(), _noting_cache_hits() as hits:
             # kfp.local warns that GPU and resource requests are ignored here, and that our image name has
             # no "python" in it; both are expected on a laptop.
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -119,9 +163,21 @@ def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: st
     else:
         summary.update(status="succeeded", pipeline_seconds=round(time.monotonic() - started, 1))
         summary.update(_describe_outputs(task.outputs))
+    summary.update(steps_run=_steps_run(pipeline_root, earlier_runs), steps_reused=sorted(hits.reused))
     with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
     return summary
+
+
+def _steps_run(pipeline_root: str, earlier_runs: set[str]) -> list[str]:
+    """The steps this run executed: kfp.local gives each a folder in the run's new folder (a step taken
+    from the cache gets none; its outputs stay where the earlier run wrote them)."""
+    steps: set[str] = set()
+    for run in set(os.listdir(pipeline_root)) - earlier_runs:
+        if os.path.isdir(os.path.join(pipeline_root, run)):
+            steps.update(name for name in os.listdir(os.path.join(pipeline_root, run))
+                         if os.path.isdir(os.path.join(pipeline_root, run, name)))
+    return sorted(steps)
 
 
 def _read_json(*parts: str) -> dict[str, Any]:

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
 
 from trainer import storage
 
 log = logging.getLogger(__name__)
 
 
-def durable_backup_dir(backup_root: str, model_uri: str, run_id: str) -> str | None:
-    """Choose a backup folder that outlives the training pod and is the same for each retry.
+def durable_backup_dir(backup_root: str, model_uri: str) -> str | None:
+    """Choose a backup folder that outlives the training pod, the same for every retry of one task and
+    different for every other task.
 
-    A retry of a KFP task keeps the run id and the output artifact URI, so either identifies the
-    backup of the attempt that was interrupted. An explicit ``backup_root`` (a gs:// bucket path or
-    a mounted volume) wins; otherwise a gs:// model URI gets a sibling folder. Local-only outputs
-    (kfp.local, or an artifact store TensorFlow cannot write to, such as MinIO) get no backup:
-    say so, because a preempted run then starts again from epoch 1.
+    The model output's URI has both properties: KFP's driver fixes it once per task (the pipeline
+    root, the task's name and a salt drawn per task) and hands the same executor input to every retry
+    of the task's pod, while another run or another task gets another URI. (The run id would do too,
+    but as an input it would make the step's cache key new in every run.) An explicit
+    ``backup_root`` (a gs:// bucket path or a mounted volume) wins and gets a folder named by a hash
+    of the URI; otherwise a gs:// model URI gets a sibling folder. Local-only outputs (kfp.local, or
+    an artifact store TensorFlow cannot write to, such as MinIO) get no backup: say so, because a
+    preempted run then starts again from epoch 1.
     """
     if backup_root:
-        safe_run = re.sub(r"[^A-Za-z0-9._-]", "_", run_id) or "run"
-        return storage.join(backup_root, safe_run, "train")
+        task = hashlib.sha256(model_uri.rstrip("/").encode("utf-8")).hexdigest()[:20]
+        backup_dir = storage.join(backup_root, task, "train")
+        log.info("Training backups of %s go to %s", model_uri, backup_dir)
+        return backup_dir
     if model_uri.startswith("gs://"):
         return model_uri.rstrip("/") + "-backup"
     log.warning("No durable backup location: set the pipeline parameter checkpoint_root to a gs:// path or "

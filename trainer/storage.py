@@ -98,6 +98,19 @@ def list_files(root: str) -> list[str]:
     return sorted(found)
 
 
+def list_object_details(root: str) -> list[dict[str, Any]]:
+    """What a listing says about every file below ``root``, without reading any content.
+
+    Each entry has ``path`` (relative, as in ``list_files``) and ``size``; gs:// objects also have
+    ``md5`` (absent for composite objects: ""), ``crc32c`` and ``generation`` (new on every write).
+    """
+    if not is_gcs(root):
+        return [{"path": rel, "size": os.path.getsize(os.path.join(_local(root), rel))} for rel in list_files(root)]
+    fields = "items(name,size,md5Hash,crc32c,generation),nextPageToken"
+    return [{"path": rel, "size": int(blob.size or 0), "md5": blob.md5_hash or "", "crc32c": blob.crc32c or "",
+             "generation": int(blob.generation or 0)} for rel, blob in _list_gcs_blobs(root, fields)]
+
+
 def read_bytes(uri: str) -> bytes:
     if is_gcs(uri):
         with _gcs_errors(uri, "reading", _NO_OBJECT.format(uri=uri)):
@@ -209,22 +222,27 @@ def _blob(uri: str) -> storage.Blob:
 
 
 def _list_gcs(root: str) -> list[str]:
+    # Only names are needed here.
+    return [rel for rel, _ in _list_gcs_blobs(root, "items(name),nextPageToken")]
+
+
+def _list_gcs_blobs(root: str, fields: str) -> list[tuple[str, storage.Blob]]:
     bucket, key = _split(root)
     # GCS has no folders: 'data' would also match 'data2/...', so always list below 'data/'.
     prefix = key.strip("/") + "/" if key.strip("/") else ""
     shown = f"{_GS}{bucket}/{prefix}"
     missing = f"bucket {bucket!r} does not exist (HTTP 404 listing {shown}): check the bucket name in the URI"
     with _gcs_errors(shown, "listing", missing):
-        # The iterator fetches every page (at most 1,000 objects each); only names are needed.
-        blobs = _client().list_blobs(bucket, prefix=prefix, retry=_RETRY, fields="items(name),nextPageToken")
+        # The iterator fetches every page (at most 1,000 objects each) with only the fields asked for.
+        blobs = _client().list_blobs(bucket, prefix=prefix, retry=_RETRY, fields=fields)
         # An object named exactly like the prefix is a folder marker for the root itself, not a file below it.
-        names = sorted(b.name[len(prefix) :] for b in blobs if b.name != prefix)
-    if not names:
+        found = sorted(((b.name[len(prefix) :], b) for b in blobs if b.name != prefix), key=lambda item: item[0])
+    if not found:
         raise StorageError(
             f"no objects found under {shown}: check the path (in GCS a misspelled folder "
             "and an empty one look the same)"
         )
-    return names
+    return found
 
 
 def _upload(uri: str, send: Callable[[storage.Blob, int, Any], None]) -> None:
