@@ -48,6 +48,11 @@ def evaluate(
     if result.get("roc"):
         roc = result["roc"]
         confusion_matrix.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
+    # The figures live in the artifacts' metadata; a file at each URI too lets a cache reuse the step
+    # (kfp.local treats an output without a file as missing).
+    for artifact in (metrics, confusion_matrix):
+        with open(artifact.path, "w", encoding="utf-8") as handle:
+            json.dump(artifact.metadata, handle, indent=2)
     with open(os.path.join(evaluation.path, "report.md"), encoding="utf-8") as source, \
             open(report.path, "w", encoding="utf-8") as target:
         target.write(source.read())

@@ -62,6 +62,7 @@ def train(
             this step from the cache).
         jit_compile: Compile the training step with XLA.
     """
+    import json
     import logging
 
     from trainer import checkpoints, hyperparameters, training
@@ -74,5 +75,9 @@ def train(
                             backup_dir=backup_dir, tensorboard_dir=tensorboard_logs.path, jit_compile=jit_compile)
     for name, value in result["final_metrics"].items():
         metrics.log_metric(name, float(value))
+    # The figures live in the artifact's metadata; a file at its URI too lets a cache reuse the step
+    # (kfp.local treats an output without a file as missing).
+    with open(metrics.path, "w", encoding="utf-8") as handle:
+        json.dump(metrics.metadata, handle, indent=2)
     trained_model.metadata.update({"framework": "tensorflow", "backbone": model,
                                    "epochs_completed": result["epochs_completed"]})
