@@ -65,14 +65,37 @@ def test_train_step_asks_for_a_gpu(spec):
             assert "accelerator" not in executor["container"].get("resources", {}), name
 
 
+def _all_tasks(spec):
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
 def test_wiring_retries_caching_and_names(spec):
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"validate-data", "convert-to-tfrecords", "train", "evaluate", "bless-model",
-                          "condition-1"}
+    assert set(tasks) == {"look-at-data", "validate-data", "convert-to-tfrecords", "train", "evaluate",
+                          "bless-model", "condition-1"}
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 3
-    assert tasks["validate-data"]["cachingOptions"] == {}
-    assert tasks["train"]["cachingOptions"] == {"enableCache": True}
     assert all(task["taskInfo"]["name"] for task in tasks.values())
+
+
+def test_caching_reuses_what_depends_only_on_content_and_parameters(spec):
+    """Cached: the steps whose inputs are the data's content (through the look's fingerprint) and parameters.
+    Never cached: the look at the data, and what must decide in every run (gate, push, batch prediction)."""
+    cached = {name for name, task in _all_tasks(spec).items() if task.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"validate-data", "convert-to-tfrecords", "train", "evaluate"}
+    tasks = _all_tasks(spec)
+    assert {"look-at-data", "bless-model", "push-model", "batch-predict"} <= set(tasks)
+    # Validation's cache key holds the content fingerprint, so new content under the same URI re-runs it.
+    fingerprint = tasks["validate-data"]["inputs"]["parameters"]["content_fingerprint"]["taskOutputParameter"]
+    assert fingerprint == {"producerTask": "look-at-data", "outputParameterKey": "fingerprint"}
+    # Nothing that differs between runs of unchanged data reaches a cached step: no run id, no run name, no time.
+    for name in cached:
+        text = str(tasks[name]["inputs"])
+        for placeholder in ("PIPELINE_JOB", "{{$.pipeline_job", "run_id", "create_time"):
+            assert placeholder not in text, (name, placeholder)
+    assert "run_id" not in spec["components"]["comp-train"]["inputDefinitions"]["parameters"]
 
 
 def test_committed_yaml_is_what_the_code_compiles_to(compiled):
@@ -116,7 +139,7 @@ def test_cluster_settings_from_compile_options(tmp_path):
     assert train_pod["tolerations"] == [{"effect": "NoExecute", "key": "dedicated", "operator": "Equal",
                                          "value": "ml"}]
     assert train_pod["emptyDirMounts"][0]["sizeLimit"] == "32Gi"
-    for name in ("exec-validate-data", "exec-convert-to-tfrecords", "exec-train", "exec-evaluate",
+    for name in ("exec-look-at-data", "exec-validate-data", "exec-convert-to-tfrecords", "exec-train", "exec-evaluate",
                  "exec-bless-model", "exec-push-model", "exec-batch-predict"):
         assert platform[name]["secretAsVolume"][0]["secretName"] == "imgclf-gcs-key", name
     executors = next(yaml.safe_load_all(open(path)))["deploymentSpec"]["executors"]
