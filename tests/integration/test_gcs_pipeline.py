@@ -84,7 +84,8 @@ def test_prefix_without_trailing_slash_is_the_same_folder(staged, tmp_path):
     _assert_reconciled(summary, out)
 
 
-def test_missing_bucket_fails_in_validation_naming_it(gcs_emulator, tmp_path):
+def test_missing_bucket_fails_in_the_first_look_naming_it(gcs_emulator, tmp_path):
     summary = _run("gs://imgclf-no-such-bucket/flowers/", tmp_path / "run")
-    assert summary["status"] == "failed" and summary["failed_step"] == "validate-data", summary
+    # The look at the data is the first step to list the bucket.
+    assert summary["status"] == "failed" and summary["failed_step"] == "look-at-data", summary
     assert "imgclf-no-such-bucket" in summary["error"] and "does not exist" in summary["error"]
