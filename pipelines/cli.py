@@ -13,7 +13,7 @@ from trainer import cli as trainer_cli
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.cluster import ClusterSettings
-    from pipelines.compiler import COMPILED_PIPELINE, compile_pipeline
+    from pipelines.compiler import COMPILED_PIPELINE, COMPILED_TUNING_PIPELINE, compile_pipeline, compile_tuning_pipeline
 
     try:
         settings = ClusterSettings.from_options(
@@ -24,6 +24,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         return trainer_cli.EXIT_USAGE
     path = compile_pipeline(args.output or COMPILED_PIPELINE, image=args.image, settings=settings)
     print(f"compiled pipeline written to {path}")
+    # Both committed pipelines by default; with --output only the one asked for, unless --tuning-output too.
+    if args.tuning_output or not args.output:
+        path = compile_tuning_pipeline(args.tuning_output or COMPILED_TUNING_PIPELINE, image=args.image,
+                                       settings=settings)
+        print(f"compiled tuning pipeline written to {path}")
     return 0
 
 
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd = commands.add_parser("compile", help="compile the pipeline to YAML")
     cmd.add_argument("--output", help="where to write it (default: the committed pipelines/image_classification.yaml)")
+    cmd.add_argument("--tuning-output", help="where to write the tuning pipeline (default: the committed "
+                                             "pipelines/image_classification_tuning.yaml, unless --output is given)")
     cmd.add_argument("--image", help="component image to use instead of the project's, e.g. registry.example/imgclf:1")
     cluster = cmd.add_argument_group("cluster settings (see README)")
     cluster.add_argument("--gpu-node-selector", action="append", default=[], metavar="LABEL=VALUE",

@@ -253,6 +253,21 @@ def create_study(config: TuningConfig, study_uri: str) -> dict[str, Any]:
     return config.to_dict()
 
 
+def study_location(study_root: str, run_id: str, artifact_uri: str) -> str:
+    """Where a run's study lives: ``study_root/<run id>``, else the setup step's own artifact location.
+
+    Every trial writes to the study, so it must be a location all of them reach and write: a gs:// URI
+    or a shared volume. A pipeline root on MinIO or S3 (the open-source backend's default) is neither,
+    for trainer.storage, and then study_root must be given.
+    """
+    if study_root:
+        return storage.join(study_root, run_id or "study")
+    if storage.is_gcs(artifact_uri) or "://" not in artifact_uri:
+        return artifact_uri
+    raise TuningError(f"the pipeline root puts the study at {artifact_uri}, which the trials cannot share; "
+                      "set study_root to a gs:// path or a volume mounted by every step")
+
+
 def load_config(study_uri: str) -> TuningConfig:
     data = storage.read_bytes_if_exists(storage.join(study_uri, CONFIG_FILE))
     if data is None:
@@ -408,7 +423,8 @@ def summarize(study_uri: str) -> dict[str, Any]:
     for frozen in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         attrs = frozen.user_attrs
         value = frozen.value
-        if value is None and frozen.intermediate_values:
+        if frozen.state == TrialState.PRUNED and frozen.intermediate_values:
+            # A stopped trial is shown with the last value it reported.
             value = frozen.intermediate_values[max(frozen.intermediate_values)]
         trials.append({"trial": frozen.number, "status": _STATUS[frozen.state], "value": value,
                        "hyperparameters": attrs.get("hyperparameters", {}), "epochs": attrs.get("epochs", 0),
