@@ -3,14 +3,14 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
 from components._image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def select_best_trial(
-    study_uri: str,
+    study: Input[Artifact],
     best_model: Output[Model],
     best_hyperparameters: Output[Artifact],
     tuning: Output[Artifact],
@@ -21,7 +21,7 @@ def select_best_trial(
     """Writes the trials report and copies the best trial's model; fails, listing why, if no trial completed.
 
     Args:
-        study_uri: The study folder written by the setup step.
+        study: The setup step's study artifact; its metadata names the study folder.
         best_model: The best trial's model folder, as the train step writes it.
         best_hyperparameters: YAML of the best trial's hyperparameters; `--params` takes it as it is.
         tuning: Folder holding tuning.json (every trial's hyperparameters, objective, status, epochs, seconds).
@@ -39,7 +39,7 @@ def select_best_trial(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.makedirs(tuning.path, exist_ok=True)
     try:
-        summary = tuning_lib.select_best(study_uri, best_model.path, tuning.path)
+        summary = tuning_lib.select_best(study.metadata["study_uri"], best_model.path, tuning.path)
     finally:
         # The reports are worth showing even when every trial failed.
         for name, target in (("report.md", report.path), ("report.html", report_html.path),

@@ -1,7 +1,5 @@
 """Tuning step 1: check the search and create its study folder, shared by every trial."""
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import Artifact, Output
 
@@ -50,7 +48,7 @@ def tuning_setup(
     model: str,
     weights: str,
     image_size: int,
-) -> NamedTuple("Outputs", [("study_uri", str), ("lanes", list[int]), ("n_trials", int)]):
+) -> list[int]:
     """Checks the ranges and settings and writes the study (search space, objective, journal).
 
     Every hyperparameter that is not ranged keeps the value given here in every trial; a ranged one
@@ -69,9 +67,10 @@ def tuning_setup(
         run_id: The pipeline run's id, naming the study folder under study_root.
 
     Returns:
-        The study folder's URI, the lanes (one per trial running at once) and the number of trials.
+        The lanes, one per trial running at once (each runs its trials one after another). The
+        study folder's URI is in the study artifact's metadata (``study_uri``): a step's only output
+        is what a loop can iterate over in kfp.local.
     """
-    import collections
     import json
     import logging
     import os
@@ -89,5 +88,4 @@ def tuning_setup(
         json.dump(written, handle, indent=2)
     study.metadata.update({"study_uri": study_uri, "n_trials": config.n_trials, "strategy": config.strategy,
                            "objective": config.objective, "tuned": list(config.space.names)})
-    outputs = collections.namedtuple("Outputs", ["study_uri", "lanes", "n_trials"])
-    return outputs(study_uri, list(range(config.lanes)), config.n_trials)
+    return list(range(config.lanes))

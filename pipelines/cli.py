@@ -12,8 +12,8 @@ from trainer import cli as trainer_cli
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines import compiler
     from pipelines.cluster import ClusterSettings
-    from pipelines.compiler import COMPILED_PIPELINE, COMPILED_TUNING_PIPELINE, compile_pipeline, compile_tuning_pipeline
 
     try:
         settings = ClusterSettings.from_options(
@@ -22,12 +22,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return trainer_cli.EXIT_USAGE
-    path = compile_pipeline(args.output or COMPILED_PIPELINE, image=args.image, settings=settings)
+    path = compiler.compile_pipeline(args.output or compiler.COMPILED_PIPELINE, image=args.image, settings=settings)
     print(f"compiled pipeline written to {path}")
     # Both committed pipelines by default; with --output only the one asked for, unless --tuning-output too.
     if args.tuning_output or not args.output:
-        path = compile_tuning_pipeline(args.tuning_output or COMPILED_TUNING_PIPELINE, image=args.image,
-                                       settings=settings)
+        path = compiler.compile_tuning_pipeline(args.tuning_output or compiler.COMPILED_TUNING_PIPELINE,
+                                                image=args.image, settings=settings)
         print(f"compiled tuning pipeline written to {path}")
     return 0
 

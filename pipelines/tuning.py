@@ -5,10 +5,11 @@ Designed for the open-source KFP v2 backend as well as kfp.local and Vertex: no 
 in a folder every step can reach (gs:// or a volume), so nothing has to be gathered from the loop:
 the select step runs ``.after()`` the loop and reads the study. A loop's ``parallelism`` is fixed when
 the pipeline is compiled (``iteratorPolicy.parallelismLimit``, one Argo template setting), while
-``parallel_trials`` is a run-time setting, so trials run in lanes: an outer loop over
-``parallel_trials`` lanes, without a limit, and in each lane an inner loop over its trial slots,
-one at a time (``parallelism=1``). Both loops iterate over a list output of a step, as the backend's
-driver supports.
+``parallel_trials`` is a run-time setting, so trials run in lanes: one loop over ``parallel_trials``
+lanes, without a limit, iterating over the setup step's list output (as the backend's driver and
+kfp.local both support), each lane one GPU task running its trials one after another. (A nested loop,
+one task per trial, is what kfp.local 2.17 cannot run: its inner iterations do not see the pipeline's
+parameters.)
 """
 
 from typing import NamedTuple
@@ -22,9 +23,8 @@ from components.evaluate import evaluate
 from components.gate import bless_model
 from components.push_model import push_model
 from components.select_best_trial import select_best_trial
-from components.tuning_lane import tuning_lane
 from components.tuning_setup import tuning_setup
-from components.tuning_trial import tuning_trial
+from components.tuning_trials import tuning_trials
 from components.validate_data import validate_data
 from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import ACCELERATOR_TYPE
@@ -154,9 +154,9 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
     ) -> Outputs:
         """Searches hyperparameters with parallel trials and releases the best model.
 
-        Steps: validate-data -> convert-to-tfrecords -> tuning-setup -> per lane: tuning-lane -> tuning-trial
-        (GPU; one at a time per lane, parallel_trials lanes at once) -> select-best-trial -> evaluate ->
-        bless-model -> push-model | batch-predict, as the main pipeline.
+        Steps: validate-data -> convert-to-tfrecords -> tuning-setup -> tuning-trials (one GPU task per lane,
+        parallel_trials lanes at once, each running its trials one after another) -> select-best-trial ->
+        evaluate -> bless-model -> push-model | batch-predict, as the main pipeline.
 
         Args:
             data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
@@ -171,7 +171,7 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             study_root: gs:// path or volume mounted by every step for the shared study (needed when the
                 pipeline root is not on GCS, e.g. the default MinIO).
             max_rejected_fraction: Largest share of unusable image files the run tolerates.
-            accelerator_count: GPUs for each trial (0 runs trials on CPUs).
+            accelerator_count: GPUs for each lane of trials (0 runs trials on CPUs).
             jit_compile: Compile the training step with XLA.
             min_eval_value: The best model is blessed only when eval_metric reaches this value (0: none).
             baseline_model_uri: An earlier model the best one must not fall below on eval_metric.
@@ -194,21 +194,17 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         setup.set_display_name("Set up the search")
         settings.apply(setup, "push")
 
-        with dsl.ParallelFor(setup.outputs["lanes"], name="lanes") as lane:
-            slots = tuning_lane(study_uri=setup.outputs["study_uri"], lane=lane)
-            slots.set_caching_options(False)
-            slots.set_display_name("Plan lane")
-            settings.apply(slots, "push")
-            with dsl.ParallelFor(slots.output, parallelism=1, name="trials") as slot:
-                trial = tuning_trial(study_uri=setup.outputs["study_uri"], slot=slot,
-                                     dataset=conversion.outputs["dataset"], jit_compile=jit_compile)
-                trial.set_caching_options(False)
-                # Retries cover node preemption; the retried slot records the interrupted trial and runs anew.
-                trial.set_display_name("Trial").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
-                trial.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
-                settings.apply(trial, "train")
+        with dsl.ParallelFor(setup.outputs["Output"], name="lanes") as lane:
+            trials = tuning_trials(study=setup.outputs["study"], lane=lane, dataset=conversion.outputs["dataset"],
+                                   jit_compile=jit_compile, gpus=accelerator_count)
+            trials.set_caching_options(False)
+            # Retries cover node preemption; the retried lane skips the trials it finished and records the
+            # interrupted one.
+            trials.set_display_name("Trials").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
+            trials.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
+            settings.apply(trials, "train")
 
-        best = select_best_trial(study_uri=setup.outputs["study_uri"]).after(trial)
+        best = select_best_trial(study=setup.outputs["study"]).after(trials)
         best.set_caching_options(False)
         best.set_display_name("Select the best trial")
         settings.apply(best, "push")

@@ -6,7 +6,8 @@ How a search runs (the tuning pipeline, ``imgclf tune``, or by hand):
    gs:// URI): ``study.json`` (the search space, objective, strategy, budget and the fixed
    hyperparameters) and the study's journal.
 2. Each trial (``run_trial``, one per slot ``0 .. n_trials-1``, any number at once, on any machine that
-   sees the folder) asks the study for hyperparameters, trains on the converted data set, reports the
+   sees the folder; ``run_lane`` runs one lane's slots one after another) asks the study for
+   hyperparameters, trains on the converted data set, reports the
    objective after every epoch (so a trial clearly worse than the others at the same epoch is stopped:
    pruned), and tells the study its result. A trial that fails is recorded with its reason and the
    search goes on. The trial's model is written to ``trials/<slot>/model``.
@@ -398,6 +399,30 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
     log.info("Trial %d %s after %d epoch(s) in %.0f s: %s = %s", trial.number, record["status"], epochs, seconds,
              config.objective, "n/a" if value is None else f"{value:.4f}")
     return record
+
+
+def run_lane(study_uri: str, lane: int, dataset_dir: str, *, jit_compile: bool = False,
+             train_fn: Any = None) -> list[dict[str, Any]]:
+    """Run one lane's trial slots one after another; a retried lane skips the slots it already finished."""
+    config = load_config(study_uri)
+    if not 0 <= lane < config.lanes:
+        raise TuningError(f"lane {lane} does not exist: the search runs {config.lanes} lane(s)")
+    study, _ = open_study(study_uri, lane)
+    finished = {t.user_attrs.get("slot") for t in study.get_trials(deepcopy=False)
+                if t.state.is_finished() and not str(t.user_attrs.get("error", "")).startswith("interrupted")}
+    records = []
+    for slot in config.lane_slots(lane):
+        if slot in finished:
+            log.info("Slot %d already ran (this lane was retried); skipping it", slot)
+            continue
+        record = run_trial(study_uri, slot, dataset_dir, jit_compile=jit_compile, train_fn=train_fn)
+        records.append({**record, "direction": config.direction})
+        if train_fn is None:
+            # Trials share this process: free the last model's graph and memory before the next one.
+            import keras
+
+            keras.backend.clear_session()
+    return records
 
 
 def _fail_interrupted(study: optuna.Study, slot: int) -> None:
