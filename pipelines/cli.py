@@ -58,6 +58,39 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from pipelines.tuning import image_classification_tuning
+    from pipelines.tuning_local import BEST_FILE, TUNING_FILE, run_tuning_local
+    from trainer import search_space
+
+    values = {**operations.load_parameters(args.params, args.assignments), "data_uri": args.data}
+    if args.ranges:
+        values["ranges"] = search_space.load_ranges_file(args.ranges).to_json()
+    for name in ("objective", "strategy", "max_trials", "parallel_trials", "early_stopping_type"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    # The same check a cluster run gets (`imgclf submit --tuning`): hyperparameters, settings and the search.
+    typed = operations.pipeline_parameters(values, image_classification_tuning)
+    summary = run_tuning_local(args.data, args.output, {k: v for k, v in typed.items() if k != "data_uri"})
+    if summary["status"] != "succeeded":
+        print(f"\ntuning failed in step '{summary['failed_step']}': {summary['error']}", file=sys.stderr)
+        print(f"summary: {args.output}/{TUNING_FILE}", file=sys.stderr)
+        return 1
+    best, evaluation = summary["best"], summary["evaluation"]
+    counts: dict[str, int] = {}
+    for trial in summary["trials"]:
+        counts[trial["status"]] = counts.get(trial["status"], 0) + 1
+    print(f"\ntuning succeeded in {summary['pipeline_seconds']:.0f} s: {len(summary['trials'])} trials ("
+          + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")")
+    print(f"best: trial {best['trial']}, {summary['objective']} = {best['value']:.4f}; tuned: "
+          + ", ".join(f"{k}={best['hyperparameters'][k]!r}" for k in summary["tuned"]))
+    print(f"best model on the test split: {evaluation['eval_metric']} = {evaluation['eval_value']:.4f}; "
+          f"{evaluation['blessing']}")
+    print(f"report: {summary['report_html']}")
+    print(f"written: {args.output}/{TUNING_FILE}, {args.output}/{BEST_FILE}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, commands = trainer_cli.build_parser(prog="imgclf")
 
@@ -91,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="also print the whole summary")
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_run_local)
+
+    cmd = commands.add_parser("tune", help="search hyperparameters with the tuning pipeline on this machine "
+                                            "(kfp.local); writes tuning.json and best_hyperparameters.yaml")
+    cmd.add_argument("--data", required=True, help="local path or gs:// URI of the class folders")
+    cmd.add_argument("--output", required=True, help="folder for the artifacts, tuning.json and "
+                                                     "best_hyperparameters.yaml")
+    cmd.add_argument("--ranges", metavar="FILE", help="SageMaker ParameterRanges JSON or our YAML form "
+                                                      "(default: the reference's recommended ranges)")
+    cmd.add_argument("--objective", help="validation:accuracy (default), validation:loss; in binary mode also "
+                                         "validation:precision, validation:recall, validation:auc, validation:prc")
+    cmd.add_argument("--strategy", help="Bayesian (default), Random, Grid or Hyperband")
+    cmd.add_argument("--max-trials", type=int, help="trials in all (default 10)")
+    cmd.add_argument("--parallel-trials", type=int, help="trials at a time (default 2)")
+    cmd.add_argument("--early-stopping-type", help="Auto (default): stop trials clearly worse than the others "
+                                                   "at the same epoch; Off")
+    trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
+    cmd.set_defaults(func=_cmd_tune)
 
     operations.add_commands(commands)
     return parser

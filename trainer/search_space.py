@@ -63,6 +63,10 @@ RECOMMENDED_RANGES: dict[str, Any] = {
 }
 
 
+_BOTH = ("{name}: given a fixed value and a range; remove one of the two (a range is searched, a fixed value "
+         "is kept in every trial)")
+
+
 class RangeError(HyperparameterError):
     """One or more ranges of a search space are invalid; ``problems`` holds one line each."""
 
@@ -155,8 +159,12 @@ def default_space() -> SearchSpace:
     return parse_ranges(RECOMMENDED_RANGES)
 
 
-def parse_ranges(data: Any, *, source: str = "ranges") -> SearchSpace:
-    """Read SageMaker's ParameterRanges or our short form; RangeError lists every problem at once."""
+def parse_ranges(data: Any, *, source: str = "ranges", fixed: Iterable[str] = ()) -> SearchSpace:
+    """Read SageMaker's ParameterRanges or our short form; RangeError lists every problem at once.
+
+    ``fixed`` names hyperparameters given a fixed value, which must not be ranged too.
+    """
+    fixed_names = {hps.ALIASES.get(name, name) for name in fixed}
     if data is None or data == {}:
         raise RangeError([f"{source}: no ranges given; give at least one hyperparameter to search"])
     if not isinstance(data, Mapping):
@@ -177,6 +185,9 @@ def parse_ranges(data: Any, *, source: str = "ranges") -> SearchSpace:
             problems.append(f"{name}: ranged twice; give one range per hyperparameter")
             continue
         seen.add(canonical)
+        if canonical in fixed_names:
+            problems.append(_BOTH.format(name=name))
+            continue
         parsed = _parse_one(name, kind, entry, problems)
         if parsed is not None:
             ranges.append(parsed)
@@ -186,7 +197,7 @@ def parse_ranges(data: Any, *, source: str = "ranges") -> SearchSpace:
     return SearchSpace(tuple(sorted(ranges, key=lambda r: order[r.name])))
 
 
-def load_ranges(text: str, *, source: str = "ranges") -> SearchSpace:
+def load_ranges(text: str, *, source: str = "ranges", fixed: Iterable[str] = ()) -> SearchSpace:
     """Parse ranges from JSON or YAML text; empty text gives the default (recommended) space."""
     if not text or not text.strip():
         return default_space()
@@ -194,7 +205,7 @@ def load_ranges(text: str, *, source: str = "ranges") -> SearchSpace:
         data = yaml.safe_load(text)  # JSON is YAML too
     except yaml.YAMLError as err:
         raise RangeError([f"{source}: not valid JSON/YAML: {str(err).splitlines()[0]}"]) from None
-    return parse_ranges(data, source=source)
+    return parse_ranges(data, source=source, fixed=fixed)
 
 
 def load_ranges_file(path: str) -> SearchSpace:
@@ -211,8 +222,7 @@ def load_ranges_file(path: str) -> SearchSpace:
 def check_not_fixed(space: SearchSpace, fixed: Iterable[str]) -> None:
     """Refuse hyperparameters that were given a fixed value and a range too."""
     given = {hps.ALIASES.get(name, name) for name in fixed}
-    problems = [f"{name}: given a fixed value and a range; remove one of the two (the range is searched, "
-                "the fixed value is kept for every trial)" for name in space.names if name in given]
+    problems = [_BOTH.format(name=name) for name in space.names if name in given]
     if problems:
         raise RangeError(problems)
 

@@ -144,11 +144,11 @@ def make_config(ranges: str | Mapping[str, Any] | search_space.SearchSpace | Non
     try:
         if isinstance(ranges, search_space.SearchSpace):
             space = ranges
+            search_space.check_not_fixed(space, fixed_given)
         elif isinstance(ranges, Mapping):
-            space = search_space.parse_ranges(ranges)
+            space = search_space.parse_ranges(ranges, fixed=fixed_given)
         else:
-            space = search_space.load_ranges(ranges or "")
-        search_space.check_not_fixed(space, fixed_given)
+            space = search_space.load_ranges(ranges or "", fixed=fixed_given)
     except HyperparameterError as err:
         problems.extend(err.problems)
     hp = None
