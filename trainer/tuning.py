@@ -31,6 +31,7 @@ trials run one at a time, and parallel trials never draw the same values from th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import secrets
@@ -283,10 +284,34 @@ def make_sampler(config: TuningConfig, slot: int) -> optuna.samplers.BaseSampler
     if config.strategy == "Random":
         return optuna.samplers.RandomSampler(seed=seed)
     if config.strategy == "Grid":
-        return optuna.samplers.GridSampler(config.space.grid(), seed=seed)
+        return _SlotGridSampler(config.space.grid(), slot)
     # Bayesian and Hyperband: TPE; with few trials, start modelling after a third of them.
     startup = max(2, min(10, config.n_trials // 3))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
+
+
+class _SlotGridSampler(optuna.samplers.BaseSampler):
+    """Grid search where trial slot k takes the grid's k-th point (in the space's order).
+
+    Optuna's GridSampler picks unvisited points at random in each process and stops the study from
+    inside ``optimize``; with trials in separate processes, which ask one at a time, tying the point to
+    the slot visits every point exactly once without coordination.
+    """
+
+    def __init__(self, grid: Mapping[str, list[Any]], slot: int):
+        self._names = list(grid)
+        self._points = list(itertools.product(*grid.values()))
+        self._slot = slot
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        point = self._points[self._slot % len(self._points)]
+        return point[self._names.index(param_name)]
 
 
 def make_pruner(config: TuningConfig) -> optuna.pruners.BasePruner:
