@@ -627,7 +627,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     _check_version_argument(args)
     # Checked before connecting, so a typo costs no request to the cluster.
     pipeline = _chosen_pipeline(args)
-    parameters = pipeline_parameters(load_parameters(args.params, args.assignments), pipeline)
+    # The values as given: submit_run checks them again, and a search must know which were set explicitly.
+    parameters = load_parameters(args.params, args.assignments)
+    pipeline_parameters(parameters, pipeline)
     client, host = _client_from_args(args)
     with api_errors(host):
         run = submit_run(client, parameters, run_name=args.run_name, pipeline=pipeline, **_run_options(args))
@@ -653,7 +655,8 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     cron = check_cron(args.cron)
     check_max_concurrency(args.max_concurrency)
     pipeline = _chosen_pipeline(args)
-    parameters = pipeline_parameters(load_parameters(args.params, args.assignments), pipeline)
+    parameters = load_parameters(args.params, args.assignments)
+    pipeline_parameters(parameters, pipeline)
     client, host = _client_from_args(args)
     with api_errors(host):
         scheduled = schedule_run(client, parameters, cron=cron, name=args.name,

@@ -67,8 +67,8 @@ CONFIG_FILE = "study.json"
 JOURNAL_DIR = "journal"
 TRIALS_DIR = "trials"
 MODEL_DIR = "model"
-# Auto early stopping: prune below this percentile of the other trials at the same epoch ...
-PRUNE_PERCENTILE = 25.0
+# Auto early stopping keeps trials in this top percentile at each epoch, i.e. prunes the worst quarter ...
+PRUNE_PERCENTILE = 75.0
 # ... once this many trials have reported that epoch.
 PRUNE_STARTUP_TRIALS = 3
 
@@ -398,7 +398,7 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
         result = train_fn(hp, dataset_dir, model_uri, jit_compile=jit_compile, callbacks=[pruning])
         epochs = result["epochs_completed"]
         value = result["validation_metrics"].get(config.metric)
-        if pruning.pruned:
+        if pruning.pruned and epochs < hp.epochs:
             state = TrialState.PRUNED
         elif value is None:
             error = f"training reported no validation {config.metric}"
