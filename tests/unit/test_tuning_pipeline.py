@@ -1,4 +1,4 @@
-"""The tuning pipeline: its run form is the schema plus the search settings, trials ask for GPUs, the YAML is current."""
+"""The tuning pipeline: its run form is the schema plus the search, trials ask for GPUs, the YAML is current."""
 
 import inspect
 
