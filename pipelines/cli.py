@@ -91,6 +91,28 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_katib_experiment(args: argparse.Namespace) -> int:
+    import yaml
+
+    from components._image import IMAGE
+    from trainer import hyperparameters as hps
+    from trainer import katib, search_space, tuning
+
+    given = hps.merge_sources(args.params, args.assignments)
+    space = search_space.load_ranges_file(args.ranges) if args.ranges else search_space.default_space()
+    settings = {name: getattr(args, name) for name in ("objective", "strategy", "max_trials", "parallel_trials",
+                                                      "early_stopping_type") if getattr(args, name) is not None}
+    config = tuning.make_config(space.to_sagemaker(), given, fixed_given=given, **settings)
+    manifest = katib.experiment_manifest(config, args.dataset, name=args.name, namespace=args.namespace,
+                                         image=args.image or IMAGE, gpus=args.gpus)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(manifest, handle, sort_keys=False)
+    print(f"Katib Experiment {args.name!r} written to {args.output}: {config.strategy} "
+          f"({manifest['spec']['algorithm']['algorithmName']}) over {', '.join(config.space.names)}, "
+          f"{config.n_trials} trials, {config.lanes} at a time; apply it with kubectl apply -f {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, commands = trainer_cli.build_parser(prog="imgclf")
 
@@ -141,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "at the same epoch; Off")
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_tune)
+    search_options = [a for a in cmd._actions if a.dest in ("ranges", "objective", "strategy", "max_trials",
+                                                                "parallel_trials", "early_stopping_type")]
+
+    cmd = commands.add_parser("katib-experiment", help="write the same search as a Katib Experiment (YAML) for "
+                                                        "clusters that run Katib")
+    cmd.add_argument("--dataset", required=True, help="an already converted data set (gs:// URI or a path the "
+                                                      "trial pods mount), e.g. a tuning or training run's dataset")
+    cmd.add_argument("--output", required=True, help="YAML file to write")
+    cmd.add_argument("--name", default="imgclf-tuning", help="the Experiment's name (default: %(default)s)")
+    cmd.add_argument("--namespace", default="kubeflow", help="its namespace (default: %(default)s)")
+    cmd.add_argument("--image", help="trial image (default: the project's)")
+    cmd.add_argument("--gpus", type=int, default=1, help="GPUs per trial (default: %(default)s)")
+    for action in search_options:
+        cmd._add_action(action)
+    trainer_cli.add_hyperparameter_arguments(cmd)
+    cmd.set_defaults(func=_cmd_katib_experiment)
 
     operations.add_commands(commands)
     return parser
