@@ -72,7 +72,9 @@ def html(summary: Mapping[str, Any]) -> str:
         f"<h1>{esc(title)}</h1>{head}<p>direction: {esc(summary['direction'])}; early stopping: "
         f"{esc(summary['early_stopping_type'])}; tuned: {esc(', '.join(tuned))}</p>"
         f"<table><tr><th>trial</th><th>status</th><th>{esc(summary['objective'])}</th><th>epochs</th>"
-        f"<th>seconds</th>{header}</tr>{''.join(rows)}</table><h2>Plots</h2>{''.join(plots)}</body></html>\n")
+        f"<th>seconds</th>{header}</tr>{''.join(rows)}</table><h2>Plots</h2><p>Filled: completed; hollow: stopped "
+        "early (at its last reported value); large red: the best trial. Failed trials have no point.</p>"
+        f"{''.join(plots)}</body></html>\n")
 
 
 def write_html(summary: Mapping[str, Any], path: str) -> str:
@@ -119,14 +121,18 @@ def _plot(summary: Mapping[str, Any], x_name: str, rng: search_space.ParameterRa
                            f'{esc(name)}</text>')
         else:
             x_low, x_high = _span(min(xs), max(xs))
-            for value in (x_low, x_high):
+            # Ticks at the smallest and largest value tried, the right one anchored inside the plot.
+            for value, anchor in ((min(xs), "start"), (max(xs), "end")) if max(xs) > min(xs) else ((min(xs),
+                                                                                                    "middle"),):
                 x = left + (value - x_low) / (x_high - x_low) * (right - left)
                 label = _fmt(10 ** value if rng is not None and rng.scale == "Logarithmic" else value)
-                svg.append(f'<text x="{x:.1f}" y="{bottom + 14}" text-anchor="middle" font-size="10">'
+                svg.append(f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}" stroke="black"/>'
+                           f'<text x="{x:.1f}" y="{bottom + 14}" text-anchor="{anchor}" font-size="10">'
                            f'{esc(label)}</text>')
-        for value in (y_low, y_high):
+        for value in sorted({min(ys), max(ys)}):
             y = bottom - (value - y_low) / (y_high - y_low) * (bottom - top)
-            svg.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{_fmt(value)}</text>')
+            svg.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="black"/>'
+                       f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{_fmt(value)}</text>')
         for trial, x_value, y_value in zip(points, xs, ys, strict=True):
             x = left + (x_value - x_low) / (x_high - x_low) * (right - left)
             y = bottom - (y_value - y_low) / (y_high - y_low) * (bottom - top)
