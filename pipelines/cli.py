@@ -74,6 +74,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     summary = run_tuning_local(args.data, args.output, {k: v for k, v in typed.items() if k != "data_uri"})
     if summary["status"] != "succeeded":
         print(f"\ntuning failed in step '{summary['failed_step']}': {summary['error']}", file=sys.stderr)
+        for trial in summary.get("trials", []):
+            print(f"  - trial {trial['trial']}: {trial['status']}"
+                  + (f" ({trial['error']})" if trial["error"] else ""), file=sys.stderr)
         print(f"summary: {args.output}/{TUNING_FILE}", file=sys.stderr)
         return 1
     best, evaluation = summary["best"], summary["evaluation"]

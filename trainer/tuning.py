@@ -405,7 +405,10 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
         else:
             state = TrialState.COMPLETE
     except Exception as err:  # noqa: BLE001 - any failure of one trial is recorded and the search goes on
-        error = f"{type(err).__name__}: {err}"
+        if isinstance(err, HyperparameterError):
+            error = "invalid hyperparameters: " + "; ".join(err.problems)  # one line for the report
+        else:
+            error = f"{type(err).__name__}: {err}"
         epochs = pruning.reported if pruning is not None else 0
         log.warning("Trial %d (slot %d) failed: %s", trial.number, slot, error)
     seconds = round(time.monotonic() - started, 2)

@@ -33,7 +33,8 @@ def test_tune_runs_parallel_trials_survives_a_failing_one_and_releases_the_best(
     assert (tuning["objective"], tuning["direction"], tuning["strategy"]) == ("validation:accuracy", "maximize",
                                                                               "Grid")
     by_size = {t["hyperparameters"]["image_size"]: t for t in tuning["trials"]}
-    assert by_size[8]["status"] == "failed" and "small_cnn needs at least 16 pixels" in by_size[8]["error"]
+    assert by_size[8]["status"] == "failed" and by_size[8]["error"].startswith(
+        "invalid hyperparameters: image_size: got 8, but small_cnn needs at least 16 pixels")
     assert by_size[32]["status"] == "completed" and by_size[32]["epochs"] == 1 and by_size[32]["seconds"] > 0
     assert {by_size[8]["slot"], by_size[32]["slot"]} == {0, 1}
     assert tuning["best"]["trial"] == by_size[32]["trial"]
