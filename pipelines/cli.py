@@ -12,8 +12,8 @@ from trainer import cli as trainer_cli
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines import compiler
     from pipelines.cluster import ClusterSettings
-    from pipelines.compiler import COMPILED_PIPELINE, compile_pipeline
 
     try:
         settings = ClusterSettings.from_options(
@@ -22,8 +22,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return trainer_cli.EXIT_USAGE
-    path = compile_pipeline(args.output or COMPILED_PIPELINE, image=args.image, settings=settings)
+    path = compiler.compile_pipeline(args.output or compiler.COMPILED_PIPELINE, image=args.image, settings=settings)
     print(f"compiled pipeline written to {path}")
+    # Both committed pipelines by default; with --output only the one asked for, unless --tuning-output too.
+    if args.tuning_output or not args.output:
+        path = compiler.compile_tuning_pipeline(args.tuning_output or compiler.COMPILED_TUNING_PIPELINE,
+                                                image=args.image, settings=settings)
+        print(f"compiled tuning pipeline written to {path}")
     return 0
 
 
@@ -57,11 +62,71 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from pipelines.tuning import image_classification_tuning
+    from pipelines.tuning_local import BEST_FILE, TUNING_FILE, run_tuning_local
+    from trainer import search_space
+
+    values = {**operations.load_parameters(args.params, args.assignments), "data_uri": args.data}
+    if args.ranges:
+        values["ranges"] = search_space.load_ranges_file(args.ranges).to_json()
+    for name in ("objective", "strategy", "max_trials", "parallel_trials", "early_stopping_type"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    # The same check a cluster run gets (`imgclf submit --tuning`): hyperparameters, settings and the search.
+    typed = operations.pipeline_parameters(values, image_classification_tuning)
+    summary = run_tuning_local(args.data, args.output, {k: v for k, v in typed.items() if k != "data_uri"})
+    if summary["status"] != "succeeded":
+        print(f"\ntuning failed in step '{summary['failed_step']}': {summary['error']}", file=sys.stderr)
+        for trial in summary.get("trials", []):
+            print(f"  - trial {trial['trial']}: {trial['status']}"
+                  + (f" ({trial['error']})" if trial["error"] else ""), file=sys.stderr)
+        print(f"summary: {args.output}/{TUNING_FILE}", file=sys.stderr)
+        return 1
+    best, evaluation = summary["best"], summary["evaluation"]
+    counts: dict[str, int] = {}
+    for trial in summary["trials"]:
+        counts[trial["status"]] = counts.get(trial["status"], 0) + 1
+    print(f"\ntuning succeeded in {summary['pipeline_seconds']:.0f} s: {len(summary['trials'])} trials ("
+          + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")")
+    print(f"best: trial {best['trial']}, {summary['objective']} = {best['value']:.4f}; tuned: "
+          + ", ".join(f"{k}={best['hyperparameters'][k]!r}" for k in summary["tuned"]))
+    print(f"best model on the test split: {evaluation['eval_metric']} = {evaluation['eval_value']:.4f}; "
+          f"{evaluation['blessing']}")
+    print(f"report: {summary['report_html']}")
+    print(f"written: {args.output}/{TUNING_FILE}, {args.output}/{BEST_FILE}")
+    return 0
+
+
+def _cmd_katib_experiment(args: argparse.Namespace) -> int:
+    import yaml
+
+    from components._image import IMAGE
+    from trainer import hyperparameters as hps
+    from trainer import katib, search_space, tuning
+
+    given = hps.merge_sources(args.params, args.assignments)
+    space = search_space.load_ranges_file(args.ranges) if args.ranges else search_space.default_space()
+    settings = {name: getattr(args, name) for name in ("objective", "strategy", "max_trials", "parallel_trials",
+                                                      "early_stopping_type") if getattr(args, name) is not None}
+    config = tuning.make_config(space.to_sagemaker(), given, fixed_given=given, **settings)
+    manifest = katib.experiment_manifest(config, args.dataset, name=args.name, namespace=args.namespace,
+                                         image=args.image or IMAGE, gpus=args.gpus)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(manifest, handle, sort_keys=False)
+    print(f"Katib Experiment {args.name!r} written to {args.output}: {config.strategy} "
+          f"({manifest['spec']['algorithm']['algorithmName']}) over {', '.join(config.space.names)}, "
+          f"{config.n_trials} trials, {config.lanes} at a time; apply it with kubectl apply -f {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, commands = trainer_cli.build_parser(prog="imgclf")
 
     cmd = commands.add_parser("compile", help="compile the pipeline to YAML")
     cmd.add_argument("--output", help="where to write it (default: the committed pipelines/image_classification.yaml)")
+    cmd.add_argument("--tuning-output", help="where to write the tuning pipeline (default: the committed "
+                                             "pipelines/image_classification_tuning.yaml, unless --output is given)")
     cmd.add_argument("--image", help="component image to use instead of the project's, e.g. registry.example/imgclf:1")
     cluster = cmd.add_argument_group("cluster settings (see README)")
     cluster.add_argument("--gpu-node-selector", action="append", default=[], metavar="LABEL=VALUE",
@@ -92,6 +157,39 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="also print the whole summary")
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_run_local)
+
+    cmd = commands.add_parser("tune", help="search hyperparameters with the tuning pipeline on this machine "
+                                            "(kfp.local); writes tuning.json and best_hyperparameters.yaml")
+    cmd.add_argument("--data", required=True, help="local path or gs:// URI of the class folders")
+    cmd.add_argument("--output", required=True, help="folder for the artifacts, tuning.json and "
+                                                     "best_hyperparameters.yaml")
+    cmd.add_argument("--ranges", metavar="FILE", help="SageMaker ParameterRanges JSON or our YAML form "
+                                                      "(default: the reference's recommended ranges)")
+    cmd.add_argument("--objective", help="validation:accuracy (default), validation:loss; in binary mode also "
+                                         "validation:precision, validation:recall, validation:auc, validation:prc")
+    cmd.add_argument("--strategy", help="Bayesian (default), Random, Grid or Hyperband")
+    cmd.add_argument("--max-trials", type=int, help="trials in all (default 10)")
+    cmd.add_argument("--parallel-trials", type=int, help="trials at a time (default 2)")
+    cmd.add_argument("--early-stopping-type", help="Auto (default): stop trials clearly worse than the others "
+                                                   "at the same epoch; Off")
+    trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
+    cmd.set_defaults(func=_cmd_tune)
+    search_options = [a for a in cmd._actions if a.dest in ("ranges", "objective", "strategy", "max_trials",
+                                                                "parallel_trials", "early_stopping_type")]
+
+    cmd = commands.add_parser("katib-experiment", help="write the same search as a Katib Experiment (YAML) for "
+                                                        "clusters that run Katib")
+    cmd.add_argument("--dataset", required=True, help="an already converted data set (gs:// URI or a path the "
+                                                      "trial pods mount), e.g. a tuning or training run's dataset")
+    cmd.add_argument("--output", required=True, help="YAML file to write")
+    cmd.add_argument("--name", default="imgclf-tuning", help="the Experiment's name (default: %(default)s)")
+    cmd.add_argument("--namespace", default="kubeflow", help="its namespace (default: %(default)s)")
+    cmd.add_argument("--image", help="trial image (default: the project's)")
+    cmd.add_argument("--gpus", type=int, default=1, help="GPUs per trial (default: %(default)s)")
+    for action in search_options:
+        cmd._add_action(action)
+    trainer_cli.add_hyperparameter_arguments(cmd)
+    cmd.set_defaults(func=_cmd_katib_experiment)
 
     operations.add_commands(commands)
     return parser

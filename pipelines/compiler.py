@@ -12,19 +12,21 @@ from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import build_pipeline
 
 COMPILED_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "image_classification.yaml")
+COMPILED_TUNING_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "image_classification_tuning.yaml")
 
 
 def compile_pipeline(output_path: str = COMPILED_PIPELINE, image: str | None = None,
-                     settings: ClusterSettings | None = None) -> str:
+                     settings: ClusterSettings | None = None, builder=build_pipeline) -> str:
     """Write the compiled pipeline to ``output_path``.
 
     ``image`` replaces the project's image everywhere; ``settings`` fits the pipeline to a cluster
-    (the committed YAML uses the defaults).
+    (the committed YAML uses the defaults). ``builder`` builds the pipeline: the main one by default.
     """
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         compiled = os.path.join(scratch, "pipeline.yaml")
-        compiler.Compiler().compile(build_pipeline(settings), compiled)
+        compiler.Compiler().compile(builder(settings), compiled)
         with open(compiled, encoding="utf-8") as handle:
             text = handle.read()
     if image and image != IMAGE:
@@ -34,3 +36,11 @@ def compile_pipeline(output_path: str = COMPILED_PIPELINE, image: str | None = N
     with open(output_path, "w", encoding="utf-8") as handle:
         handle.write(text)
     return output_path
+
+
+def compile_tuning_pipeline(output_path: str = COMPILED_TUNING_PIPELINE, image: str | None = None,
+                            settings: ClusterSettings | None = None) -> str:
+    """Write the compiled tuning pipeline (``pipelines/tuning.py``) to ``output_path``."""
+    from pipelines.tuning import build_pipeline as build_tuning_pipeline
+
+    return compile_pipeline(output_path, image=image, settings=settings, builder=build_tuning_pipeline)

@@ -22,7 +22,7 @@ import kfp_server_api
 import urllib3
 import yaml
 
-from pipelines.compiler import COMPILED_PIPELINE
+from pipelines.compiler import COMPILED_PIPELINE, COMPILED_TUNING_PIPELINE
 from pipelines.image_classification import image_classification
 from trainer import hyperparameters as hps
 from trainer.errors import HyperparameterError, ImgclfError
@@ -53,19 +53,28 @@ class ParameterError(HyperparameterError):
 # --- Parameters -------------------------------------------------------------------------------------------
 
 
-def pipeline_settings() -> dict[str, type]:
+def pipeline_for(name: str | None) -> Any:
+    """The pipeline whose parameters a run of ``name`` takes: the tuning pipeline by its name, else the main one."""
+    from pipelines.tuning import PIPELINE_NAME, image_classification_tuning
+
+    return image_classification_tuning if name == PIPELINE_NAME else image_classification
+
+
+def pipeline_settings(pipeline: Any = None) -> dict[str, type]:
     """The pipeline's parameters that are not hyperparameters (data_uri, accelerator_count, ...) and their types.
 
-    Read from the pipeline's signature, so a setting added there is accepted here without a second list.
+    Read from the pipeline's signature (the main pipeline's unless ``pipeline`` is given), so a setting
+    added there is accepted here without a second list.
     """
-    return {name: _KFP_TYPES[spec.type] for name, spec in image_classification.component_spec.inputs.items()
+    pipeline = pipeline or image_classification
+    return {name: _KFP_TYPES[spec.type] for name, spec in pipeline.component_spec.inputs.items()
             if name not in hps.FIELDS}
 
 
-def pipeline_defaults() -> dict[str, Any]:
+def pipeline_defaults(pipeline: Any = None) -> dict[str, Any]:
     """Every pipeline parameter that has a default, with it (data_uri has none)."""
-    return {name: spec.default for name, spec in image_classification.component_spec.inputs.items()
-            if spec.optional}
+    pipeline = pipeline or image_classification
+    return {name: spec.default for name, spec in pipeline.component_spec.inputs.items() if spec.optional}
 
 
 def load_parameters(files: Iterable[str] = (), assignments: Iterable[str] = ()) -> dict[str, Any]:
@@ -76,14 +85,16 @@ def load_parameters(files: Iterable[str] = (), assignments: Iterable[str] = ()) 
         raise ParameterError(err.problems) from None
 
 
-def pipeline_parameters(values: Mapping[str, Any]) -> dict[str, Any]:
+def pipeline_parameters(values: Mapping[str, Any], pipeline: Any = None) -> dict[str, Any]:
     """Check and type the values of a run: every hyperparameter, resolved, plus the pipeline settings given.
 
     Hyperparameters go through the schema (``Hyperparameters.from_mapping``, where ``resolve`` ends too;
     ``resolve`` itself would refuse data_uri and the other settings that share the files). Settings are
-    checked by name and type against the pipeline's signature. Every problem is reported at once.
+    checked by name and type against the pipeline's signature. For the tuning pipeline the search is
+    checked too: the ranges, objective, strategy and budget, and that no hyperparameter given here is
+    also ranged. Every problem is reported at once.
     """
-    settings = pipeline_settings()
+    settings = pipeline_settings(pipeline)
     problems: list[str] = []
     hyperparameters: dict[str, Any] = {}
     chosen: dict[str, Any] = {}
@@ -97,20 +108,39 @@ def pipeline_parameters(values: Mapping[str, Any]) -> dict[str, Any]:
                 problems.append(str(err))
         else:
             problems.append(_unknown_parameter(name, settings))
-    for name in sorted(set(settings) - set(pipeline_defaults()) - set(values)):
+    for name in sorted(set(settings) - set(pipeline_defaults(pipeline)) - set(values)):
         problems.append(f"{name}: required; give it with --set {name}=... or in a --params file")
     resolved: dict[str, Any] = {}
     try:
         resolved = hps.Hyperparameters.from_mapping(hyperparameters).to_dict()
     except HyperparameterError as err:
         problems.extend(err.problems)
+    if "ranges" in settings and (resolved or not hyperparameters):
+        problems.extend(_search_problems(hyperparameters, {**pipeline_defaults(pipeline), **chosen}))
     if problems:
         raise ParameterError(problems)
     return {**resolved, **chosen}
 
 
+def _search_problems(hyperparameters: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a tuning run's search, one line each (nothing when it is fine)."""
+    from trainer import tuning
+
+    try:
+        tuning.make_config(settings["ranges"], hyperparameters, objective=settings["objective"],
+                           strategy=settings["strategy"], max_trials=settings["max_trials"],
+                           parallel_trials=settings["parallel_trials"],
+                           early_stopping_type=settings["early_stopping_type"], fixed_given=hyperparameters)
+    except HyperparameterError as err:
+        return err.problems
+    return []
+
+
 def _coerce_setting(name: str, kind: type, value: Any) -> Any:
     """Convert a setting as given (typed, or a string from --set or an all-string file) to its type."""
+    if name == "ranges" and isinstance(value, Mapping):
+        # A --params file may hold the search as YAML; the pipeline takes it as a JSON string.
+        return json.dumps(value)
     text = value.strip() if isinstance(value, str) else None
     if kind in (list, dict):
         with contextlib.suppress(ValueError):
@@ -385,14 +415,16 @@ class SubmittedRun:
 def submit_run(client: kfp.Client, parameters: Mapping[str, Any], *, experiment: str = DEFAULT_EXPERIMENT,
                run_name: str | None = None, pipeline_name: str | None = None, version_name: str | None = None,
                package_path: str | None = None, namespace: str | None = None, pipeline_root: str | None = None,
-               service_account: str | None = None, enable_caching: bool | None = None) -> SubmittedRun:
+               service_account: str | None = None, enable_caching: bool | None = None,
+               pipeline: Any = None) -> SubmittedRun:
     """Start a run of an uploaded pipeline version (newest unless named) or of a package file.
 
     ``parameters`` are checked first (see ``pipeline_parameters``), so a bad name or value sends nothing.
     Without ``pipeline_name`` or ``package_path`` the committed compiled pipeline is sent with the run.
+    ``pipeline`` is the pipeline whose signature checks the parameters (default: the main one).
     """
     _check_source_arguments(pipeline_name, version_name, package_path)
-    typed = pipeline_parameters(parameters)
+    typed = pipeline_parameters(parameters, pipeline)
     source = _resolve_source(client, pipeline_name, version_name, package_path, namespace)
     chosen_experiment = client.create_experiment(name=experiment, namespace=namespace)
     name = run_name or f"{source.name} {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC"
@@ -435,7 +467,7 @@ def schedule_run(client: kfp.Client, parameters: Mapping[str, Any], *, cron: str
                  experiment: str = DEFAULT_EXPERIMENT, pipeline_name: str | None = None,
                  version_name: str | None = None, package_path: str | None = None, namespace: str | None = None,
                  pipeline_root: str | None = None, service_account: str | None = None,
-                 enable_caching: bool | None = None) -> ScheduledRun:
+                 enable_caching: bool | None = None, pipeline: Any = None) -> ScheduledRun:
     """Create a recurring run on a cron schedule (6 fields, seconds first).
 
     Catch-up is off by default: after a pause only the latest missed run starts, not one per missed
@@ -445,7 +477,7 @@ def schedule_run(client: kfp.Client, parameters: Mapping[str, Any], *, cron: str
     _check_source_arguments(pipeline_name, version_name, package_path)
     cron = check_cron(cron)
     check_max_concurrency(max_concurrency)
-    typed = pipeline_parameters(parameters)
+    typed = pipeline_parameters(parameters, pipeline)
     source = _resolve_source(client, pipeline_name, version_name, package_path, namespace)
     chosen_experiment = client.create_experiment(name=experiment, namespace=namespace)
     name = name or f"{source.name} ({cron})"
@@ -465,8 +497,10 @@ def schedule_run(client: kfp.Client, parameters: Mapping[str, Any], *, cron: str
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the upload, submit and schedule commands on the ``imgclf`` sub-command parsers."""
     cmd = commands.add_parser("upload", help="upload the compiled pipeline, or a new version of it, to Kubeflow")
-    cmd.add_argument("--package", default=COMPILED_PIPELINE,
+    cmd.add_argument("--package", default=None,
                      help="compiled pipeline YAML (default: the committed pipelines/image_classification.yaml)")
+    cmd.add_argument("--tuning", action="store_true",
+                     help="upload the committed tuning pipeline, pipelines/image_classification_tuning.yaml")
     cmd.add_argument("--pipeline-name", help="name in the Kubeflow UI (default: the name compiled into the package)")
     cmd.add_argument("--version-name", help="name of the new version when the pipeline exists "
                                             "(default: v<UTC time>-<first 8 hex digits of the package's sha256>)")
@@ -510,6 +544,10 @@ def _add_run_arguments(cmd: argparse.ArgumentParser) -> None:
     choice = source.add_mutually_exclusive_group()
     choice.add_argument("--pipeline", help="name of an uploaded pipeline")
     choice.add_argument("--package", help="compiled pipeline YAML sent with the run")
+    source.add_argument("--tuning", action="store_true",
+                        help="a run of the tuning pipeline: its parameters are checked (ranges included) and, "
+                             "without --pipeline or --package, the committed image_classification_tuning.yaml "
+                             "is sent; implied by --pipeline/--package naming image-classification-tuning")
     source.add_argument("--version", help="version of --pipeline (default: its newest)")
     params = cmd.add_argument_group("parameters (data_uri is required)")
     params.add_argument("--params", action="append", default=[], metavar="FILE",
@@ -545,22 +583,36 @@ def _client_from_args(args: argparse.Namespace) -> tuple[kfp.Client, str]:
     return client, host
 
 
+def _chosen_pipeline(args: argparse.Namespace) -> Any:
+    """The pipeline a submit or schedule runs, for checking its parameters; reads a given package's name."""
+    from pipelines.tuning import image_classification_tuning
+
+    if args.tuning:
+        if args.package is None and args.pipeline is None:
+            args.package = COMPILED_TUNING_PIPELINE
+        return image_classification_tuning
+    if args.pipeline:
+        return pipeline_for(args.pipeline)
+    return pipeline_for(_read_package(args.package).name) if args.package else image_classification
+
+
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"experiment": args.experiment, "pipeline_name": args.pipeline, "version_name": args.version,
             "package_path": args.package, "namespace": args.namespace, "pipeline_root": args.pipeline_root,
             "service_account": args.service_account, "enable_caching": False if args.disable_caching else None}
 
 
-def _changed(parameters: Mapping[str, Any]) -> str:
-    defaults = pipeline_defaults()
+def _changed(parameters: Mapping[str, Any], pipeline: Any = None) -> str:
+    defaults = pipeline_defaults(pipeline)
     changed = {k: v for k, v in parameters.items() if k not in defaults or defaults[k] != v}
     return ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "all defaults"
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
     client, host = _client_from_args(args)
+    package = args.package or (COMPILED_TUNING_PIPELINE if args.tuning else COMPILED_PIPELINE)
     with api_errors(host):
-        result = upload_pipeline(client, args.package, pipeline_name=args.pipeline_name,
+        result = upload_pipeline(client, package, pipeline_name=args.pipeline_name,
                                  version_name=args.version_name, description=args.description,
                                  namespace=args.namespace)
     what = "created with its first version" if result.created_pipeline else "exists; uploaded a new version"
@@ -574,14 +626,17 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     _check_version_argument(args)
     # Checked before connecting, so a typo costs no request to the cluster.
-    parameters = pipeline_parameters(load_parameters(args.params, args.assignments))
+    pipeline = _chosen_pipeline(args)
+    # The values as given: submit_run checks them again, and a search must know which were set explicitly.
+    parameters = load_parameters(args.params, args.assignments)
+    pipeline_parameters(parameters, pipeline)
     client, host = _client_from_args(args)
     with api_errors(host):
-        run = submit_run(client, parameters, run_name=args.run_name, **_run_options(args))
+        run = submit_run(client, parameters, run_name=args.run_name, pipeline=pipeline, **_run_options(args))
     print(f"run {run.run_name!r} (id {run.run_id}) submitted in experiment {run.experiment_name!r} "
           f"(id {run.experiment_id})")
     print(f"  from: {run.source}")
-    print(f"  parameters other than the defaults: {_changed(run.parameters)}")
+    print(f"  parameters other than the defaults: {_changed(run.parameters, pipeline)}")
     if args.wait <= 0:
         return 0
     with api_errors(host):
@@ -599,16 +654,18 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     _check_version_argument(args)
     cron = check_cron(args.cron)
     check_max_concurrency(args.max_concurrency)
-    parameters = pipeline_parameters(load_parameters(args.params, args.assignments))
+    pipeline = _chosen_pipeline(args)
+    parameters = load_parameters(args.params, args.assignments)
+    pipeline_parameters(parameters, pipeline)
     client, host = _client_from_args(args)
     with api_errors(host):
         scheduled = schedule_run(client, parameters, cron=cron, name=args.name,
                                  max_concurrency=args.max_concurrency, catchup=args.catchup,
-                                 enabled=not args.disabled, **_run_options(args))
+                                 enabled=not args.disabled, pipeline=pipeline, **_run_options(args))
     print(f"recurring run {scheduled.name!r} (id {scheduled.recurring_run_id}) created in experiment "
           f"{scheduled.experiment_name!r} (id {scheduled.experiment_id})")
     print(f"  cron {scheduled.cron!r}, at most {scheduled.max_concurrency} at once, "
           f"{'catch-up' if scheduled.catchup else 'no catch-up'}, {'enabled' if scheduled.enabled else 'disabled'}")
     print(f"  from: {scheduled.source}")
-    print(f"  parameters other than the defaults: {_changed(scheduled.parameters)}")
+    print(f"  parameters other than the defaults: {_changed(scheduled.parameters, pipeline)}")
     return 0

@@ -36,12 +36,17 @@ ALIASES = {"train_only_on_top_layer": "train_only_top_layer"}
 
 def _hp(default: Any, help: str, *, choices: Iterable[str] | None = None, low: float | None = None,
         high: float | None = None, high_open: bool = False, low_open: bool = False,
-        reference: bool = True, group: str = "training", valid: str | None = None) -> Any:
-    """Declare one hyperparameter as a dataclass field whose metadata carries its rules."""
+        reference: bool = True, group: str = "training", valid: str | None = None,
+        tunable: bool = True) -> Any:
+    """Declare one hyperparameter as a dataclass field whose metadata carries its rules.
+
+    ``tunable=False`` keeps a hyperparameter out of tuning's search space: it changes what a trial is
+    judged on (the split, the objective) or is not a value from a range (a weights file).
+    """
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": tuple(choices) if choices else None, "low": low, "high": high,
         "low_open": low_open, "high_open": high_open, "reference": reference, "group": group,
-        "valid": valid,
+        "valid": valid, "tunable": tunable,
     })
 
 
@@ -68,7 +73,8 @@ class Hyperparameters:
     beta_2: float = _hp(0.999, "Adam: decay rate of the second-moment estimates.", low=0.0, high=1.0,
                         group="optimizer")
     binary_mode: bool = _hp(False, "Two-class data only: the model returns one probability, that of the "
-                            "second class in alphabetical order (the positive class).", group="model")
+                            "second class in alphabetical order (the positive class).", group="model",
+                            tunable=False)
     dropout_rate: float = _hp(0.2, "Dropout rate of the classification head.", low=0.0, high=1.0,
                               high_open=True, group="model")
     early_stopping: bool = _hp(False, "Stop when the validation loss stops improving.", group="early stopping")
@@ -80,7 +86,8 @@ class Hyperparameters:
     epsilon: float = _hp(1e-7, "Numerical-stability constant of adam, rmsprop, adadelta and adagrad.",
                          low=0.0, high=1.0, group="optimizer")
     eval_metric: str = _hp("accuracy", "Metric reported on the test split; precision, recall, auc and prc "
-                           "need binary_mode.", choices=EVAL_METRICS, group="evaluation")
+                           "need binary_mode.", choices=EVAL_METRICS, group="evaluation",
+                           tunable=False)
     image_resize_interpolation: str = _hp("bilinear", "Interpolation used to resize images to the model's "
                                           "input size.", choices=INTERPOLATIONS, group="data")
     initial_accumulator_value: float = _hp(0.0001, "Adagrad: starting value of the accumulators.",
@@ -103,11 +110,13 @@ class Hyperparameters:
 
     # --- Data split and reproducibility (the reference script's extras, and ours) ---
     validation_split_ratio: float = _hp(0.2, "Share of each class held out for validation during training.",
-                                        low=0.0, high=1.0, high_open=True, reference=False, group="data")
+                                        low=0.0, high=1.0, high_open=True, reference=False, group="data",
+                                        tunable=False)
     test_split_ratio: float = _hp(0.1, "Share of each class held out for the final evaluation.",
-                                  low=0.0, high=1.0, high_open=True, reference=False, group="data")
+                                  low=0.0, high=1.0, high_open=True, reference=False, group="data",
+                                  tunable=False)
     random_seed: int = _hp(0, "Seed of the split, shuffling, augmentation and initialisation.", low=0,
-                           high=2**31 - 1, reference=False, group="data")
+                           high=2**31 - 1, reference=False, group="data", tunable=False)
 
     # --- The backbone ---
     model: str = _hp("mobilenet_v2", "Backbone network (Keras Applications), or small_cnn, a compact "
@@ -115,7 +124,7 @@ class Hyperparameters:
                      group="model")
     weights: str = _hp("imagenet", "Backbone weights: 'imagenet' (downloaded by Keras), 'none' (random), "
                        "or the path / gs:// URI of a Keras weights file.", reference=False, group="model",
-                       valid="'imagenet', 'none', or the path / gs:// URI of a Keras weights file")
+                       valid="'imagenet', 'none', or the path / gs:// URI of a Keras weights file", tunable=False)
     image_size: int = _hp(0, "Side of the square model input in pixels; 0 uses the backbone's own size "
                           "(224 for mobilenet_v2).", low=0, high=2048, reference=False, group="data")
 

@@ -133,6 +133,61 @@ def write_bytes(uri: str, data: bytes) -> None:
             out.write(data)
 
 
+def read_bytes_if_exists(uri: str) -> bytes | None:
+    """The content of ``uri``, or None when there is no such file or object (other errors raise)."""
+    if is_gcs(uri):
+        try:
+            with _gcs_errors(uri, "reading", _NO_OBJECT.format(uri=uri)):
+                return _blob(uri).download_as_bytes(retry=_RETRY)
+        except StorageError as err:
+            if isinstance(err.__cause__, api_exceptions.NotFound):
+                return None
+            raise
+    try:
+        return Path(_local(uri)).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StorageError(f"cannot read {uri}: {err.strerror or err}; check the path and its permissions") from err
+
+
+def write_new(uri: str, data: bytes) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there yet; False when it already exists.
+
+    The claim is atomic against other writers, processes and machines: a local file is written aside and
+    hard-linked into place (link refuses an existing name), an object is uploaded on the condition that
+    no generation of it exists (``if_generation_match=0``). Readers see the whole content or nothing.
+    A retried upload whose first attempt did land also answers False: callers that must know whether
+    the object is theirs compare its content.
+    """
+    if is_gcs(uri):
+        try:
+            with _gcs_errors(uri, "writing", f"bucket {_split(uri)[0]!r} does not exist (HTTP 404 writing {uri})"):
+                _blob(uri).upload_from_string(data, content_type="application/octet-stream", if_generation_match=0,
+                                              retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+        except StorageError as err:
+            if isinstance(err.__cause__, api_exceptions.PreconditionFailed):
+                return False
+            raise
+        return True
+    path = _local(uri)
+    folder = os.path.dirname(os.path.abspath(path))
+    with _local_errors(uri, "write"):
+        os.makedirs(folder, exist_ok=True)
+        temp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.partial")
+        with open(temp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temp)
+    return True
+
+
 def download_file(uri: str, local_path: str) -> None:
     """Copy one file or object to ``local_path``; on failure nothing is left at ``local_path``."""
     with _atomic_file(_local(local_path)) as out:

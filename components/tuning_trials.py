@@ -1,0 +1,41 @@
+"""Tuning step 2: one lane of the search, running its trials one after another on the converted data set."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
+
+from components._image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], jit_compile: bool,
+                  gpus: int, metrics: Output[Metrics]):
+    """Runs this lane's trials: each asks the study for hyperparameters, trains, reports every epoch, tells.
+
+    Lanes run side by side, parallel_trials of them, each on its own GPU(s). A trial's model goes to the
+    study folder (trials/<slot>/model). A trial that fails (a bad combination, out of memory) is recorded
+    in the study with its reason and the lane goes on; a lane killed by preemption is retried and skips
+    the trials it already finished.
+
+    Args:
+        study: The setup step's study artifact; its metadata names the study folder.
+        lane: This lane's number, from 0; it runs trial slots lane, lane + lanes, lane + 2 * lanes, ...
+        dataset: TFRecord shards from the conversion step (the validation split gives the objective).
+        jit_compile: Compile the training step with XLA.
+        gpus: The GPUs this task requested (accelerator_count; logged). Passed as an input so that the compiled
+            loop carries the pipeline parameter that the GPU request reads: kfp 2.17 does not carry a
+            parameter used only in ``set_accelerator_limit`` into a ParallelFor.
+        metrics: The lane's trials by status and its best objective.
+    """
+    import logging
+
+    from trainer import tuning
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.info("Lane %d: %d GPU(s) requested", lane, gpus)
+    records = tuning.run_lane(study.metadata["study_uri"], int(lane), dataset.path, jit_compile=jit_compile)
+    for status in ("completed", "stopped early", "failed"):
+        metrics.log_metric(f"trials_{status.replace(' ', '_')}", sum(1 for r in records if r["status"] == status))
+    values = [r["value"] for r in records if r["status"] == "completed"]
+    if values:
+        metrics.log_metric("best_objective_in_lane", float(max(values) if records[0]["direction"] == "maximize"
+                                                           else min(values)))

@@ -1,0 +1,221 @@
+"""The tuning pipeline: validate and convert once, search hyperparameters with parallel trials, release the best.
+
+Designed for the open-source KFP v2 backend as well as kfp.local and Vertex: no ``dsl.Collected``
+(whose fan-in the open-source driver has supported only in part). The trials share an Optuna study
+in a folder every step can reach (gs:// or a volume), so nothing has to be gathered from the loop:
+the select step runs ``.after()`` the loop and reads the study. A loop's ``parallelism`` is fixed when
+the pipeline is compiled (``iteratorPolicy.parallelismLimit``, one Argo template setting), while
+``parallel_trials`` is a run-time setting, so trials run in lanes: one loop over ``parallel_trials``
+lanes, without a limit, iterating over the setup step's list output (as the backend's driver and
+kfp.local both support), each lane one GPU task running its trials one after another. (A nested loop,
+one task per trial, is what kfp.local 2.17 cannot run: its inner iterations do not see the pipeline's
+parameters.)
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Model
+
+from components.batch_predict import batch_predict
+from components.convert_to_tfrecords import convert_to_tfrecords
+from components.evaluate import evaluate
+from components.gate import bless_model
+from components.push_model import push_model
+from components.select_best_trial import select_best_trial
+from components.tuning_setup import tuning_setup
+from components.tuning_trials import tuning_trials
+from components.validate_data import validate_data
+from pipelines.cluster import ClusterSettings
+from pipelines.image_classification import ACCELERATOR_TYPE
+from trainer.hyperparameters import DEFAULTS, FIELDS
+from trainer.tuning import DEFAULT_OBJECTIVE
+
+PIPELINE_NAME = "image-classification-tuning"
+# The run form's tuning settings, with their defaults (the hyperparameters follow the schema).
+TUNING_DEFAULTS = {"ranges": "", "objective": DEFAULT_OBJECTIVE, "strategy": "Bayesian", "max_trials": 10,
+                   "parallel_trials": 2, "early_stopping_type": "Auto", "study_root": ""}
+
+
+class Outputs(NamedTuple):
+    """What a run hands on: the best model, its hyperparameters, the trials, the data and evaluation reports."""
+
+    model: Model
+    best_hyperparameters: Artifact
+    tuning: Artifact
+    dataset: Dataset
+    validation: Artifact
+    evaluation: Artifact
+    blessing: Artifact
+    eval_value: float
+
+
+def prepare_data(data_uri, binary_mode, max_rejected_fraction, validation_split_ratio, test_split_ratio, random_seed,
+                 settings: ClusterSettings):
+    """Validate and convert the data set once, wired as the main pipeline does; returns both tasks."""
+    validation = validate_data(data_uri=data_uri, binary_mode=binary_mode,
+                               max_rejected_fraction=max_rejected_fraction)
+    # The folder behind data_uri can change between runs; always look at it again.
+    validation.set_caching_options(False)
+    validation.set_display_name("Validate data").set_retry(num_retries=2, backoff_duration="30s")
+    settings.apply(validation, "validate")
+    conversion = convert_to_tfrecords(
+        data_uri=data_uri, validation=validation.outputs["validation"],
+        data_fingerprint=validation.outputs["fingerprint"], validation_split_ratio=validation_split_ratio,
+        test_split_ratio=test_split_ratio, random_seed=random_seed)
+    conversion.set_display_name("Convert to TFRecords").set_retry(num_retries=2, backoff_duration="30s")
+    settings.apply(conversion, "convert")
+    return validation, conversion
+
+
+def release(model, dataset, eval_metric, min_eval_value, baseline_model_uri, model_registry_uri, batch_data_uri,
+            settings: ClusterSettings):
+    """Evaluate, gate, push and batch-predict a model, exactly as the main pipeline does; returns the tasks."""
+    evaluation = evaluate(trained_model=model, dataset=dataset, eval_metric=eval_metric)
+    evaluation.set_display_name("Evaluate")
+    settings.apply(evaluation, "evaluate")
+
+    gate = bless_model(trained_model=model, dataset=dataset, eval_metric=evaluation.outputs["eval_metric"],
+                       eval_value=evaluation.outputs["eval_value"], min_eval_value=min_eval_value,
+                       baseline_model_uri=baseline_model_uri)
+    gate.set_caching_options(False)
+    gate.set_display_name("Quality gate")
+    settings.apply(gate, "bless")
+
+    with dsl.If(gate.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition, not Python
+        with dsl.If(model_registry_uri != "", name="registry-set"):
+            push = push_model(trained_model=model, registry_uri=model_registry_uri, blessing=gate.outputs["blessing"])
+            push.set_caching_options(False)
+            push.set_display_name("Push to registry").set_retry(num_retries=2, backoff_duration="30s")
+            settings.apply(push, "push")
+        with dsl.If(batch_data_uri != "", name="batch-data-set"):
+            predictions = batch_predict(trained_model=model, data_uri=batch_data_uri)
+            predictions.set_caching_options(False)
+            predictions.set_display_name("Batch predict")
+            settings.apply(predictions, "batch_predict")
+    return evaluation, gate
+
+
+def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_component.GraphComponent:
+    """The tuning pipeline, fitted to a cluster by ``settings`` (as the main pipeline)."""
+    settings = settings or ClusterSettings()
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=(
+        "SageMaker's automatic model tuning for the Image Classification - TensorFlow algorithm on Kubeflow: "
+        "a Bayesian, Random, Grid or Hyperband search over its hyperparameters with parallel GPU trials, "
+        "and the best model evaluated, gated and pushed as by the main pipeline."))
+    def image_classification_tuning(
+        data_uri: str,
+        ranges: str = TUNING_DEFAULTS["ranges"],
+        objective: str = TUNING_DEFAULTS["objective"],
+        strategy: str = TUNING_DEFAULTS["strategy"],
+        max_trials: int = TUNING_DEFAULTS["max_trials"],
+        parallel_trials: int = TUNING_DEFAULTS["parallel_trials"],
+        early_stopping_type: str = TUNING_DEFAULTS["early_stopping_type"],
+        study_root: str = TUNING_DEFAULTS["study_root"],
+        augmentation: bool = DEFAULTS["augmentation"],
+        augmentation_random_flip: str = DEFAULTS["augmentation_random_flip"],
+        augmentation_random_rotation: float = DEFAULTS["augmentation_random_rotation"],
+        augmentation_random_zoom: float = DEFAULTS["augmentation_random_zoom"],
+        batch_size: int = DEFAULTS["batch_size"],
+        beta_1: float = DEFAULTS["beta_1"],
+        beta_2: float = DEFAULTS["beta_2"],
+        binary_mode: bool = DEFAULTS["binary_mode"],
+        dropout_rate: float = DEFAULTS["dropout_rate"],
+        early_stopping: bool = DEFAULTS["early_stopping"],
+        early_stopping_min_delta: float = DEFAULTS["early_stopping_min_delta"],
+        early_stopping_patience: int = DEFAULTS["early_stopping_patience"],
+        epochs: int = DEFAULTS["epochs"],
+        epsilon: float = DEFAULTS["epsilon"],
+        eval_metric: str = DEFAULTS["eval_metric"],
+        image_resize_interpolation: str = DEFAULTS["image_resize_interpolation"],
+        initial_accumulator_value: float = DEFAULTS["initial_accumulator_value"],
+        label_smoothing: float = DEFAULTS["label_smoothing"],
+        learning_rate: float = DEFAULTS["learning_rate"],
+        momentum: float = DEFAULTS["momentum"],
+        optimizer: str = DEFAULTS["optimizer"],
+        regularizers_l2: float = DEFAULTS["regularizers_l2"],
+        reinitialize_top_layer: str = DEFAULTS["reinitialize_top_layer"],
+        rho: float = DEFAULTS["rho"],
+        train_only_top_layer: bool = DEFAULTS["train_only_top_layer"],
+        validation_split_ratio: float = DEFAULTS["validation_split_ratio"],
+        test_split_ratio: float = DEFAULTS["test_split_ratio"],
+        random_seed: int = DEFAULTS["random_seed"],
+        model: str = DEFAULTS["model"],
+        weights: str = DEFAULTS["weights"],
+        image_size: int = DEFAULTS["image_size"],
+        max_rejected_fraction: float = 0.01,
+        accelerator_count: int = 1,
+        jit_compile: bool = False,
+        min_eval_value: float = 0.0,
+        baseline_model_uri: str = "",
+        model_registry_uri: str = "",
+        batch_data_uri: str = "",
+    ) -> Outputs:
+        """Searches hyperparameters with parallel trials and releases the best model.
+
+        Steps: validate-data -> convert-to-tfrecords -> tuning-setup -> tuning-trials (one GPU task per lane,
+        parallel_trials lanes at once, each running its trials one after another) -> select-best-trial ->
+        evaluate -> bless-model -> push-model | batch-predict, as the main pipeline.
+
+        Args:
+            data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
+            ranges: SageMaker ParameterRanges JSON (or our YAML form) of the hyperparameters to search;
+                "" searches the reference's recommended ranges.
+            objective: validation:accuracy (maximized), validation:loss (minimized), or in binary mode
+                validation:precision, validation:recall, validation:auc or validation:prc.
+            strategy: Bayesian, Random, Grid (categorical ranges only) or Hyperband.
+            max_trials: Trials in all.
+            parallel_trials: Trials at a time, each on its own GPU(s).
+            early_stopping_type: Auto stops trials clearly worse than the others at the same epoch; Off.
+            study_root: gs:// path or volume mounted by every step for the shared study (needed when the
+                pipeline root is not on GCS, e.g. the default MinIO).
+            max_rejected_fraction: Largest share of unusable image files the run tolerates.
+            accelerator_count: GPUs for each lane of trials (0 runs trials on CPUs).
+            jit_compile: Compile the training step with XLA.
+            min_eval_value: The best model is blessed only when eval_metric reaches this value (0: none).
+            baseline_model_uri: An earlier model the best one must not fall below on eval_metric.
+            model_registry_uri: gs:// path or volume where a blessed model is pushed as a new version.
+            batch_data_uri: Images to classify with a blessed model, written as JSON lines.
+
+        Every other argument is one of the algorithm's hyperparameters, kept at this value in every trial
+        unless ranges searches it.
+        """
+        hyperparameters = {name: value for name, value in locals().items() if name in FIELDS}
+
+        validation, conversion = prepare_data(data_uri, binary_mode, max_rejected_fraction, validation_split_ratio,
+                                              test_split_ratio, random_seed, settings)
+
+        setup = tuning_setup(ranges=ranges, objective=objective, strategy=strategy, max_trials=max_trials,
+                             parallel_trials=parallel_trials, early_stopping_type=early_stopping_type,
+                             study_root=study_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **hyperparameters)
+        # The study is state shared by the trials: every run makes its own.
+        setup.set_caching_options(False)
+        setup.set_display_name("Set up the search")
+        settings.apply(setup, "push")
+
+        with dsl.ParallelFor(setup.outputs["Output"], name="lanes") as lane:
+            trials = tuning_trials(study=setup.outputs["study"], lane=lane, dataset=conversion.outputs["dataset"],
+                                   jit_compile=jit_compile, gpus=accelerator_count)
+            trials.set_caching_options(False)
+            # Retries cover node preemption; the retried lane skips the trials it finished and records the
+            # interrupted one.
+            trials.set_display_name("Trials").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
+            trials.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
+            settings.apply(trials, "train")
+
+        best = select_best_trial(study=setup.outputs["study"]).after(trials)
+        best.set_caching_options(False)
+        best.set_display_name("Select the best trial")
+        settings.apply(best, "push")
+
+        evaluation, gate = release(best.outputs["best_model"], conversion.outputs["dataset"], eval_metric,
+                                   min_eval_value, baseline_model_uri, model_registry_uri, batch_data_uri, settings)
+        return Outputs(best.outputs["best_model"], best.outputs["best_hyperparameters"], best.outputs["tuning"],
+                       conversion.outputs["dataset"], validation.outputs["validation"],
+                       evaluation.outputs["evaluation"], gate.outputs["blessing"], evaluation.outputs["eval_value"])
+
+    return image_classification_tuning
+
+
+image_classification_tuning = build_pipeline()

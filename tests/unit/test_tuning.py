@@ -1,0 +1,194 @@
+"""The search itself: seeded samplers, the shared journal under concurrent writers, failed and stopped trials."""
+
+import json
+import threading
+import types
+
+import pytest
+
+from trainer import storage, tuning, tuning_report
+from trainer.tuning import ObjectJournal, TuningError
+
+RANGES = {"learning_rate": {"min": 0.0001, "max": 0.1, "scaling": "Logarithmic"}, "optimizer": ["adam", "sgd"]}
+
+
+def fake_training(fail_when=None, curve=None):
+    """A stand-in for trainer.training.train with the same contract: epochs through the callbacks, a result.
+
+    The objective is a fixed function of the hyperparameters, so what the search does with it can be checked.
+    """
+    def train(hp, dataset_dir, model_dir, *, jit_compile=False, callbacks=()):
+        if fail_when and fail_when(hp):
+            raise RuntimeError(f"out of memory at batch_size {hp.batch_size}")
+        value = 0.0
+        network = types.SimpleNamespace(stop_training=False)  # what Keras hands its callbacks
+        for callback in callbacks:
+            callback.set_model(network)
+        for epoch in range(hp.epochs):
+            value = (curve or (lambda hp, e: min(1.0, hp.learning_rate * 10 * (e + 1))))(hp, epoch)
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, {"val_accuracy": value, "val_loss": 1 - value})
+            if network.stop_training:
+                break
+        storage.write_bytes(storage.join(model_dir, "model.keras"), b"weights")
+        return {"epochs_completed": epoch + 1, "validation_metrics": {"accuracy": value, "loss": 1 - value}}
+    return train
+
+
+def run_search(study_dir, ranges=RANGES, fixed=None, train_fn=None, **settings):
+    config = tuning.make_config(ranges, {"epochs": 2, **(fixed or {})}, **settings)
+    tuning.create_study(config, str(study_dir))
+    for lane in range(config.lanes):
+        tuning.run_lane(str(study_dir), lane, "unused", train_fn=train_fn or fake_training())
+    return tuning.summarize(str(study_dir))
+
+
+@pytest.mark.parametrize("strategy", ["Bayesian", "Random", "Hyperband"])
+def test_a_search_is_repeatable_with_its_seed(tmp_path, strategy):
+    first = run_search(tmp_path / "a", strategy=strategy, max_trials=4, parallel_trials=1)
+    again = run_search(tmp_path / "b", strategy=strategy, max_trials=4, parallel_trials=1)
+    other = run_search(tmp_path / "c", strategy=strategy, max_trials=4, parallel_trials=1, fixed={"random_seed": 1})
+    params = [[t["hyperparameters"] for t in s["trials"]] for s in (first, again, other)]
+    assert params[0] == params[1]
+    assert params[0] != params[2]
+
+
+def test_parallel_lanes_do_not_draw_the_same_values(tmp_path):
+    summary = run_search(tmp_path, strategy="Random", max_trials=4, parallel_trials=2)
+    rates = [t["hyperparameters"]["learning_rate"] for t in summary["trials"]]
+    assert len(set(rates)) == 4
+
+
+def test_grid_visits_every_point_once(tmp_path):
+    summary = run_search(tmp_path, ranges={"optimizer": ["adam", "sgd", "rmsprop"]}, strategy="Grid",
+                         max_trials=10, parallel_trials=1)
+    assert sorted(t["hyperparameters"]["optimizer"] for t in summary["trials"]) == ["adam", "rmsprop", "sgd"]
+
+
+def test_the_best_trial_follows_the_objectives_direction(tmp_path):
+    best_acc = run_search(tmp_path / "acc", max_trials=4, parallel_trials=2, early_stopping_type="Off")
+    best_loss = run_search(tmp_path / "loss", max_trials=4, parallel_trials=2, early_stopping_type="Off",
+                           objective="validation:loss")
+    values = [t["value"] for t in best_acc["trials"]]
+    assert best_acc["best"]["value"] == max(values)
+    assert best_loss["best"]["value"] == min(t["value"] for t in best_loss["trials"])
+    best = best_acc["trials"][best_acc["best"]["trial"]]
+    assert best_acc["best"]["hyperparameters"]["learning_rate"] == best["hyperparameters"]["learning_rate"]
+    assert best_acc["best"]["hyperparameters"]["epochs"] == 2  # the fixed ones are part of the best set
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
+    summary = run_search(tmp_path, ranges={"batch_size": [16, 4096]}, strategy="Grid", max_trials=2,
+                         parallel_trials=1, train_fn=fake_training(fail_when=lambda hp: hp.batch_size > 1000))
+    by_batch = {t["hyperparameters"]["batch_size"]: t for t in summary["trials"]}
+    assert by_batch[4096]["status"] == "failed"
+    assert by_batch[4096]["error"] == "RuntimeError: out of memory at batch_size 4096"
+    assert by_batch[16]["status"] == "completed"
+    assert summary["best"]["trial"] == by_batch[16]["trial"]
+
+
+def test_a_bad_combination_fails_its_trial_only(tmp_path):
+    # small_cnn needs at least 16 pixels: the schema refuses image_size 8 in that trial alone.
+    summary = run_search(tmp_path, ranges={"image_size": [8, 32]}, fixed={"model": "small_cnn", "weights": "none"},
+                         strategy="Grid", max_trials=2, parallel_trials=2)
+    statuses = {t["hyperparameters"]["image_size"]: t["status"] for t in summary["trials"]}
+    assert statuses == {8: "failed", 32: "completed"}
+
+
+def test_when_every_trial_fails_the_search_fails_listing_the_reasons(tmp_path):
+    summary = run_search(tmp_path, max_trials=2, parallel_trials=1, train_fn=fake_training(fail_when=lambda hp: True))
+    with pytest.raises(TuningError) as caught:
+        tuning.select_best(str(tmp_path), str(tmp_path / "best"), str(tmp_path / "report"))
+    message = str(caught.value)
+    assert "no trial completed" in message
+    assert message.count("RuntimeError: out of memory at batch_size 32") == 2
+    # The reports are written all the same, with each failure.
+    assert "failed: RuntimeError" in (tmp_path / "report" / "report.md").read_text()
+    assert summary["best"] is None
+
+
+def test_trials_clearly_worse_at_an_epoch_are_stopped_and_recorded(tmp_path):
+    # Later trials are far worse at epoch 1 than the first three: Auto early stopping stops them there.
+    calls = []
+
+    def curve(hp, epoch):
+        calls.append(hp.learning_rate)
+        return 0.9 if len({*calls}) <= 3 else 0.1
+
+    summary = run_search(tmp_path, strategy="Random", max_trials=5, parallel_trials=1, fixed={"epochs": 4},
+                         train_fn=fake_training(curve=curve))
+    stopped = [t for t in summary["trials"] if t["status"] == "stopped early"]
+    assert stopped, [t["status"] for t in summary["trials"]]
+    assert all(t["epochs"] == 1 and t["value"] == pytest.approx(0.1) for t in stopped)
+    assert all(t["epochs"] == 4 for t in summary["trials"] if t["status"] == "completed")
+
+
+def test_a_retried_lane_skips_finished_trials_and_records_the_interrupted_one(tmp_path):
+    config = tuning.make_config(RANGES, {"epochs": 1}, max_trials=2, parallel_trials=1)
+    tuning.create_study(config, str(tmp_path))
+    tuning.run_trial(str(tmp_path), 0, "unused", train_fn=fake_training())
+    study, _ = tuning.open_study(str(tmp_path), 0)
+    study.ask().set_user_attr("slot", 1)  # slot 1 started, then its pod was killed
+    tuning.run_lane(str(tmp_path), 0, "unused", train_fn=fake_training())
+    trials = tuning.summarize(str(tmp_path))["trials"]
+    assert [(t["slot"], t["status"]) for t in trials] == [(0, "completed"), (1, "failed"), (1, "completed")]
+    assert trials[1]["error"].startswith("interrupted")
+
+
+def test_the_journal_keeps_every_batch_of_concurrent_writers(tmp_path):
+    writers, batches = 6, 15
+
+    def write(worker):
+        journal = ObjectJournal(str(tmp_path / "journal"))
+        for i in range(batches):
+            journal.append_logs([{"worker": worker, "i": i}, {"worker": worker, "i": i, "second": True}])
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    logs = list(ObjectJournal(str(tmp_path / "journal")).read_logs(0))
+    assert len(logs) == writers * batches * 2
+    # A batch is never split, and each writer's batches keep their order.
+    for first, second in zip(logs[::2], logs[1::2], strict=True):
+        assert second == {**first, "second": True}
+    for worker in range(writers):
+        assert [e["i"] for e in logs[::2] if e["worker"] == worker] == list(range(batches))
+    assert list(ObjectJournal(str(tmp_path / "journal")).read_logs(len(logs) - 2)) == logs[-2:]
+
+
+def test_the_journal_works_on_gcs(gcs_bucket):
+    # Writers that catch up before each claim. (The emulator ignores ifGenerationMatch, so the claim's
+    # atomicity between simultaneous writers rests on GCS's precondition, not on this test.)
+    root = f"gs://{gcs_bucket}/study/journal"
+    first, second = ObjectJournal(root), ObjectJournal(root)
+    first.append_logs([{"a": 1}])
+    second.append_logs([{"b": 2}])  # must not overwrite the first writer's object
+    first.append_logs([{"c": 3}])
+    assert list(ObjectJournal(root).read_logs(0)) == [{"a": 1}, {"b": 2}, {"c": 3}]
+    assert storage.read_bytes_if_exists(f"{root}/00000003.json") is None
+
+
+def test_reports_mark_the_best_and_plot_each_tuned_hyperparameter(tmp_path):
+    summary = run_search(tmp_path, max_trials=3, parallel_trials=1, early_stopping_type="Off")
+    page = tuning_report.html(summary)
+    assert page.count("<svg") == 3  # per trial, learning_rate, optimizer
+    assert "(log scale)" in page and "&#9733; best" in page
+    markdown = tuning_report.markdown(summary)
+    assert f"| {summary['best']['trial']} (best) | completed |" in markdown
+    path = tuning_report.write_html(summary, str(tmp_path / "out" / "report.html"))
+    assert open(path, encoding="utf-8").read() == page
+
+
+def test_select_best_copies_the_model_and_writes_params_that_params_takes(tmp_path):
+    from trainer import hyperparameters as hps
+
+    run_search(tmp_path / "study", max_trials=2, parallel_trials=1)
+    summary = tuning.select_best(str(tmp_path / "study"), str(tmp_path / "best"), str(tmp_path / "report"))
+    assert (tmp_path / "best" / "model.keras").read_bytes() == b"weights"
+    resolved = hps.Hyperparameters.resolve(files=[str(tmp_path / "report" / "best_hyperparameters.yaml")])
+    assert resolved.to_dict() == summary["best"]["hyperparameters"]
+    on_disk = json.loads((tmp_path / "report" / "tuning.json").read_text())
+    assert {"objective", "direction", "strategy", "best", "trials"} <= set(on_disk)
+    assert set(on_disk["trials"][0]) >= {"trial", "status", "value", "hyperparameters", "epochs", "seconds"}

@@ -1,0 +1,86 @@
+"""upload, submit and schedule of the tuning pipeline, checked by the requests sent to a fake KFP API server."""
+
+import json
+import pathlib
+
+import kfp.client.client
+import pytest
+
+from pipelines import operations
+from pipelines.compiler import COMPILED_TUNING_PIPELINE
+from tests.support.fake_kfp import FakeKfpServer
+from trainer import cli as trainer_cli
+from trainer import hyperparameters as hps
+
+RUNS = "/apis/v2beta1/runs"
+RECURRING_RUNS = "/apis/v2beta1/recurringruns"
+UPLOAD = "/apis/v2beta1/pipelines/upload"
+RANGES = {"ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": "0.00001", "MaxValue": "0.1",
+                                         "ScalingType": "Logarithmic"}],
+          "CategoricalParameterRanges": [{"Name": "optimizer", "Values": ["adam", "sgd"]}]}
+
+
+@pytest.fixture
+def kfp_api(monkeypatch, tmp_path):
+    monkeypatch.setattr(kfp.client.client.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "no-kfp-context.json"))
+    for name in (operations.HOST_ENV, operations.TOKEN_ENV, "KF_PIPELINES_UI_ENDPOINT",
+                 "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeKfpServer() as server:
+        yield server
+
+
+def imgclf(*argv: str) -> int:
+    parser, commands = trainer_cli.build_parser(prog="imgclf")
+    operations.add_commands(commands)
+    return trainer_cli.run(parser, list(argv))
+
+
+def test_upload_tuning_sends_the_committed_tuning_yaml(kfp_api):
+    assert imgclf("upload", "--host", kfp_api.url, "--tuning") == 0
+    [upload] = kfp_api.requests_to("POST", UPLOAD)
+    assert upload.files["uploadfile"] == ("image_classification_tuning.yaml",
+                                          pathlib.Path(COMPILED_TUNING_PIPELINE).read_bytes())
+    assert upload.query["name"] == "image-classification-tuning"
+
+
+def test_submit_tuning_sends_the_search_and_every_hyperparameter(kfp_api, tmp_path):
+    params = tmp_path / "search.yaml"
+    params.write_text(f"ranges: {json.dumps(RANGES)}\nmax_trials: 8\nepochs: '5'\n")
+    assert imgclf("submit", "--host", kfp_api.url, "--tuning", "--params", str(params),
+                  "--set", "data_uri=gs://bucket/images", "--set", "parallel_trials=4",
+                  "--set", "strategy=Random") == 0
+    [create] = kfp_api.requests_to("POST", RUNS)
+    sent = create.json["runtime_config"]["parameters"]
+    assert json.loads(sent["ranges"]) == RANGES
+    assert (sent["max_trials"], sent["parallel_trials"], sent["strategy"]) == (8, 4, "Random")
+    assert {k: sent[k] for k in hps.FIELDS} == hps.Hyperparameters(epochs=5).to_dict()
+    assert create.json["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "image-classification-tuning"
+
+
+@pytest.mark.parametrize(("assignments", "problem"), [
+    (["ranges={\"learning_rte\": {\"min\": 0.001, \"max\": 0.1}}"],
+     "learning_rte: unknown hyperparameter; did you mean 'learning_rate'?"),
+    (["learning_rate=0.01", "ranges={\"learning_rate\": {\"min\": 0.001, \"max\": 0.1}}"],
+     "learning_rate: given a fixed value and a range"),
+    (["objective=validation:f1"], "objective: got 'validation:f1', expected one of validation:accuracy"),
+    (["strategy=Grid"], "strategy: Grid takes only categorical ranges"),
+    (["max_trials=0"], "max_trials: got 0, expected a whole number of at least 1"),
+])
+def test_submit_tuning_refuses_a_bad_search_before_any_request(kfp_api, capsys, assignments, problem):
+    argv = ["submit", "--host", kfp_api.url, "--tuning", "--set", "data_uri=gs://bucket/images"]
+    for assignment in assignments:
+        argv += ["--set", assignment]
+    assert imgclf(*argv) == 2
+    assert f"  - {problem}" in capsys.readouterr().err
+    assert kfp_api.requests == []
+
+
+def test_schedule_a_tuning_package_checks_it_as_tuning(kfp_api, capsys):
+    assert imgclf("schedule", "--host", kfp_api.url, "--package", COMPILED_TUNING_PIPELINE, "--cron", "@weekly",
+                  "--set", "data_uri=gs://bucket/images", "--set", "strategy=Sideways") == 2
+    assert "strategy: got 'Sideways'" in capsys.readouterr().err
+    assert imgclf("schedule", "--host", kfp_api.url, "--package", COMPILED_TUNING_PIPELINE, "--cron", "@weekly",
+                  "--set", "data_uri=gs://bucket/images", "--set", "max_trials=3") == 0
+    [create] = kfp_api.requests_to("POST", RECURRING_RUNS)
+    assert create.json["runtime_config"]["parameters"]["max_trials"] == 3
