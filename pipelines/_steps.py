@@ -1,11 +1,18 @@
-"""Wiring shared by the pipelines: from a data URI to a converted data set, cached across runs."""
+"""Wiring shared by the pipelines: from a data URI to a converted data set (cached across runs), and from a
+trained model to a released one (evaluated, gated, pushed, used for batch prediction)."""
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from kfp import dsl
+
+from components.batch_predict import batch_predict
 from components.convert_to_tfrecords import convert_to_tfrecords
+from components.evaluate import evaluate
+from components.gate import bless_model
 from components.look_at_data import look_at_data
+from components.push_model import push_model
 from components.validate_data import validate_data
 from pipelines.cluster import ClusterSettings
 
@@ -45,3 +52,47 @@ def prepare_data(data_uri: Any, *, binary_mode: Any, max_rejected_fraction: Any,
     conversion.set_display_name("Convert to TFRecords").set_retry(num_retries=2, backoff_duration="30s")
     settings.apply(conversion, "convert")
     return DataSteps(look, validation, conversion)
+
+
+class ReleaseSteps(NamedTuple):
+    """The tasks ``release`` added (push and batch prediction run only under their conditions)."""
+
+    evaluation: Any
+    gate: Any
+
+
+def release(model: Any, dataset: Any, *, eval_metric: Any, min_eval_value: Any, baseline_model_uri: Any,
+            model_registry_uri: Any, batch_data_uri: Any, settings: ClusterSettings) -> ReleaseSteps:
+    """Evaluate ``model`` on the test split, gate it, and push and batch-predict it when blessed.
+
+    Call inside a ``@dsl.pipeline`` function. Evaluation is cached (same model and data set, same
+    result); the gate, the push and batch prediction decide again in every run.
+    """
+    evaluation = evaluate(trained_model=model, dataset=dataset, eval_metric=eval_metric)
+    evaluation.set_display_name("Evaluate")
+    settings.apply(evaluation, "evaluate")
+
+    gate = bless_model(trained_model=model, dataset=dataset, eval_metric=evaluation.outputs["eval_metric"],
+                       eval_value=evaluation.outputs["eval_value"], min_eval_value=min_eval_value,
+                       baseline_model_uri=baseline_model_uri)
+    # The baseline (e.g. the registry's newest version) can change between runs: decide every time.
+    gate.set_caching_options(False)
+    gate.set_display_name("Quality gate")
+    settings.apply(gate, "bless")
+
+    # An unblessed model skips what follows and the run ends green; the gate's log and
+    # blessing.json say why ("not blessed: accuracy 0.91 < threshold 0.95").
+    with dsl.If(gate.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition, not Python
+        with dsl.If(model_registry_uri != "", name="registry-set"):
+            push = push_model(trained_model=model, registry_uri=model_registry_uri, blessing=gate.outputs["blessing"])
+            # The registry can change between runs (another run may have pushed): decide every time.
+            push.set_caching_options(False)
+            push.set_display_name("Push to registry").set_retry(num_retries=2, backoff_duration="30s")
+            settings.apply(push, "push")
+        with dsl.If(batch_data_uri != "", name="batch-data-set"):
+            predictions = batch_predict(trained_model=model, data_uri=batch_data_uri)
+            # The folder behind batch_data_uri can change between runs; always look at it again.
+            predictions.set_caching_options(False)
+            predictions.set_display_name("Batch predict")
+            settings.apply(predictions, "batch_predict")
+    return ReleaseSteps(evaluation, gate)

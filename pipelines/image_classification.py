@@ -5,12 +5,8 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Model
 
-from components.batch_predict import batch_predict
-from components.evaluate import evaluate
-from components.gate import bless_model
-from components.push_model import push_model
 from components.train import train
-from pipelines._steps import prepare_data
+from pipelines._steps import prepare_data, release
 from pipelines.cluster import ClusterSettings
 from trainer.hyperparameters import DEFAULTS, FIELDS
 
@@ -117,35 +113,10 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         training.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
         settings.apply(training, "train")
 
-        evaluation = evaluate(trained_model=training.outputs["trained_model"], dataset=conversion.outputs["dataset"],
-                              eval_metric=eval_metric)
-        evaluation.set_display_name("Evaluate")
-        settings.apply(evaluation, "evaluate")
-
-        gate = bless_model(trained_model=training.outputs["trained_model"], dataset=conversion.outputs["dataset"],
-                           eval_metric=evaluation.outputs["eval_metric"], eval_value=evaluation.outputs["eval_value"],
-                           min_eval_value=min_eval_value, baseline_model_uri=baseline_model_uri)
-        # The baseline (e.g. the registry's newest version) can change between runs: decide every time.
-        gate.set_caching_options(False)
-        gate.set_display_name("Quality gate")
-        settings.apply(gate, "bless")
-
-        # An unblessed model skips what follows and the run ends green; the gate's log and
-        # blessing.json say why ("not blessed: accuracy 0.91 < threshold 0.95").
-        with dsl.If(gate.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition, not Python
-            with dsl.If(model_registry_uri != "", name="registry-set"):
-                push = push_model(trained_model=training.outputs["trained_model"], registry_uri=model_registry_uri,
-                                  blessing=gate.outputs["blessing"])
-                # Every run pushes a version of its own; a cached push would report one it did not write.
-                push.set_caching_options(False)
-                push.set_display_name("Push to registry").set_retry(num_retries=2, backoff_duration="30s")
-                settings.apply(push, "push")
-            with dsl.If(batch_data_uri != "", name="batch-data-set"):
-                predictions = batch_predict(trained_model=training.outputs["trained_model"], data_uri=batch_data_uri)
-                # The folder behind batch_data_uri can change between runs; always look at it again.
-                predictions.set_caching_options(False)
-                predictions.set_display_name("Batch predict")
-                settings.apply(predictions, "batch_predict")
+        released = release(training.outputs["trained_model"], conversion.outputs["dataset"], eval_metric=eval_metric,
+                           min_eval_value=min_eval_value, baseline_model_uri=baseline_model_uri,
+                           model_registry_uri=model_registry_uri, batch_data_uri=batch_data_uri, settings=settings)
+        evaluation, gate = released.evaluation, released.gate
 
         return Outputs(training.outputs["trained_model"], conversion.outputs["dataset"],
                        validation.outputs["validation"], evaluation.outputs["evaluation"], gate.outputs["blessing"],

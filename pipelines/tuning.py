@@ -17,15 +17,10 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Model
 
-from components.batch_predict import batch_predict
-from components.convert_to_tfrecords import convert_to_tfrecords
-from components.evaluate import evaluate
-from components.gate import bless_model
-from components.push_model import push_model
 from components.select_best_trial import select_best_trial
 from components.tuning_setup import tuning_setup
 from components.tuning_trials import tuning_trials
-from components.validate_data import validate_data
+from pipelines._steps import prepare_data, release
 from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import ACCELERATOR_TYPE
 from trainer.hyperparameters import DEFAULTS, FIELDS
@@ -48,52 +43,6 @@ class Outputs(NamedTuple):
     evaluation: Artifact
     blessing: Artifact
     eval_value: float
-
-
-def prepare_data(data_uri, binary_mode, max_rejected_fraction, validation_split_ratio, test_split_ratio, random_seed,
-                 settings: ClusterSettings):
-    """Validate and convert the data set once, wired as the main pipeline does; returns both tasks."""
-    validation = validate_data(data_uri=data_uri, binary_mode=binary_mode,
-                               max_rejected_fraction=max_rejected_fraction)
-    # The folder behind data_uri can change between runs; always look at it again.
-    validation.set_caching_options(False)
-    validation.set_display_name("Validate data").set_retry(num_retries=2, backoff_duration="30s")
-    settings.apply(validation, "validate")
-    conversion = convert_to_tfrecords(
-        data_uri=data_uri, validation=validation.outputs["validation"],
-        data_fingerprint=validation.outputs["fingerprint"], validation_split_ratio=validation_split_ratio,
-        test_split_ratio=test_split_ratio, random_seed=random_seed)
-    conversion.set_display_name("Convert to TFRecords").set_retry(num_retries=2, backoff_duration="30s")
-    settings.apply(conversion, "convert")
-    return validation, conversion
-
-
-def release(model, dataset, eval_metric, min_eval_value, baseline_model_uri, model_registry_uri, batch_data_uri,
-            settings: ClusterSettings):
-    """Evaluate, gate, push and batch-predict a model, exactly as the main pipeline does; returns the tasks."""
-    evaluation = evaluate(trained_model=model, dataset=dataset, eval_metric=eval_metric)
-    evaluation.set_display_name("Evaluate")
-    settings.apply(evaluation, "evaluate")
-
-    gate = bless_model(trained_model=model, dataset=dataset, eval_metric=evaluation.outputs["eval_metric"],
-                       eval_value=evaluation.outputs["eval_value"], min_eval_value=min_eval_value,
-                       baseline_model_uri=baseline_model_uri)
-    gate.set_caching_options(False)
-    gate.set_display_name("Quality gate")
-    settings.apply(gate, "bless")
-
-    with dsl.If(gate.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition, not Python
-        with dsl.If(model_registry_uri != "", name="registry-set"):
-            push = push_model(trained_model=model, registry_uri=model_registry_uri, blessing=gate.outputs["blessing"])
-            push.set_caching_options(False)
-            push.set_display_name("Push to registry").set_retry(num_retries=2, backoff_duration="30s")
-            settings.apply(push, "push")
-        with dsl.If(batch_data_uri != "", name="batch-data-set"):
-            predictions = batch_predict(trained_model=model, data_uri=batch_data_uri)
-            predictions.set_caching_options(False)
-            predictions.set_display_name("Batch predict")
-            settings.apply(predictions, "batch_predict")
-    return evaluation, gate
 
 
 def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_component.GraphComponent:
@@ -154,9 +103,9 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
     ) -> Outputs:
         """Searches hyperparameters with parallel trials and releases the best model.
 
-        Steps: validate-data -> convert-to-tfrecords -> tuning-setup -> tuning-trials (one GPU task per lane,
-        parallel_trials lanes at once, each running its trials one after another) -> select-best-trial ->
-        evaluate -> bless-model -> push-model | batch-predict, as the main pipeline.
+        Steps: look-at-data -> validate-data -> convert-to-tfrecords -> tuning-setup -> tuning-trials (one GPU
+        task per lane, parallel_trials lanes at once, each running its trials one after another) ->
+        select-best-trial -> evaluate -> bless-model -> push-model | batch-predict, as the main pipeline.
 
         Args:
             data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
@@ -183,8 +132,11 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         """
         hyperparameters = {name: value for name, value in locals().items() if name in FIELDS}
 
-        validation, conversion = prepare_data(data_uri, binary_mode, max_rejected_fraction, validation_split_ratio,
-                                              test_split_ratio, random_seed, settings)
+        # The same look, validation and conversion as the main pipeline, reused from the cache on unchanged content.
+        data = prepare_data(data_uri, binary_mode=binary_mode, max_rejected_fraction=max_rejected_fraction,
+                            validation_split_ratio=validation_split_ratio, test_split_ratio=test_split_ratio,
+                            random_seed=random_seed, settings=settings)
+        validation, conversion = data.validation, data.conversion
 
         setup = tuning_setup(ranges=ranges, objective=objective, strategy=strategy, max_trials=max_trials,
                              parallel_trials=parallel_trials, early_stopping_type=early_stopping_type,
@@ -209,8 +161,10 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         best.set_display_name("Select the best trial")
         settings.apply(best, "push")
 
-        evaluation, gate = release(best.outputs["best_model"], conversion.outputs["dataset"], eval_metric,
-                                   min_eval_value, baseline_model_uri, model_registry_uri, batch_data_uri, settings)
+        released = release(best.outputs["best_model"], conversion.outputs["dataset"], eval_metric=eval_metric,
+                           min_eval_value=min_eval_value, baseline_model_uri=baseline_model_uri,
+                           model_registry_uri=model_registry_uri, batch_data_uri=batch_data_uri, settings=settings)
+        evaluation, gate = released.evaluation, released.gate
         return Outputs(best.outputs["best_model"], best.outputs["best_hyperparameters"], best.outputs["tuning"],
                        conversion.outputs["dataset"], validation.outputs["validation"],
                        evaluation.outputs["evaluation"], gate.outputs["blessing"], evaluation.outputs["eval_value"])

@@ -68,9 +68,14 @@ def test_the_best_model_goes_through_the_main_pipelines_release_steps(spec):
     root = spec["root"]["dag"]["tasks"]
     evaluate_input = root["evaluate"]["inputs"]["artifacts"]["trained_model"]["taskOutputArtifact"]
     assert evaluate_input == {"outputArtifactKey": "best_model", "producerTask": "select-best-trial"}
-    assert {"validate-data", "convert-to-tfrecords", "tuning-setup", "select-best-trial", "evaluate",
+    assert {"look-at-data", "validate-data", "convert-to-tfrecords", "tuning-setup", "select-best-trial", "evaluate",
             "bless-model", "condition-2"} <= set(root)
-    assert root["validate-data"]["cachingOptions"] == {}
+    # The data steps are the main pipeline's: the look runs every time, validation and conversion are
+    # reused on unchanged content, and the search itself starts afresh in every run.
+    assert root["look-at-data"]["cachingOptions"] == {}
+    assert root["validate-data"]["cachingOptions"] == {"enableCache": True}
+    assert root["convert-to-tfrecords"]["cachingOptions"] == {"enableCache": True}
+    assert root["tuning-setup"]["cachingOptions"] == {}
 
 
 def test_compile_writes_both_committed_pipelines(tmp_path, capsys):
