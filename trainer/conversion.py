@@ -315,8 +315,9 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
     if local:
         output_dir = _local_path(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        # An old manifest would vouch for shards about to be replaced; remove it before touching them.
-        _remove_if_exists(os.path.join(output_dir, MANIFEST_FILE))
+    # An old manifest would vouch for shards about to be replaced (locally and on gs://): remove it before
+    # touching them, so a conversion that stops half way leaves no manifest rather than one over a mix.
+    storage.delete(storage.join(output_dir, MANIFEST_FILE))
     log.info("Converting %d images (%.1f MiB) of %d classes from %s to %s (seed %d)", len(accepted),
              sum(e["bytes"] for e in accepted) / 2**20, len(classes), data_uri, output_dir, random_seed)
 

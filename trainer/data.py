@@ -136,24 +136,30 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
                       cache_dir: str | None = None) -> str:
     """A local directory holding ``dataset_dir``'s metadata and the given splits.
 
-    Local paths are returned as they are. A gs:// URI is copied once into
-    ``cache_dir`` (default ``$IMGCLF_CACHE_DIR`` or the system temp directory) under a name derived
-    from the URI; a later call in the same pod finds the copy. Each split is copied into a
-    temporary directory and renamed into place, so an interrupted copy is never mistaken for a
-    complete one.
+    Local paths are returned as they are. A gs:// URI is copied into ``cache_dir`` (default
+    ``$IMGCLF_CACHE_DIR`` or the system temp directory) under a name derived from its manifest's
+    content, not from the URI: a re-conversion into the same URI writes a new manifest and so gets a
+    new copy, never the old shards under the new manifest. A later call with the same manifest finds
+    the copy. Each split is copied into a temporary directory and renamed into place, so an
+    interrupted copy is never mistaken for a complete one; the manifest is read again after the copy,
+    and a change (a conversion running meanwhile) is an error rather than a mixed copy.
     """
     if not dataset_dir.startswith("gs://"):
         return dataset_dir
 
     root = cache_dir or os.environ.get(CACHE_DIR_ENV) or os.path.join(tempfile.gettempdir(), "imgclf-cache")
-    digest = hashlib.sha256(dataset_dir.rstrip("/").encode()).hexdigest()[:16]
+    manifest_uri = storage.join(dataset_dir, MANIFEST_FILE)
+    manifest_bytes = _read_manifest_bytes(manifest_uri)
+    digest = hashlib.sha256(manifest_bytes).hexdigest()[:24]
     local = os.path.join(root, f"dataset-{digest}")
     os.makedirs(local, exist_ok=True)
-    for name in (MANIFEST_FILE, LABEL_MAP_FILE):
-        storage.download_file(storage.join(dataset_dir, name), os.path.join(local, name))
+    storage.write_bytes(os.path.join(local, MANIFEST_FILE), manifest_bytes)
+    storage.download_file(storage.join(dataset_dir, LABEL_MAP_FILE), os.path.join(local, LABEL_MAP_FILE))
+    copied = False
     for split in splits:
         target = os.path.join(local, split)
-        remote = shard_files(dataset_dir, split)
+        # The shard names come from the manifest just read, so the copy matches its key.
+        remote = [storage.join(dataset_dir, split, os.path.basename(path)) for path in shard_files(local, split)]
         if os.path.exists(os.path.join(target, _COMPLETE_MARKER)) or not remote:
             continue
         log.info("Copying %d shards of the %s split of %s to %s", len(remote), split, dataset_dir, target)
@@ -163,12 +169,26 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
                 # list() re-raises the first failed download.
                 targets = [os.path.join(staging, uri.rsplit("/", 1)[-1]) for uri in remote]
                 list(pool.map(storage.download_file, remote, targets))
+            if _read_manifest_bytes(manifest_uri) != manifest_bytes:
+                raise DataError(f"{manifest_uri} changed while its shards were copied (a conversion into "
+                                f"{dataset_dir} ran meanwhile); the copy is discarded: run the step again")
             open(os.path.join(staging, _COMPLETE_MARKER), "w").close()
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
+            copied = True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    if not copied:
+        log.info("Reading %s from its local copy %s (same manifest)", dataset_dir, local)
     return local
+
+
+def _read_manifest_bytes(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except StorageError as err:
+        raise DataError(f"cannot read the data set's manifest: {err}; is this a folder written by a "
+                        "conversion step that finished?") from None
 
 
 # ---------------------------------------------------------------------------------------------

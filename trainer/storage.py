@@ -120,6 +120,60 @@ def write_bytes(uri: str, data: bytes) -> None:
             out.write(data)
 
 
+def create_if_absent(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there yet; False (and nothing written) if something is.
+
+    Of several writers racing for one name exactly one gets True: locally through ``O_CREAT | O_EXCL``
+    on a temporary name hard-linked into place, on GCS through the precondition ``ifGenerationMatch=0``.
+    """
+    if is_gcs(uri):
+        missing = f"bucket {_split(uri)[0]!r} does not exist (HTTP 404 writing {uri}): create it or fix the URI"
+        try:
+            with _gcs_errors(uri, "writing", missing):
+                # Conditional on "no object", so the library may resend it safely.
+                _blob(uri).upload_from_string(data, content_type="application/octet-stream",
+                                              if_generation_match=0, retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+        except StorageError as err:
+            if isinstance(err.__cause__, api_exceptions.PreconditionFailed):
+                return False
+            raise
+        return True
+    path = _local(uri)
+    staged = f"{path}.{secrets.token_hex(4)}.claim"
+    with _atomic_file(staged) as out:
+        out.write(data)
+    try:
+        with _local_errors(uri, "write"):
+            try:
+                # link() fails if the name exists: the complete file appears under its name, or nothing does.
+                os.link(staged, path)
+            except FileExistsError:
+                return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+    return True
+
+
+def delete(uri: str) -> bool:
+    """Remove one file or object; False if there was none."""
+    if is_gcs(uri):
+        try:
+            with _gcs_errors(uri, "deleting", _NO_OBJECT.format(uri=uri)):
+                _blob(uri).delete(retry=_RETRY)
+        except StorageError as err:
+            if isinstance(err.__cause__, api_exceptions.NotFound):
+                return False
+            raise
+        return True
+    with _local_errors(uri, "delete"):
+        try:
+            os.remove(_local(uri))
+        except FileNotFoundError:
+            return False
+    return True
+
+
 def download_file(uri: str, local_path: str) -> None:
     """Copy one file or object to ``local_path``; on failure nothing is left at ``local_path``."""
     with _atomic_file(_local(local_path)) as out:
