@@ -39,23 +39,29 @@ import tensorflow as tf
 
 from trainer import images, storage
 from trainer.errors import DataError, StorageError
+from trainer.layout import (  # noqa: F401  (re-exported: the data set's contract, read through this module)
+    FEATURE_ENCODED,
+    FEATURE_FORMAT,
+    FEATURE_LABEL,
+    FEATURE_PATH,
+    FORMAT_VERSION,
+    LABEL_MAP_FILE,
+    MANIFEST_FILE,
+    SPLITS,
+    check_format_version,
+    read_manifest,
+    read_manifest_bytes,
+)
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
-LABEL_MAP_FILE = "class_label_to_prediction_index.json"
-MANIFEST_FILE = "manifest.json"
-
-# The record format conversion writes. Version 1 held resized pixels ("image/raw"); version 2 holds
-# the original file bytes.
-FORMAT_VERSION = 2
-# The record layout written by conversion; "path" is kept for error messages and evaluation, and
-# "image/format" for tools (decode_tensor tells JPEG from PNG by the bytes themselves).
+# The record layout written by conversion (trainer.layout); "path" is kept for error messages and
+# evaluation, and "image/format" for tools (decode_tensor tells JPEG from PNG by the bytes themselves).
 FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/format": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "path": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    FEATURE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+    FEATURE_FORMAT: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
+    FEATURE_PATH: tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 
 # A split whose resized pixels fit in this many bytes is cached in memory after its first pass;
@@ -74,28 +80,6 @@ _COMPLETE_MARKER = ".imgclf-complete"
 # ---------------------------------------------------------------------------------------------
 # The data set's metadata
 # ---------------------------------------------------------------------------------------------
-
-def read_manifest(dataset_dir: str) -> dict[str, Any]:
-    """The data set's ``manifest.json`` as a dict; DataError naming the file if missing, invalid or
-    of another format version."""
-    path = storage.join(dataset_dir, MANIFEST_FILE)
-    manifest = _read_json(path, "manifest", dict)
-    check_format_version(manifest, path)
-    return manifest
-
-
-def check_format_version(manifest: dict[str, Any], where: str) -> None:
-    """DataError unless ``manifest`` (read from ``where``) is of the format this code reads."""
-    version = manifest.get("format_version")
-    if version == FORMAT_VERSION:
-        return
-    if version == 1:
-        raise DataError(f"{where}: this data set is of format version 1 (records of pixels resized at conversion,"
-                        f" written by an earlier imgclf); this imgclf reads version {FORMAT_VERSION}, whose records"
-                        " hold the original image files: re-run the conversion step on the data set")
-    raise DataError(f"{where}: format_version {version!r} is not one this imgclf reads (version {FORMAT_VERSION});"
-                    " re-run the conversion step with this version of imgclf")
-
 
 def read_label_map(dataset_dir: str) -> dict[str, int]:
     """The ``{class: prediction index}`` mapping written by conversion, checked to be 0..K-1."""
@@ -119,12 +103,7 @@ def shard_files(dataset_dir: str, split: str) -> list[str]:
     """Paths of the split's TFRecord shards, as the manifest lists them (never from a listing, which
     could include a half-written or stale file); empty when the split was not written."""
     _check_split(split)
-    manifest = read_manifest(dataset_dir)
-    info = manifest.get("splits", {}).get(split) or {}
-    names = info.get("files", [])
-    if not isinstance(names, list) or not all(isinstance(n, str) and "/" not in n for n in names):
-        raise DataError(f"{storage.join(dataset_dir, MANIFEST_FILE)}: splits.{split}.files must be a list of shard "
-                        f"file names, got {names!r}; re-run the conversion step")
+    names = (read_manifest(dataset_dir)["splits"].get(split) or {}).get("files", [])
     return [storage.join(dataset_dir, split, name) for name in names]
 
 
@@ -149,7 +128,7 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
 
     root = cache_dir or os.environ.get(CACHE_DIR_ENV) or os.path.join(tempfile.gettempdir(), "imgclf-cache")
     manifest_uri = storage.join(dataset_dir, MANIFEST_FILE)
-    manifest_bytes = _read_manifest_bytes(manifest_uri)
+    manifest_bytes = read_manifest_bytes(dataset_dir)
     digest = hashlib.sha256(manifest_bytes).hexdigest()[:24]
     local = os.path.join(root, f"dataset-{digest}")
     os.makedirs(local, exist_ok=True)
@@ -169,7 +148,7 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
                 # list() re-raises the first failed download.
                 targets = [os.path.join(staging, uri.rsplit("/", 1)[-1]) for uri in remote]
                 list(pool.map(storage.download_file, remote, targets))
-            if _read_manifest_bytes(manifest_uri) != manifest_bytes:
+            if read_manifest_bytes(dataset_dir) != manifest_bytes:
                 raise DataError(f"{manifest_uri} changed while its shards were copied (a conversion into "
                                 f"{dataset_dir} ran meanwhile); the copy is discarded: run the step again")
             open(os.path.join(staging, _COMPLETE_MARKER), "w").close()
@@ -181,14 +160,6 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
     if not copied:
         log.info("Reading %s from its local copy %s (same manifest)", dataset_dir, local)
     return local
-
-
-def _read_manifest_bytes(uri: str) -> bytes:
-    try:
-        return storage.read_bytes(uri)
-    except StorageError as err:
-        raise DataError(f"cannot read the data set's manifest: {err}; is this a folder written by a "
-                        "conversion step that finished?") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +257,7 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
 
     def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         example = tf.io.parse_single_example(record, FEATURES)
-        return example["image/encoded"], example["label"]
+        return example[FEATURE_ENCODED], example[FEATURE_LABEL]
 
     dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Tells Keras the number of steps per epoch (progress, ETA) and fails loudly when the shards

@@ -38,6 +38,7 @@ from trainer import storage
 from trainer.backbones import BACKBONES
 from trainer.errors import ModelError
 from trainer.hyperparameters import Hyperparameters
+from trainer.layout import KERAS_MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ HEAD_DENSE_LAYER = "head_dense"
 FLIP_LAYER = "augment_flip"
 ROTATION_LAYER = "augment_rotation"
 ZOOM_LAYER = "augment_zoom"
-KERAS_MODEL_FILE = "model.keras"
 
 # The largest zoom-in RandomZoom is given: zooming in by 100% would leave an empty crop (Keras
 # divides by 1 - factor), so a hyperparameter of 1.0 means "zoom in by up to 99%".

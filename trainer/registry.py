@@ -34,23 +34,31 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from trainer import data, evaluation, export, prediction, storage
+from trainer import data, evaluation, prediction, storage
 from trainer.errors import HyperparameterError, ModelError, StorageError
 from trainer.hyperparameters import EVAL_METRICS
+from trainer.layout import (  # noqa: F401  (BLESSING_FILE, CLAIMS_DIR: re-exported for the push component)
+    BLESSING_FILE,
+    CLAIMS_DIR,
+    HISTORY_FILE,
+    HYPERPARAMETERS_FILE,
+    KERAS_MODEL_FILE,
+    MODEL_LABEL_MAP_FILE,
+    SAVED_MODEL_DIR,
+    SAVED_MODEL_PROTO,
+    version_name,
+)
 
 log = logging.getLogger(__name__)
 
-BLESSING_FILE = "blessing.json"
 BASELINE_EVALUATION_DIR = "baseline"
-CLAIMS_DIR = ".claims"
-VERSION_DIGITS = 6
 # Each attempt loses a race against another push; more than a few in a row means something is wrong.
 MAX_CLAIM_ATTEMPTS = 10
 
 # What a registry version holds: the model folder's files (history.json only if training wrote one).
-_REQUIRED_FILES = (export.KERAS_MODEL_FILE, export.LABEL_MAP_FILE, export.HYPERPARAMETERS_FILE,
-                   f"{export.SAVED_MODEL_DIR}/saved_model.pb")
-_OPTIONAL_FILES = (export.HISTORY_FILE,)
+_REQUIRED_FILES = (KERAS_MODEL_FILE, MODEL_LABEL_MAP_FILE, HYPERPARAMETERS_FILE,
+                   f"{SAVED_MODEL_DIR}/{SAVED_MODEL_PROTO}")
+_OPTIONAL_FILES = (HISTORY_FILE,)
 _VERSION = re.compile(r"[0-9]+")
 
 
@@ -258,7 +266,7 @@ def _model_files(model_dir: str) -> list[str]:
     if missing:
         raise ModelError(f"{model_dir} is not a complete imgclf model folder: {', '.join(missing)} missing; "
                          "push the folder that training wrote")
-    saved_model = [name for name in listed if name.startswith(f"{export.SAVED_MODEL_DIR}/")]
+    saved_model = [name for name in listed if name.startswith(f"{SAVED_MODEL_DIR}/")]
     wanted = set(_REQUIRED_FILES) | set(saved_model) | {name for name in _OPTIONAL_FILES if name in listed}
     # Only the model's own files: anything else in the folder (notes, stray temporary files) stays out.
     return sorted(storage.safe_relative_path(name) for name in wanted)
@@ -281,7 +289,7 @@ def _claim_version(registry_uri: str, claim: bytes) -> str:
         names = []
     candidate = _highest_version(names) + 1
     for _ in range(MAX_CLAIM_ATTEMPTS):
-        version = f"{candidate:0{VERSION_DIGITS}d}"
+        version = version_name(candidate)
         candidate += 1
         if not storage.create_if_absent(storage.join(registry_uri, CLAIMS_DIR, version), claim):
             log.info("Version %s of %s was taken by another push; trying the next", version, registry_uri)

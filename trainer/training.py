@@ -47,7 +47,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import data, export, storage
+from trainer import data, export, layout, storage
 from trainer import model as model_lib
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError, StorageError
 from trainer.hyperparameters import Hyperparameters
@@ -244,7 +244,7 @@ def choose_strategy() -> tf.distribute.Strategy:
 
 def load_initial_model(initial_model_dir: str, label_map: Mapping[str, int], dataset_dir: str) -> keras.Model:
     """The earlier model to continue from, after checking it was trained on the same classes."""
-    path = storage.join(initial_model_dir, export.LABEL_MAP_FILE)
+    path = storage.join(initial_model_dir, layout.MODEL_LABEL_MAP_FILE)
     try:
         earlier = json.loads(storage.read_bytes(path))
     except StorageError:
