@@ -32,13 +32,17 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import io
 import json
 import logging
 import math
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,6 +60,9 @@ log = logging.getLogger(__name__)
 
 HISTORY_BACKUP_FILE = "imgclf_history.json"
 EARLY_STOPPING_STATE_FILE = "imgclf_early_stopping.json"
+# What keras.callbacks.BackupAndRestore writes in its folder.
+BACKUP_WEIGHTS_FILE = "latest.weights.h5"
+BACKUP_METADATA_FILE = "training_metadata.json"
 BEST_WEIGHTS_PREFIX = "imgclf_best_weights-epoch-"
 
 
@@ -152,9 +159,9 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
     if backup_dir:
         # Last: the history and early stopping's state are saved before the weights and the epoch
         # count, so a backup never has epochs without them.
-        all_callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
+        all_callbacks.append(StorageBackupAndRestore(backup_dir))
     if tensorboard_dir:
-        all_callbacks.append(keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
+        all_callbacks.extend(tensorboard_callbacks(tensorboard_dir))
     all_callbacks.extend(callbacks)
 
     # shuffle=False: the input pipeline shuffles (seeded); Keras cannot shuffle a tf.data.Dataset.
@@ -396,9 +403,12 @@ class _EpochRecorder(keras.callbacks.Callback):
         self.path = storage.join(backup_dir, HISTORY_BACKUP_FILE) if backup_dir else None
         self.epochs: dict[int, dict[str, float]] = {}
         self._first_epoch_seen = False
-        if self.path and tf.io.gfile.exists(self.path):
-            with tf.io.gfile.GFile(self.path, "r") as handle:
-                self.epochs = {int(k): v for k, v in json.loads(handle.read()).items()}
+        saved = None
+        if self.path:
+            with contextlib.suppress(StorageError):  # no backup yet: a fresh run
+                saved = storage.read_bytes(self.path)
+        if saved is not None:
+            self.epochs = {int(k): v for k, v in json.loads(saved).items()}
             log.info("Resuming: %d epoch(s) were completed before the interruption", len(self.epochs))
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -410,9 +420,66 @@ class _EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.epochs[epoch] = {name: float(value) for name, value in (logs or {}).items()}
         if self.path:
-            tf.io.gfile.makedirs(self.path.rsplit("/", 1)[0])
-            with tf.io.gfile.GFile(self.path, "w") as handle:
-                handle.write(json.dumps(self.epochs))
+            storage.write_bytes(self.path, json.dumps(self.epochs).encode("utf-8"))
+
+
+class StorageBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore, with a gs:// folder read and written through ``trainer.storage``.
+
+    Keras writes its backup with ``tf.io.gfile``, whose GCS client has its own credentials and
+    settings (it ignores ``STORAGE_EMULATOR_HOST``, for one). For a gs:// ``backup_dir`` Keras works
+    on a local folder instead: the backup is copied down before training, each epoch's weights and
+    then its epoch count are uploaded, and the remote backup is removed once training has finished.
+    """
+
+    def __init__(self, backup_dir: str):
+        self.remote = backup_dir if storage.is_gcs(backup_dir) else None
+        super().__init__(tempfile.mkdtemp(prefix="imgclf-backup-") if self.remote else backup_dir)
+
+    def on_train_begin(self, logs=None):
+        if self.remote:
+            try:
+                names = storage.list_files(self.remote)
+            except StorageError:
+                names = []  # nothing backed up yet (an unreadable location fails at the first upload)
+            for name in (BACKUP_WEIGHTS_FILE, BACKUP_METADATA_FILE):
+                if name in names:
+                    storage.download_file(storage.join(self.remote, name), os.path.join(self.backup_dir, name))
+        super().on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.remote:
+            # The weights first: the epoch count never runs ahead of them.
+            for name in (BACKUP_WEIGHTS_FILE, BACKUP_METADATA_FILE):
+                storage.upload_file(os.path.join(self.backup_dir, name), storage.join(self.remote, name))
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if self.remote:
+            # Everything in the backup folder (also the history and early stopping's state) served this run.
+            with contextlib.suppress(StorageError):
+                for name in storage.list_files(self.remote):
+                    storage.delete(storage.join(self.remote, name))
+
+
+def tensorboard_callbacks(tensorboard_dir: str) -> list[keras.callbacks.Callback]:
+    """Keras's TensorBoard callback; for a gs:// folder it writes locally and ``trainer.storage``
+    uploads the logs after every epoch (for the same reason as ``StorageBackupAndRestore``)."""
+    if not storage.is_gcs(tensorboard_dir):
+        return [keras.callbacks.TensorBoard(log_dir=tensorboard_dir)]
+    local = tempfile.mkdtemp(prefix="imgclf-tensorboard-")
+
+    class Upload(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            storage.upload_tree(local, tensorboard_dir)
+
+        def on_train_end(self, logs=None):
+            storage.upload_tree(local, tensorboard_dir)
+            shutil.rmtree(local, ignore_errors=True)
+
+    # Upload after TensorBoard has written the epoch.
+    return [keras.callbacks.TensorBoard(log_dir=local), Upload()]
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

@@ -515,3 +515,28 @@ def test_early_stopping_state_of_an_epoch_whose_backup_was_not_written_is_not_us
     assert again.best_weights[0][0, 0] == pytest.approx(0.4)
     assert sorted(os.listdir(backup_dir)) == ["imgclf_best_weights-epoch-00001.npz",
                                               "imgclf_best_weights-epoch-00002.npz", "imgclf_early_stopping.json"]
+
+
+@pytest.mark.slow
+def test_backups_and_tensorboard_logs_on_gcs_go_through_trainer_storage(tmp_path, dataset, gcs_bucket):
+    """tf.io.gfile's GCS client ignores STORAGE_EMULATOR_HOST; the emulator sees these writes only
+    if they go through trainer.storage, as every other gs:// write does."""
+    from tests.support.gcs import emulator_client
+
+    hp = small(epochs=3, early_stopping=True, early_stopping_patience=5)
+    backup_dir, logs = f"gs://{gcs_bucket}/backup", f"gs://{gcs_bucket}/tensorboard"
+
+    def names(prefix):
+        return sorted(b.name for b in emulator_client().list_blobs(gcs_bucket, prefix=prefix + "/"))
+
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        training.train(hp, dataset, str(tmp_path / "model"), backup_dir=backup_dir, tensorboard_dir=logs,
+                       callbacks=[Interrupt(0)])
+    assert {"backup/latest.weights.h5", "backup/training_metadata.json", "backup/imgclf_history.json",
+            "backup/imgclf_early_stopping.json"} <= set(names("backup"))
+    recorder = Recorder()
+    result = training.train(hp, dataset, str(tmp_path / "model"), backup_dir=backup_dir, tensorboard_dir=logs,
+                            callbacks=[recorder])
+    assert recorder.epochs == [1, 2] and result["epochs_completed"] == 3
+    assert names("backup") == []  # removed once the run completed
+    assert any("events.out.tfevents" in name for name in names("tensorboard"))
