@@ -1,6 +1,7 @@
 """Read the converted TFRecord data set: label map, split sizes, and tf.data input pipelines.
 
-The data set is written once by the conversion step (``trainer/conversion.py``)::
+The data set is written once by the conversion step (``trainer/conversion.py``); its layout is
+stated in ``trainer/layout.py``::
 
     DATASET_DIR/train/part-NNNNN-of-MMMMM.tfrecord       (likewise validation/ and test/)
     DATASET_DIR/class_label_to_prediction_index.json     {class: index}, alphabetical
@@ -16,8 +17,9 @@ system temp directory) when it has room, so every epoch after the first reads pi
 decoding. Only when neither fits does every epoch decode again, and the log says so. After the cache
 come the shuffle (training), batching, the cast to float32 and prefetching.
 
-gs:// data sets are copied to a local cache directory before reading (``local_dataset_dir``)
-rather than streamed through TensorFlow's GCS file system: the copy goes through
+gs:// data sets are copied to a local cache directory, one per manifest content (so a re-conversion
+into the same URI is never read from an old copy), before reading (``local_dataset_dir``) rather than
+streamed through TensorFlow's GCS file system: the copy goes through
 ``trainer.storage`` (google-cloud-storage), which honours the same credentials and
 ``STORAGE_EMULATOR_HOST`` as every other step, and every epoch after the copy reads local disk
 instead of paying network latency again.
