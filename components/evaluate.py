@@ -38,6 +38,7 @@ def evaluate(
 
     from trainer.evaluation import evaluate as evaluate_model
     from trainer.evaluation import training_curves_html
+    from trainer.layout import HISTORY_FILE
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.makedirs(evaluation.path, exist_ok=True)
@@ -56,7 +57,7 @@ def evaluate(
     with open(os.path.join(evaluation.path, "report.md"), encoding="utf-8") as source, \
             open(report.path, "w", encoding="utf-8") as target:
         target.write(source.read())
-    with open(os.path.join(trained_model.path, "history.json"), encoding="utf-8") as handle:
+    with open(os.path.join(trained_model.path, HISTORY_FILE), encoding="utf-8") as handle:
         history = json.load(handle)
     with open(training_curves.path, "w", encoding="utf-8") as handle:
         handle.write(training_curves_html(history))

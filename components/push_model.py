@@ -24,7 +24,7 @@ def push_model(
     import logging
     import os
 
-    from trainer.registry import BLESSING_FILE
+    from trainer.layout import BLESSING_FILE
     from trainer.registry import push_model as push
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

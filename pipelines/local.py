@@ -17,7 +17,7 @@ from typing import Any
 from kfp import components, local
 
 from pipelines.compiler import compile_pipeline
-from trainer import storage
+from trainer import layout, storage
 from trainer.hyperparameters import Hyperparameters
 
 log = logging.getLogger(__name__)
@@ -187,10 +187,10 @@ def _read_json(*parts: str) -> dict[str, Any]:
 
 def _describe_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     """Pull the figures a person wants first out of the pipeline's output artifacts."""
-    manifest = _read_json(outputs["dataset"].path, "manifest.json")
+    manifest = _read_json(outputs["dataset"].path, layout.MANIFEST_FILE)
     validation = _read_json(outputs["validation"].path, "validation.json")
     evaluation = _read_json(outputs["evaluation"].path, "evaluation.json")
-    blessing = _read_json(outputs["blessing"].path, "blessing.json")
+    blessing = _read_json(outputs["blessing"].path, layout.BLESSING_FILE)
     return {
         "blessed": blessing["blessed"],
         "blessing": blessing["reason"],

@@ -89,16 +89,23 @@ import logging
 import math
 import os
 import random
-import re
 import tempfile
 import uuid
 from typing import Any
 
 import tensorflow as tf
 
-from trainer import storage
-from trainer.data import FORMAT_VERSION, check_format_version
-from trainer.errors import DataError, ImgclfError
+from trainer import layout, storage
+from trainer.errors import DataError
+from trainer.layout import (  # noqa: F401  (re-exported for callers of conversion)
+    FORMAT_VERSION,
+    LABEL_MAP_FILE,
+    MANIFEST_FILE,
+    RECORD_FEATURES,
+    SHARD_PATTERN,
+    SPLITS,
+    shard_name,
+)
 from trainer.validation import (
     ProgressLog,
     bounded_map,
@@ -109,26 +116,13 @@ from trainer.validation import (
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
-MANIFEST_FILE = "manifest.json"
-LABELS_FILE = "class_label_to_prediction_index.json"
-FEATURES = {
-    "image/encoded": "bytes: the image file's original bytes (JPEG or PNG)",
-    "image/format": "bytes: b'jpeg' or b'png', the content as validation detected it",
-    "label": "int64: index into classes (sorted class folder names)",
-    "path": "bytes: the file's path relative to data_uri, UTF-8",
-}
+# What the manifest records under "features" (the record layout, trainer.layout).
+FEATURES = RECORD_FEATURES
 # Validation's format names -> the record's image/format value.
 _RECORD_FORMATS = {"JPEG": b"jpeg", "PNG": b"png"}
 # Automatic sharding: at most 256 MiB of images per shard (so 128-256 MiB once a split needs two).
 TARGET_SHARD_BYTES = 256 * 2**20
-_SHARD_RE = re.compile(r"^part-\d{5}-of-\d{5}\.tfrecord$")
 _TEMP_PREFIX = ".tmp-"
-
-
-def shard_name(index: int, count: int) -> str:
-    """The file name of shard ``index`` (0-based) of ``count``."""
-    return f"part-{index:05d}-of-{count:05d}.tfrecord"
 
 
 def default_num_shards(count: int, total_bytes: int) -> int:
@@ -315,8 +309,9 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
     if local:
         output_dir = _local_path(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        # An old manifest would vouch for shards about to be replaced; remove it before touching them.
-        _remove_if_exists(os.path.join(output_dir, MANIFEST_FILE))
+    # An old manifest would vouch for shards about to be replaced (locally and on gs://): remove it before
+    # touching them, so a conversion that stops half way leaves no manifest rather than one over a mix.
+    layout.invalidate_manifest(output_dir)
     log.info("Converting %d images (%.1f MiB) of %d classes from %s to %s (seed %d)", len(accepted),
              sum(e["bytes"] for e in accepted) / 2**20, len(classes), data_uri, output_dir, random_seed)
 
@@ -363,11 +358,10 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
         "skipped": counts["skipped"],
         "written": written,
     }
-    storage.write_bytes(storage.join(output_dir, LABELS_FILE),
+    storage.write_bytes(storage.join(output_dir, LABEL_MAP_FILE),
                         json.dumps(labels, indent=1, ensure_ascii=False).encode("utf-8"))
     # Written last, and atomically by storage.write_bytes: its presence marks a complete data set.
-    storage.write_bytes(storage.join(output_dir, MANIFEST_FILE),
-                        json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+    layout.write_manifest(output_dir, manifest)
     log.info("Wrote %d records (%s) in %.1f s, %.1f images/s; fingerprint %s", written,
              ", ".join(f"{s} {split_info[s]['count']}" for s in SPLITS), elapsed,
              written / elapsed if elapsed > 0 else 0.0, fingerprint[:12])
@@ -386,10 +380,11 @@ def _encode_example(data_uri: str, entry: dict[str, Any], label: int) -> bytes:
         raise DataError(f"{path} changed since validation (its content hash differs); re-run validation"
                         " before converting")
     feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-        "image/format": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_RECORD_FORMATS[entry["format"]]])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[path.encode("utf-8")])),
+        layout.FEATURE_ENCODED: tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+        layout.FEATURE_FORMAT: tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[_RECORD_FORMATS[entry["format"]]])),
+        layout.FEATURE_LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        layout.FEATURE_PATH: tf.train.Feature(bytes_list=tf.train.BytesList(value=[path.encode("utf-8")])),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -430,7 +425,7 @@ def _clear_split_dir(split_dir: str, *, remove_dir: bool) -> None:
     """Remove shards and temporary files an earlier run left in a local split folder (nothing else)."""
     if os.path.isdir(split_dir):
         for name in os.listdir(split_dir):
-            if _SHARD_RE.match(name) or name.startswith(_TEMP_PREFIX):
+            if SHARD_PATTERN.match(name) or name.startswith(_TEMP_PREFIX):
                 os.remove(os.path.join(split_dir, name))
         if remove_dir and not os.listdir(split_dir):
             os.rmdir(split_dir)
@@ -457,32 +452,13 @@ def _remove_if_exists(path: str) -> None:
 
 
 def read_manifest(dataset_dir: str) -> dict[str, Any]:
-    """Read and check the manifest of a converted data set (local or gs://).
+    """Read and check the manifest of a converted data set (local or gs://), and that its shards exist.
 
     Raises:
       DataError: the manifest is missing (the conversion did not finish), of another format version
         (version 1: resized pixels), inconsistent, or lists a shard that does not exist.
     """
-    uri = storage.join(dataset_dir, MANIFEST_FILE)
-    try:
-        manifest = json.loads(storage.read_bytes(uri))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{uri} is not valid JSON ({e}); re-run the conversion") from e
-    except (FileNotFoundError, ImgclfError) as e:
-        raise DataError(f"no readable {MANIFEST_FILE} in {dataset_dir} ({e}); the conversion did not finish"
-                        " or the path is wrong: re-run the conversion or fix the path") from e
-    check_format_version(manifest, uri)
-    total = sum(manifest["splits"][s]["count"] for s in SPLITS)
-    if total != manifest["accepted"]:
-        raise DataError(f"{uri} is inconsistent: {manifest['accepted']} accepted images but {total} in the"
-                        " splits; re-run the conversion")
-    present = set(storage.list_files(dataset_dir))
-    missing = [f"{split}/{name}" for split in SPLITS for name in manifest["splits"][split]["files"]
-               if f"{split}/{name}" not in present]
-    if missing:
-        raise DataError(f"{dataset_dir} is missing shard(s) listed in its manifest: {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''}; re-run the conversion")
-    return manifest
+    return layout.read_manifest(dataset_dir, check_shards=True)
 
 
 def shard_uris(dataset_dir: str, manifest: dict[str, Any], split: str) -> list[str]:

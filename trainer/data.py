@@ -1,6 +1,7 @@
 """Read the converted TFRecord data set: label map, split sizes, and tf.data input pipelines.
 
-The data set is written once by the conversion step (``trainer/conversion.py``)::
+The data set is written once by the conversion step (``trainer/conversion.py``); its layout is
+stated in ``trainer/layout.py``::
 
     DATASET_DIR/train/part-NNNNN-of-MMMMM.tfrecord       (likewise validation/ and test/)
     DATASET_DIR/class_label_to_prediction_index.json     {class: index}, alphabetical
@@ -16,8 +17,9 @@ system temp directory) when it has room, so every epoch after the first reads pi
 decoding. Only when neither fits does every epoch decode again, and the log says so. After the cache
 come the shuffle (training), batching, the cast to float32 and prefetching.
 
-gs:// data sets are copied to a local cache directory before reading (``local_dataset_dir``)
-rather than streamed through TensorFlow's GCS file system: the copy goes through
+gs:// data sets are copied to a local cache directory, one per manifest content (so a re-conversion
+into the same URI is never read from an old copy), before reading (``local_dataset_dir``) rather than
+streamed through TensorFlow's GCS file system: the copy goes through
 ``trainer.storage`` (google-cloud-storage), which honours the same credentials and
 ``STORAGE_EMULATOR_HOST`` as every other step, and every epoch after the copy reads local disk
 instead of paying network latency again.
@@ -39,23 +41,29 @@ import tensorflow as tf
 
 from trainer import images, storage
 from trainer.errors import DataError, StorageError
+from trainer.layout import (  # noqa: F401  (re-exported: the data set's contract, read through this module)
+    FEATURE_ENCODED,
+    FEATURE_FORMAT,
+    FEATURE_LABEL,
+    FEATURE_PATH,
+    FORMAT_VERSION,
+    LABEL_MAP_FILE,
+    MANIFEST_FILE,
+    SPLITS,
+    check_format_version,
+    read_manifest,
+    read_manifest_bytes,
+)
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
-LABEL_MAP_FILE = "class_label_to_prediction_index.json"
-MANIFEST_FILE = "manifest.json"
-
-# The record format conversion writes. Version 1 held resized pixels ("image/raw"); version 2 holds
-# the original file bytes.
-FORMAT_VERSION = 2
-# The record layout written by conversion; "path" is kept for error messages and evaluation, and
-# "image/format" for tools (decode_tensor tells JPEG from PNG by the bytes themselves).
+# The record layout written by conversion (trainer.layout); "path" is kept for error messages and
+# evaluation, and "image/format" for tools (decode_tensor tells JPEG from PNG by the bytes themselves).
 FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/format": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "path": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    FEATURE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+    FEATURE_FORMAT: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
+    FEATURE_PATH: tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 
 # A split whose resized pixels fit in this many bytes is cached in memory after its first pass;
@@ -74,28 +82,6 @@ _COMPLETE_MARKER = ".imgclf-complete"
 # ---------------------------------------------------------------------------------------------
 # The data set's metadata
 # ---------------------------------------------------------------------------------------------
-
-def read_manifest(dataset_dir: str) -> dict[str, Any]:
-    """The data set's ``manifest.json`` as a dict; DataError naming the file if missing, invalid or
-    of another format version."""
-    path = storage.join(dataset_dir, MANIFEST_FILE)
-    manifest = _read_json(path, "manifest", dict)
-    check_format_version(manifest, path)
-    return manifest
-
-
-def check_format_version(manifest: dict[str, Any], where: str) -> None:
-    """DataError unless ``manifest`` (read from ``where``) is of the format this code reads."""
-    version = manifest.get("format_version")
-    if version == FORMAT_VERSION:
-        return
-    if version == 1:
-        raise DataError(f"{where}: this data set is of format version 1 (records of pixels resized at conversion,"
-                        f" written by an earlier imgclf); this imgclf reads version {FORMAT_VERSION}, whose records"
-                        " hold the original image files: re-run the conversion step on the data set")
-    raise DataError(f"{where}: format_version {version!r} is not one this imgclf reads (version {FORMAT_VERSION});"
-                    " re-run the conversion step with this version of imgclf")
-
 
 def read_label_map(dataset_dir: str) -> dict[str, int]:
     """The ``{class: prediction index}`` mapping written by conversion, checked to be 0..K-1."""
@@ -119,12 +105,7 @@ def shard_files(dataset_dir: str, split: str) -> list[str]:
     """Paths of the split's TFRecord shards, as the manifest lists them (never from a listing, which
     could include a half-written or stale file); empty when the split was not written."""
     _check_split(split)
-    manifest = read_manifest(dataset_dir)
-    info = manifest.get("splits", {}).get(split) or {}
-    names = info.get("files", [])
-    if not isinstance(names, list) or not all(isinstance(n, str) and "/" not in n for n in names):
-        raise DataError(f"{storage.join(dataset_dir, MANIFEST_FILE)}: splits.{split}.files must be a list of shard "
-                        f"file names, got {names!r}; re-run the conversion step")
+    names = (read_manifest(dataset_dir)["splits"].get(split) or {}).get("files", [])
     return [storage.join(dataset_dir, split, name) for name in names]
 
 
@@ -136,24 +117,30 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
                       cache_dir: str | None = None) -> str:
     """A local directory holding ``dataset_dir``'s metadata and the given splits.
 
-    Local paths are returned as they are. A gs:// URI is copied once into
-    ``cache_dir`` (default ``$IMGCLF_CACHE_DIR`` or the system temp directory) under a name derived
-    from the URI; a later call in the same pod finds the copy. Each split is copied into a
-    temporary directory and renamed into place, so an interrupted copy is never mistaken for a
-    complete one.
+    Local paths are returned as they are. A gs:// URI is copied into ``cache_dir`` (default
+    ``$IMGCLF_CACHE_DIR`` or the system temp directory) under a name derived from its manifest's
+    content, not from the URI: a re-conversion into the same URI writes a new manifest and so gets a
+    new copy, never the old shards under the new manifest. A later call with the same manifest finds
+    the copy. Each split is copied into a temporary directory and renamed into place, so an
+    interrupted copy is never mistaken for a complete one; the manifest is read again after the copy,
+    and a change (a conversion running meanwhile) is an error rather than a mixed copy.
     """
     if not dataset_dir.startswith("gs://"):
         return dataset_dir
 
     root = cache_dir or os.environ.get(CACHE_DIR_ENV) or os.path.join(tempfile.gettempdir(), "imgclf-cache")
-    digest = hashlib.sha256(dataset_dir.rstrip("/").encode()).hexdigest()[:16]
+    manifest_uri = storage.join(dataset_dir, MANIFEST_FILE)
+    manifest_bytes = read_manifest_bytes(dataset_dir)
+    digest = hashlib.sha256(manifest_bytes).hexdigest()[:24]
     local = os.path.join(root, f"dataset-{digest}")
     os.makedirs(local, exist_ok=True)
-    for name in (MANIFEST_FILE, LABEL_MAP_FILE):
-        storage.download_file(storage.join(dataset_dir, name), os.path.join(local, name))
+    storage.write_bytes(os.path.join(local, MANIFEST_FILE), manifest_bytes)
+    storage.download_file(storage.join(dataset_dir, LABEL_MAP_FILE), os.path.join(local, LABEL_MAP_FILE))
+    copied = False
     for split in splits:
         target = os.path.join(local, split)
-        remote = shard_files(dataset_dir, split)
+        # The shard names come from the manifest just read, so the copy matches its key.
+        remote = [storage.join(dataset_dir, split, os.path.basename(path)) for path in shard_files(local, split)]
         if os.path.exists(os.path.join(target, _COMPLETE_MARKER)) or not remote:
             continue
         log.info("Copying %d shards of the %s split of %s to %s", len(remote), split, dataset_dir, target)
@@ -163,11 +150,17 @@ def local_dataset_dir(dataset_dir: str, splits: tuple[str, ...] = SPLITS,
                 # list() re-raises the first failed download.
                 targets = [os.path.join(staging, uri.rsplit("/", 1)[-1]) for uri in remote]
                 list(pool.map(storage.download_file, remote, targets))
+            if read_manifest_bytes(dataset_dir) != manifest_bytes:
+                raise DataError(f"{manifest_uri} changed while its shards were copied (a conversion into "
+                                f"{dataset_dir} ran meanwhile); the copy is discarded: run the step again")
             open(os.path.join(staging, _COMPLETE_MARKER), "w").close()
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
+            copied = True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    if not copied:
+        log.info("Reading %s from its local copy %s (same manifest)", dataset_dir, local)
     return local
 
 
@@ -266,7 +259,7 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
 
     def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         example = tf.io.parse_single_example(record, FEATURES)
-        return example["image/encoded"], example["label"]
+        return example[FEATURE_ENCODED], example[FEATURE_LABEL]
 
     dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Tells Keras the number of steps per epoch (progress, ETA) and fails loudly when the shards

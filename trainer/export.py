@@ -33,14 +33,16 @@ import tensorflow as tf
 
 from trainer import images
 from trainer.hyperparameters import Hyperparameters, write_resolved
+from trainer.layout import (  # noqa: F401  (re-exported: the model folder's contract)
+    HISTORY_FILE,
+    HYPERPARAMETERS_FILE,
+    KERAS_MODEL_FILE,
+    SAVED_MODEL_DIR,
+)
+from trainer.layout import MODEL_LABEL_MAP_FILE as LABEL_MAP_FILE
 
 log = logging.getLogger(__name__)
 
-KERAS_MODEL_FILE = "model.keras"
-SAVED_MODEL_DIR = "saved_model"
-LABEL_MAP_FILE = "class_label_to_prediction_index.json"
-HYPERPARAMETERS_FILE = "hyperparameters.yaml"
-HISTORY_FILE = "history.json"
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "image_bytes"
 SERVING_OUTPUT = "probabilities"

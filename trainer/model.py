@@ -38,6 +38,7 @@ from trainer import storage
 from trainer.backbones import BACKBONES
 from trainer.errors import ModelError
 from trainer.hyperparameters import Hyperparameters
+from trainer.layout import KERAS_MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ HEAD_DENSE_LAYER = "head_dense"
 FLIP_LAYER = "augment_flip"
 ROTATION_LAYER = "augment_rotation"
 ZOOM_LAYER = "augment_zoom"
-KERAS_MODEL_FILE = "model.keras"
 
 # The largest zoom-in RandomZoom is given: zooming in by 100% would leave an empty crop (Keras
 # divides by 1 - factor), so a hyperparameter of 1.0 means "zoom in by up to 99%".
@@ -102,13 +102,40 @@ def build_model(hp: Hyperparameters, num_classes: int) -> keras.Model:
         x = layer(x)
     backbone = build_backbone(hp)
     backbone.trainable = not hp.train_only_top_layer
-    # A frozen backbone also runs its batch normalisation in inference mode (Keras does this for
-    # non-trainable BatchNormalization layers), so head-only training leaves every backbone
-    # weight and statistic untouched. training=False states the intent in the graph.
+    if backbone_batch_norm_frozen(hp):
+        freeze_batch_norm(backbone)
+    # A frozen backbone runs entirely in inference mode; training=False states that in the graph.
     x = backbone(x, training=False) if hp.train_only_top_layer else backbone(x)
     dropout, dense = build_head(hp, num_classes)
     outputs = dense(dropout(x))
     return keras.Model(inputs, outputs, name=f"imgclf_{hp.model}")
+
+
+def backbone_batch_norm_frozen(hp: Hyperparameters) -> bool:
+    """Whether the backbone's batch normalisation is frozen (inference mode, weights fixed) in training.
+
+    It is whenever the backbone starts from pretrained weights ("imagenet" or a weights file), also
+    when the whole network is fine-tuned, as Keras's transfer-learning guide advises: the moving mean
+    and variance stay those learnt on the large pretraining data instead of being pulled towards the
+    statistics of small batches of new data, which would shift every feature the head sees and undo
+    much of what pretraining gave. A backbone trained from scratch (weights "none") needs batch
+    statistics to learn at all, so its BN trains. A frozen backbone is frozen either way.
+    """
+    return hp.train_only_top_layer or hp.weights != "none"
+
+
+def freeze_batch_norm(backbone: keras.Model) -> None:
+    """Make every BatchNormalization layer of ``backbone`` non-trainable, so it runs in inference mode.
+
+    Keras's BatchNormalization uses batch statistics only when it is called in training mode AND is
+    trainable. Calling the backbone with ``training=False`` is not enough on its own: in Keras 3 a
+    functional model passes its own ``training`` (True in ``fit``) on to the layers it calls, over
+    the value stored in the graph. ``trainable`` is saved with each layer, so a saved model keeps the
+    choice when incremental training loads it. Gamma and beta stay fixed too (the guide's choice).
+    """
+    for layer in backbone._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
 
 
 def augmentation_layers(hp: Hyperparameters) -> list[keras.layers.Layer]:

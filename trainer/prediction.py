@@ -27,11 +27,9 @@ from trainer import images, storage
 from trainer import model as model_lib
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError
 from trainer.hyperparameters import Hyperparameters
+from trainer.layout import HYPERPARAMETERS_FILE, KERAS_MODEL_FILE, SAVED_MODEL_DIR
+from trainer.layout import MODEL_LABEL_MAP_FILE as LABEL_MAP_FILE
 
-LABEL_MAP_FILE = "class_label_to_prediction_index.json"
-HYPERPARAMETERS_FILE = "hyperparameters.yaml"
-KERAS_MODEL_FILE = "model.keras"
-SAVED_MODEL_DIR = "saved_model"
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "image_bytes"
 SERVING_OUTPUT = "probabilities"

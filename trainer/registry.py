@@ -15,7 +15,8 @@ Registry layout (``registry_uri`` is a gs:// URI or a local / mounted path)::
     registry_uri/000001/blessing.json     why the model was pushed: the gate's decision, the source
                                             model, the version and the time; written last, so a
                                             version folder without it is an interrupted push
-    registry_uri/.claims/000001/<token>   reservations of version numbers (see ``_claim_version``)
+    registry_uri/.claims/000001           the reservation of a version number, created only if absent
+                                            (see ``_claim_version``)
 
 A version folder is a complete imgclf model folder: it can be the ``baseline_model_uri`` of the
 next run, the ``initial_model_uri`` of incremental training, or the model of ``imgclf predict``.
@@ -29,28 +30,35 @@ import logging
 import math
 import os
 import re
-import secrets
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from trainer import data, evaluation, export, prediction, storage
+from trainer import data, evaluation, prediction, storage
 from trainer.errors import HyperparameterError, ModelError, StorageError
 from trainer.hyperparameters import EVAL_METRICS
+from trainer.layout import (  # noqa: F401  (BLESSING_FILE, CLAIMS_DIR: re-exported for the push component)
+    BLESSING_FILE,
+    CLAIMS_DIR,
+    HISTORY_FILE,
+    HYPERPARAMETERS_FILE,
+    KERAS_MODEL_FILE,
+    MODEL_LABEL_MAP_FILE,
+    SAVED_MODEL_DIR,
+    SAVED_MODEL_PROTO,
+    version_name,
+)
 
 log = logging.getLogger(__name__)
 
-BLESSING_FILE = "blessing.json"
 BASELINE_EVALUATION_DIR = "baseline"
-CLAIMS_DIR = ".claims"
-VERSION_DIGITS = 6
 # Each attempt loses a race against another push; more than a few in a row means something is wrong.
 MAX_CLAIM_ATTEMPTS = 10
 
 # What a registry version holds: the model folder's files (history.json only if training wrote one).
-_REQUIRED_FILES = (export.KERAS_MODEL_FILE, export.LABEL_MAP_FILE, export.HYPERPARAMETERS_FILE,
-                   f"{export.SAVED_MODEL_DIR}/saved_model.pb")
-_OPTIONAL_FILES = (export.HISTORY_FILE,)
+_REQUIRED_FILES = (KERAS_MODEL_FILE, MODEL_LABEL_MAP_FILE, HYPERPARAMETERS_FILE,
+                   f"{SAVED_MODEL_DIR}/{SAVED_MODEL_PROTO}")
+_OPTIONAL_FILES = (HISTORY_FILE,)
 _VERSION = re.compile(r"[0-9]+")
 
 
@@ -258,7 +266,7 @@ def _model_files(model_dir: str) -> list[str]:
     if missing:
         raise ModelError(f"{model_dir} is not a complete imgclf model folder: {', '.join(missing)} missing; "
                          "push the folder that training wrote")
-    saved_model = [name for name in listed if name.startswith(f"{export.SAVED_MODEL_DIR}/")]
+    saved_model = [name for name in listed if name.startswith(f"{SAVED_MODEL_DIR}/")]
     wanted = set(_REQUIRED_FILES) | set(saved_model) | {name for name in _OPTIONAL_FILES if name in listed}
     # Only the model's own files: anything else in the folder (notes, stray temporary files) stays out.
     return sorted(storage.safe_relative_path(name) for name in wanted)
@@ -267,33 +275,39 @@ def _model_files(model_dir: str) -> list[str]:
 def _claim_version(registry_uri: str, claim: bytes) -> str:
     """Reserve the next version number for this push, safely against concurrent pushes.
 
-    A push writes a reservation ``.claims/<version>/<token>`` and then lists the registry: the
-    version is its own only if nothing else holds that number or a higher one. Of two pushes that
-    race for a number, the one listing second sees the other's reservation (listings of GCS and of
-    a file system are strongly consistent), so at most one wins; the loser, or both, move on to the
-    next number. trainer.storage has no create-only write, hence reservations instead of a check
-    of the version folder, which two pushes could both pass.
+    The version is one more than the highest in the registry's listing; it is taken by creating
+    ``.claims/<version>`` only if it is absent (``storage.create_if_absent``: an exclusive create on
+    disk, ``ifGenerationMatch=0`` on GCS), which exactly one of several racing pushes achieves. A
+    push that loses tries the next number, so each conflict means another push got a version.
     """
-    token = secrets.token_hex(8)
     try:
         names = storage.list_files(registry_uri)
     except StorageError:
         # A registry nothing was pushed to yet cannot be listed (GCS has no empty folders), and neither
-        # can an unreachable one. Both start at version 1: the reservation written next creates the
-        # registry or fails with the real reason, and the listing after it must then succeed.
+        # can an unreachable one. Both start at version 1: the claim written next creates the registry
+        # or fails with the real reason.
         names = []
     candidate = _highest_version(names) + 1
     for _ in range(MAX_CLAIM_ATTEMPTS):
-        version = f"{candidate:0{VERSION_DIGITS}d}"
-        mine = f"{CLAIMS_DIR}/{version}/{token}"
-        storage.write_bytes(storage.join(registry_uri, mine), claim)
-        highest = _highest_version(name for name in storage.list_files(registry_uri) if name != mine)
-        if highest < candidate:
-            return version
-        log.info("Version %s of %s was taken by another push; trying the next", version, registry_uri)
-        candidate = max(candidate, highest) + 1
+        version = version_name(candidate)
+        candidate += 1
+        if not storage.create_if_absent(storage.join(registry_uri, CLAIMS_DIR, version), claim):
+            log.info("Version %s of %s was taken by another push; trying the next", version, registry_uri)
+            continue
+        if _has_files(storage.join(registry_uri, version)):
+            # A folder without a claim: written by an older imgclf or by hand. The claim stays, unused.
+            log.info("Version %s of %s already has files; trying the next", version, registry_uri)
+            continue
+        return version
     raise StorageError(f"could not reserve a version in {registry_uri}: other pushes took the next number "
                        f"{MAX_CLAIM_ATTEMPTS} times in a row; retry the push (nothing was written to a version)")
+
+
+def _has_files(uri: str) -> bool:
+    try:
+        return bool(storage.list_files(uri))
+    except StorageError:
+        return False
 
 
 def _highest_version(names: Iterable[str]) -> int:
@@ -304,7 +318,7 @@ def _highest_version(names: Iterable[str]) -> int:
     highest = 0
     for name in names:
         parts = name.split("/")
-        if parts[0] == CLAIMS_DIR and len(parts) > 2:
+        if parts[0] == CLAIMS_DIR and len(parts) > 1:  # .claims/<version> (or, before, .claims/<version>/<token>)
             number = parts[1]
         elif len(parts) > 1:
             number = parts[0]

@@ -151,40 +151,57 @@ def read_bytes_if_exists(uri: str) -> bytes | None:
         raise StorageError(f"cannot read {uri}: {err.strerror or err}; check the path and its permissions") from err
 
 
-def write_new(uri: str, data: bytes) -> bool:
-    """Create ``uri`` holding ``data`` only if nothing is there yet; False when it already exists.
+def create_if_absent(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there yet; False (and nothing written) if something is.
 
-    The claim is atomic against other writers, processes and machines: a local file is written aside and
-    hard-linked into place (link refuses an existing name), an object is uploaded on the condition that
-    no generation of it exists (``if_generation_match=0``). Readers see the whole content or nothing.
-    A retried upload whose first attempt did land also answers False: callers that must know whether
-    the object is theirs compare its content.
+    Of several writers racing for one name exactly one gets True: locally through ``O_CREAT | O_EXCL``
+    on a temporary name hard-linked into place, on GCS through the precondition ``ifGenerationMatch=0``.
     """
     if is_gcs(uri):
+        missing = f"bucket {_split(uri)[0]!r} does not exist (HTTP 404 writing {uri}): create it or fix the URI"
         try:
-            with _gcs_errors(uri, "writing", f"bucket {_split(uri)[0]!r} does not exist (HTTP 404 writing {uri})"):
-                _blob(uri).upload_from_string(data, content_type="application/octet-stream", if_generation_match=0,
-                                              retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+            with _gcs_errors(uri, "writing", missing):
+                # Conditional on "no object", so the library may resend it safely.
+                _blob(uri).upload_from_string(data, content_type="application/octet-stream",
+                                              if_generation_match=0, retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
         except StorageError as err:
             if isinstance(err.__cause__, api_exceptions.PreconditionFailed):
                 return False
             raise
         return True
     path = _local(uri)
-    folder = os.path.dirname(os.path.abspath(path))
-    with _local_errors(uri, "write"):
-        os.makedirs(folder, exist_ok=True)
-        temp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.partial")
-        with open(temp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+    staged = f"{path}.{secrets.token_hex(4)}.claim"
+    with _atomic_file(staged) as out:
+        out.write(data)
+    try:
+        with _local_errors(uri, "write"):
+            try:
+                # link() fails if the name exists: the complete file appears under its name, or nothing does.
+                os.link(staged, path)
+            except FileExistsError:
+                return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+    return True
+
+
+def delete(uri: str) -> bool:
+    """Remove one file or object; False if there was none."""
+    if is_gcs(uri):
         try:
-            os.link(temp, path)
-        except FileExistsError:
+            with _gcs_errors(uri, "deleting", _NO_OBJECT.format(uri=uri)):
+                _blob(uri).delete(retry=_RETRY)
+        except StorageError as err:
+            if isinstance(err.__cause__, api_exceptions.NotFound):
+                return False
+            raise
+        return True
+    with _local_errors(uri, "delete"):
+        try:
+            os.remove(_local(uri))
+        except FileNotFoundError:
             return False
-        finally:
-            os.unlink(temp)
     return True
 
 

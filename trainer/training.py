@@ -20,28 +20,38 @@ Decisions worth knowing:
   as well as GPU.
 * ``backup_dir``: the state is backed up after every epoch (``BackupAndRestore``), so a rerun of an
   interrupted step resumes and ends with ``epochs`` epochs in total; the per-epoch history is
-  backed up with it, so the history covers every epoch. Early stopping's patience count restarts
-  at a resume.
+  backed up with it, so the history covers every epoch. Early stopping's state (best value, best
+  epoch and its weights, patience count) is backed up too, so after a resume it still knows the
+  epochs before the interruption and the exported model is the best of all epochs. The order of the
+  training images in the epochs after a resume is NOT that of an uninterrupted run: the input
+  pipeline's shuffle starts its sequence of orders again at the resume (same seed, so a resumed
+  run is still repeatable).
 * Seeds: ``random_seed`` seeds initialisation, shuffling, dropout and augmentation, so a CPU run is
   repeatable; GPU kernels are not all deterministic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
 import math
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from trainer import data, export, storage
+from trainer import data, export, layout, storage
 from trainer import model as model_lib
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError, StorageError
 from trainer.hyperparameters import Hyperparameters
@@ -49,6 +59,11 @@ from trainer.hyperparameters import Hyperparameters
 log = logging.getLogger(__name__)
 
 HISTORY_BACKUP_FILE = "imgclf_history.json"
+EARLY_STOPPING_STATE_FILE = "imgclf_early_stopping.json"
+# What keras.callbacks.BackupAndRestore writes in its folder.
+BACKUP_WEIGHTS_FILE = "latest.weights.h5"
+BACKUP_METADATA_FILE = "training_metadata.json"
+BEST_WEIGHTS_PREFIX = "imgclf_best_weights-epoch-"
 
 
 def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_model_dir: str | None = None,
@@ -136,17 +151,17 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
     progress = ProgressLogger(train_count, hp.epochs)
     early_stopping = None
     all_callbacks: list[keras.callbacks.Callback] = [recorder, progress]
-    if backup_dir:
-        # After the recorder: the history is saved before the weights, so a backup never has
-        # epochs without their history.
-        all_callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
     if hp.early_stopping:
-        early_stopping = keras.callbacks.EarlyStopping(
-            monitor=monitor, min_delta=hp.early_stopping_min_delta, patience=hp.early_stopping_patience,
-            restore_best_weights=True, verbose=1)
+        early_stopping = ResumableEarlyStopping(
+            backup_dir, monitor=monitor, min_delta=hp.early_stopping_min_delta,
+            patience=hp.early_stopping_patience, restore_best_weights=True, verbose=1)
         all_callbacks.append(early_stopping)
+    if backup_dir:
+        # Last: the history and early stopping's state are saved before the weights and the epoch
+        # count, so a backup never has epochs without them.
+        all_callbacks.append(StorageBackupAndRestore(backup_dir))
     if tensorboard_dir:
-        all_callbacks.append(keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
+        all_callbacks.extend(tensorboard_callbacks(tensorboard_dir))
     all_callbacks.extend(callbacks)
 
     # shuffle=False: the input pipeline shuffles (seeded); Keras cannot shuffle a tf.data.Dataset.
@@ -236,7 +251,7 @@ def choose_strategy() -> tf.distribute.Strategy:
 
 def load_initial_model(initial_model_dir: str, label_map: Mapping[str, int], dataset_dir: str) -> keras.Model:
     """The earlier model to continue from, after checking it was trained on the same classes."""
-    path = storage.join(initial_model_dir, export.LABEL_MAP_FILE)
+    path = storage.join(initial_model_dir, layout.MODEL_LABEL_MAP_FILE)
     try:
         earlier = json.loads(storage.read_bytes(path))
     except StorageError:
@@ -388,9 +403,12 @@ class _EpochRecorder(keras.callbacks.Callback):
         self.path = storage.join(backup_dir, HISTORY_BACKUP_FILE) if backup_dir else None
         self.epochs: dict[int, dict[str, float]] = {}
         self._first_epoch_seen = False
-        if self.path and tf.io.gfile.exists(self.path):
-            with tf.io.gfile.GFile(self.path, "r") as handle:
-                self.epochs = {int(k): v for k, v in json.loads(handle.read()).items()}
+        saved = None
+        if self.path:
+            with contextlib.suppress(StorageError):  # no backup yet: a fresh run
+                saved = storage.read_bytes(self.path)
+        if saved is not None:
+            self.epochs = {int(k): v for k, v in json.loads(saved).items()}
             log.info("Resuming: %d epoch(s) were completed before the interruption", len(self.epochs))
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -402,9 +420,147 @@ class _EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.epochs[epoch] = {name: float(value) for name, value in (logs or {}).items()}
         if self.path:
-            tf.io.gfile.makedirs(self.path.rsplit("/", 1)[0])
-            with tf.io.gfile.GFile(self.path, "w") as handle:
-                handle.write(json.dumps(self.epochs))
+            storage.write_bytes(self.path, json.dumps(self.epochs).encode("utf-8"))
+
+
+class StorageBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore, with a gs:// folder read and written through ``trainer.storage``.
+
+    Keras writes its backup with ``tf.io.gfile``, whose GCS client has its own credentials and
+    settings (it ignores ``STORAGE_EMULATOR_HOST``, for one). For a gs:// ``backup_dir`` Keras works
+    on a local folder instead: the backup is copied down before training, each epoch's weights and
+    then its epoch count are uploaded, and the remote backup is removed once training has finished.
+    """
+
+    def __init__(self, backup_dir: str):
+        self.remote = backup_dir if storage.is_gcs(backup_dir) else None
+        super().__init__(tempfile.mkdtemp(prefix="imgclf-backup-") if self.remote else backup_dir)
+
+    def on_train_begin(self, logs=None):
+        if self.remote:
+            try:
+                names = storage.list_files(self.remote)
+            except StorageError:
+                names = []  # nothing backed up yet (an unreadable location fails at the first upload)
+            for name in (BACKUP_WEIGHTS_FILE, BACKUP_METADATA_FILE):
+                if name in names:
+                    storage.download_file(storage.join(self.remote, name), os.path.join(self.backup_dir, name))
+        super().on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.remote:
+            # The weights first: the epoch count never runs ahead of them.
+            for name in (BACKUP_WEIGHTS_FILE, BACKUP_METADATA_FILE):
+                storage.upload_file(os.path.join(self.backup_dir, name), storage.join(self.remote, name))
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if self.remote:
+            # Everything in the backup folder (also the history and early stopping's state) served this run.
+            with contextlib.suppress(StorageError):
+                for name in storage.list_files(self.remote):
+                    storage.delete(storage.join(self.remote, name))
+
+
+def tensorboard_callbacks(tensorboard_dir: str) -> list[keras.callbacks.Callback]:
+    """Keras's TensorBoard callback; for a gs:// folder it writes locally and ``trainer.storage``
+    uploads the logs after every epoch (for the same reason as ``StorageBackupAndRestore``)."""
+    if not storage.is_gcs(tensorboard_dir):
+        return [keras.callbacks.TensorBoard(log_dir=tensorboard_dir)]
+    local = tempfile.mkdtemp(prefix="imgclf-tensorboard-")
+
+    class Upload(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            storage.upload_tree(local, tensorboard_dir)
+
+        def on_train_end(self, logs=None):
+            storage.upload_tree(local, tensorboard_dir)
+            shutil.rmtree(local, ignore_errors=True)
+
+    # Upload after TensorBoard has written the epoch.
+    return [keras.callbacks.TensorBoard(log_dir=local), Upload()]
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's EarlyStopping whose state survives an interruption when there is a backup folder.
+
+    After each epoch the best value, the best epoch, the patience count and (when the best epoch
+    changed) the best weights are written to ``backup_dir``. The state written before it, and its
+    weights, are kept as well: the backup of the model (written after this) may not have happened
+    when the run was stopped, and the rerun then repeats that epoch and needs the state before it.
+    """
+
+    def __init__(self, backup_dir: str | None, **kwargs):
+        super().__init__(**kwargs)
+        self.state_path = storage.join(backup_dir, EARLY_STOPPING_STATE_FILE) if backup_dir else None
+        self._resume_checked = False
+        self._state: dict[str, Any] | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._resume_checked = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._resume_checked or not self.state_path:
+            return
+        self._resume_checked = True
+        saved = self._read_state()
+        # The newest state from before this epoch: one written for this epoch or later belongs to an
+        # attempt whose model backup did not happen.
+        for state in (saved, (saved or {}).get("previous")):
+            if state and state["epoch"] < epoch:
+                self._restore(state)
+                return
+
+    def on_epoch_end(self, epoch, logs=None):
+        best_epoch = self.best_epoch if self.best_weights is not None else None
+        super().on_epoch_end(epoch, logs)
+        if not self.state_path or self.best_weights is None:
+            return
+        previous = self._state
+        weights = (previous or {}).get("weights")
+        if self.best_epoch != best_epoch or weights is None:
+            weights = f"{BEST_WEIGHTS_PREFIX}{self.best_epoch:05d}.npz"
+            _write_arrays(storage.join(self.state_path.rsplit("/", 1)[0], weights), self.best_weights)
+        state = {"epoch": epoch, "best": float(self.best), "best_epoch": self.best_epoch, "wait": self.wait,
+                 "stopped_epoch": self.stopped_epoch, "weights": weights}
+        if previous:
+            state["previous"] = {k: v for k, v in previous.items() if k != "previous"}
+        storage.write_bytes(self.state_path, json.dumps(state).encode("utf-8"))
+        self._state = state
+        # Weights no state refers to any more.
+        stale = {(previous or {}).get("previous", {}).get("weights"), (previous or {}).get("weights")}
+        for name in stale - {state["weights"], state.get("previous", {}).get("weights"), None}:
+            storage.delete(storage.join(self.state_path.rsplit("/", 1)[0], name))
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.read_bytes(self.state_path))
+        except StorageError:
+            return None  # no backup yet: a fresh run
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        folder = self.state_path.rsplit("/", 1)[0]
+        self.best = state["best"]
+        self.best_epoch = state["best_epoch"]
+        self.wait = state["wait"]
+        self.best_weights = _read_arrays(storage.join(folder, state["weights"])) if self.restore_best_weights \
+            else None
+        self._state = dict(state)
+        log.info("Resuming early stopping: best %s %.4f at epoch %d, %d epoch(s) without improvement",
+                 self.monitor, self.best, self.best_epoch + 1, self.wait)
+
+
+def _write_arrays(uri: str, arrays: Sequence[Any]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, *arrays)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def _read_arrays(uri: str) -> list[Any]:
+    with np.load(io.BytesIO(storage.read_bytes(uri))) as loaded:
+        return [loaded[f"arr_{i}"] for i in range(len(loaded.files))]
 
 
 def _history(epochs: Mapping[int, Mapping[str, float]]) -> dict[str, list[float]]:

@@ -229,7 +229,7 @@ class ObjectJournal(BaseJournalBackend):
         while True:
             self._catch_up()
             number = len(self._batches)
-            if storage.write_new(self._path(number), payload):
+            if storage.create_if_absent(self._path(number), payload):
                 self._batches.append(logs)
                 self._ids.append(batch_id)
                 return

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit
 
 import pytest
 
@@ -175,6 +175,9 @@ class GcsFaultProxy:
     * ``extra_names[bucket]`` adds object names to listings that the emulator cannot store
       (names containing '..' crash its store).
     * ``requests`` records every request, in order.
+    * Uploads with ``ifGenerationMatch=0`` (create only if absent) fail with 412 when the object exists;
+      the emulator ignores the precondition. Such uploads pass the proxy one at a time, so the check
+      and the write are one step, as in GCS.
     """
 
     def __init__(self, upstream: str):
@@ -184,6 +187,7 @@ class GcsFaultProxy:
         self.requests: list[SeenRequest] = []
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
+        self._create_lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
@@ -229,6 +233,10 @@ class GcsFaultProxy:
         finally:
             connection.close()
 
+    def _exists(self, bucket: str, name: str) -> bool:
+        status, _, _ = self._forward("GET", f"/storage/v1/b/{bucket}/o/{quote(name, safe='')}", {}, b"")
+        return status == 200
+
     def _page(self, bucket: str, query: dict[str, list[str]], data: bytes) -> bytes:
         listing = json.loads(data)
         prefix = query.get("prefix", [""])[0]
@@ -264,6 +272,16 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             # The emulator ignores paging parameters; the proxy pages its complete answer instead.
             kept = [(k, v) for k, v in parse_qsl(url.query) if k not in ("pageToken", "maxResults")]
             target = f"{url.path}?{urlencode(kept)}"
+        upload = re.fullmatch(r"/upload/storage/v1/b/([^/]+)/o", path) if self.command == "POST" else None
+        if upload and query.get("ifGenerationMatch") == ["0"]:
+            with proxy._create_lock:
+                name = query.get("name", [None])[0] or _multipart_name(body)
+                if name is not None and proxy._exists(upload.group(1), name):
+                    error = {"error": {"code": 412, "message": "At least one of the pre-conditions you "
+                                       "specified did not hold. (GcsFaultProxy)"}}
+                    return self._reply(412, [("Content-Type", "application/json")], json.dumps(error).encode())
+                status, headers, data = proxy._forward(self.command, target, self.headers, body)
+                return self._reply(status, headers, data)
         status, headers, data = proxy._forward(self.command, target, self.headers, body)
         if listing and status == 200:
             data = proxy._page(listing.group(1), query, data)
@@ -292,6 +310,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         pass  # keep test output clean; ``GcsFaultProxy.requests`` records what happened
+
+
+def _multipart_name(body: bytes) -> str | None:
+    """The object name in a multipart upload's JSON metadata part."""
+    found = re.search(rb'"name":\s*"((?:[^"\\]|\\.)*)"', body)
+    return json.loads(b'"' + found.group(1) + b'"') if found else None
 
 
 @pytest.fixture

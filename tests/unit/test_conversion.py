@@ -364,3 +364,35 @@ def test_data_fingerprint_from_validation_is_checked_and_recorded(tiny_dataset, 
     validation_json.write_text(json.dumps(edited))
     with pytest.raises(DataError, match="its fingerprint does not match its file lists"):
         convert_dataset(str(tiny_dataset), str(validation_json), str(tmp_path / "o3"))
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_reconversion_that_fails_half_way_leaves_no_manifest(where, tiny_dataset, tmp_path, monkeypatch, request):
+    """The old manifest stops vouching for the folder before any shard changes, on disk and on gs://."""
+    if where == "gcs":
+        out = f"gs://{request.getfixturevalue('gcs_bucket')}/dataset"
+    else:
+        out = str(tmp_path / "dataset")
+    validate_dataset(str(tiny_dataset), str(tmp_path / "v"))
+    validation_json = str(tmp_path / "v" / "validation.json")
+    convert_dataset(str(tiny_dataset), validation_json, out, workers=2)
+    assert read_manifest(out)["accepted"] == 30
+    # New content for the next conversion into the same folder.
+    (tiny_dataset / "dogs" / "dogs_003.jpg").write_bytes(ds.encode(ds.noise(30, 40, seed=5), "JPEG"))
+    validate_dataset(str(tiny_dataset), str(tmp_path / "v2"))
+    real, calls = conversion._encode_example, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 25:  # after the first split's shards are written
+            raise OSError("worker killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conversion, "_encode_example", failing)
+    with pytest.raises(OSError, match="worker killed"):
+        convert_dataset(str(tiny_dataset), str(tmp_path / "v2" / "validation.json"), out, workers=2)
+    with pytest.raises(DataError, match="no readable manifest.json"):
+        read_manifest(out)
+    monkeypatch.setattr(conversion, "_encode_example", real)
+    manifest = convert_dataset(str(tiny_dataset), str(tmp_path / "v2" / "validation.json"), out, workers=2)
+    assert read_manifest(out) == manifest

@@ -398,3 +398,59 @@ def test_gcs_dataset_is_copied_once_to_the_cache(tmp_path, monkeypatch, dataset)
     assert len(shards) == 3
     data.read_split(bucket, "train", **PIXELS)
     assert len([uri for uri in downloads if uri.endswith(".tfrecord")]) == 3  # cached, not copied again
+
+
+def _pixels(dataset_dir: str, split: str = "train") -> list[bytes]:
+    return [image.tobytes() for image, _ in data.read_split(dataset_dir, split, **PIXELS).as_numpy_iterator()]
+
+
+def test_a_reconverted_gcs_data_set_is_never_read_from_the_old_local_copy(tmp_path, monkeypatch, gcs_bucket):
+    """Same URI, same counts and shard names, other images: the second read must see the new images."""
+    from tests.support.gcs import upload_folder
+
+    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    classes = ("blue", "green", "red")
+    first = write_arrays(str(tmp_path / "first"), classes, {"train": colour_images(classes, 6, 8, 1)})
+    second = write_arrays(str(tmp_path / "second"), classes, {"train": colour_images(classes, 6, 8, 2)})
+    for folder in (first, second):  # conversion records the content's fingerprint; these manifests differ by it
+        path = os.path.join(folder, data.MANIFEST_FILE)
+        with open(path) as handle:
+            manifest = json.load(handle)
+        with open(path, "w") as handle:
+            json.dump({**manifest, "fingerprint": os.path.basename(folder)}, handle)
+    uri = upload_folder(first, gcs_bucket, "converted")
+    assert _pixels(uri) == _pixels(first)
+    upload_folder(second, gcs_bucket, "converted")  # a re-conversion into the same folder
+    assert _pixels(uri) == _pixels(second) != _pixels(first)
+    assert _pixels(uri) == _pixels(second)  # and the new copy is reused
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one copy per manifest content
+
+
+def test_a_manifest_changing_during_the_copy_discards_the_copy(tmp_path, monkeypatch, dataset):
+    from trainer import storage
+
+    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    bucket = "gs://bucket/converted"
+    reads = []
+
+    def read_bytes(uri):
+        path = uri.replace(bucket, dataset) if uri.startswith("gs://") else uri
+        reads.append(uri)
+        with open(path, "rb") as handle:
+            content = handle.read()
+        # The second read of the remote manifest sees a re-conversion's manifest.
+        if uri == f"{bucket}/manifest.json" and reads.count(uri) > 1:
+            content = content.replace(b'"format_version"', b'"other": 1, "format_version"')
+        return content
+
+    def download_file(uri, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(read_bytes(uri))
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    monkeypatch.setattr(storage, "download_file", download_file)
+    with pytest.raises(DataError, match="changed while its shards were copied"):
+        data.local_dataset_dir(bucket, ("train",))
+    copies = os.listdir(tmp_path / "cache")
+    assert len(copies) == 1 and not os.path.exists(tmp_path / "cache" / copies[0] / "train")

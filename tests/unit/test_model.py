@@ -285,3 +285,48 @@ def test_load_model_refuses_a_lambda_layer(tmp_path):
 def test_load_model_names_a_missing_file(tmp_path):
     with pytest.raises(ModelError, match=rf"{os.path.join(tmp_path, 'model.keras')}: no such file"):
         model_lib.load_model(str(tmp_path))
+
+
+def _batch_norm_statistics(model: keras.Model) -> list[np.ndarray]:
+    layers = [layer for layer in model_lib.backbone_of(model)._flatten_layers()
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    assert layers, "the backbone should have batch normalisation for this test to mean something"
+    return [np.array(v) for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def _one_training_step(model: keras.Model) -> list[np.ndarray]:
+    """Train one step on a batch unlike ImageNet; returns the backbone's trainable weights before it."""
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(200, 255, (8, 16, 16, 3)).astype("float32")
+    targets = keras.utils.to_categorical(rng.integers(0, 3, 8), 3)
+    before = [np.array(w) for w in model_lib.backbone_of(model).trainable_weights]
+    model.train_on_batch(images, targets)
+    return before
+
+
+def test_fine_tuning_a_pretrained_backbone_keeps_its_batch_norm_statistics(tmp_path):
+    """Keras transfer-learning guidance: pretrained BN stays in inference mode, also when fine-tuning."""
+    path = str(tmp_path / "pretrained.weights.h5")  # "pretrained": weights saved from another backbone
+    model_lib.build_backbone(small(random_seed=7)).save_weights(path)
+    model = model_lib.build_model(small(weights=path, train_only_top_layer=False), 3)
+    statistics = _batch_norm_statistics(model)
+    trainable_before = _one_training_step(model)
+    assert all(np.array_equal(a, b) for a, b in zip(_batch_norm_statistics(model), statistics, strict=True))
+    # The backbone is still fine-tuned: every convolution moved.
+    after = model_lib.backbone_of(model).trainable_weights
+    assert after and all(w.path.split("/")[-2].endswith("_conv") for w in after)
+    assert all(not np.array_equal(a, np.array(b)) for a, b in zip(trainable_before, after, strict=True))
+    # The choice is part of the saved model, so incremental training keeps it.
+    model.save(tmp_path / "model.keras")
+    reloaded = model_lib.load_model(str(tmp_path / "model.keras"))
+    statistics = _batch_norm_statistics(reloaded)
+    _one_training_step(reloaded)
+    assert all(np.array_equal(a, b) for a, b in zip(_batch_norm_statistics(reloaded), statistics, strict=True))
+
+
+def test_a_backbone_trained_from_scratch_updates_its_batch_norm_statistics():
+    model = model_lib.build_model(small(weights="none"), 3)
+    statistics = _batch_norm_statistics(model)
+    _one_training_step(model)
+    assert not any(np.array_equal(a, b) for a, b in zip(_batch_norm_statistics(model), statistics, strict=True))

@@ -239,20 +239,22 @@ def test_versions_follow_the_highest_and_never_overwrite(world, tmp_path):
     assert after["000008/model.keras"] != after["000009/model.keras"]
 
 
-@pytest.mark.parametrize("rival", ["000001/model.keras", ".claims/000001/rival"])
+@pytest.mark.parametrize("rival", ["000001/model.keras", ".claims/000001/rival", ".claims/000001"])
 def test_a_version_taken_while_pushing_is_skipped(world, tmp_path, monkeypatch, rival):
     """Another push takes version 1 between this push's listing and its reservation."""
     registry_dir = tmp_path / "registry"
     write = storage.write_bytes
     raced = []
 
-    def racing_write(uri, payload):
-        if "/.claims/000001/" in uri and not raced:
+    create = storage.create_if_absent
+
+    def racing_create(uri, payload):
+        if uri.endswith("/.claims/000001") and not raced:
             raced.append(uri)
             write(str(registry_dir / rival), b"the other push")
-        write(uri, payload)
+        return create(uri, payload)
 
-    monkeypatch.setattr(storage, "write_bytes", racing_write)
+    monkeypatch.setattr(storage, "create_if_absent", racing_create)
     uri = registry.push_model(world["cats"], str(registry_dir), metadata={})
 
     assert raced and uri == str(registry_dir / "000002")
@@ -301,3 +303,37 @@ def test_push_to_gcs_and_use_a_version_as_the_next_baseline(world, gcs_bucket, t
 def test_push_to_a_missing_bucket_says_so(world, gcs_emulator):
     with pytest.raises(StorageError, match=r"bucket 'imgclf-no-such-bucket' does not exist .*create it or fix"):
         registry.push_model(world["cats"], "gs://imgclf-no-such-bucket/models", metadata={})
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_concurrent_pushes_get_distinct_versions(world, tmp_path, monkeypatch, request, where):
+    """Two blessed runs push to one registry at the same moment: both listings see the same registry."""
+    import contextlib
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    if where == "gcs":
+        request.getfixturevalue("gcs_proxy")  # GCS's create-only-if-absent precondition (the emulator lacks it)
+        registry_uri = f"gs://{request.getfixturevalue('gcs_bucket')}/models"
+    else:
+        registry_uri = str(tmp_path / "registry")
+    list_files = storage.list_files
+    together = threading.Barrier(2, timeout=5)
+
+    def list_in_step(root):
+        if root == registry_uri:  # both pushes look at the registry at the same moment, every time
+            with contextlib.suppress(threading.BrokenBarrierError):  # unless the other one is done
+                together.wait()
+        return list_files(root)
+
+    monkeypatch.setattr(storage, "list_files", list_in_step)
+    with ThreadPoolExecutor(2) as pool:
+        pushes = [pool.submit(registry.push_model, world[name], registry_uri, metadata={"reason": name})
+                  for name in ("cats", "dogs")]
+        uris = [push.result() for push in pushes]
+    monkeypatch.setattr(storage, "list_files", list_files)
+
+    assert sorted(uris) == [storage.join(registry_uri, "000001"), storage.join(registry_uri, "000002")]
+    for uri, name in zip(uris, ("cats", "dogs"), strict=True):
+        assert json.loads(storage.read_bytes(storage.join(uri, "blessing.json")))["reason"] == name
+        assert storage.read_bytes(storage.join(uri, "model.keras")) == Path(world[name], "model.keras").read_bytes()

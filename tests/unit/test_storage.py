@@ -332,3 +332,39 @@ def test_403_is_reported_as_permission_problem_not_missing(gcs_bucket, gcs_proxy
         message = str(raised.value)
         assert "permission denied (HTTP 403)" in message and uri in message and "service account" in message
         assert "does not exist" not in message
+
+
+@pytest.fixture(params=["local", "gcs"])
+def exclusive_base(request, tmp_path) -> str:
+    """Like ``base``, but gs:// goes through the proxy, which applies ifGenerationMatch (the emulator does not)."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("gcs_proxy")
+    return f"gs://{request.getfixturevalue('gcs_bucket')}"
+
+
+def test_create_if_absent_lets_exactly_one_of_racing_writers_win(exclusive_base, tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    uri = storage.join(exclusive_base, "claims", "000001")
+    start = threading.Barrier(6, timeout=30)
+
+    def claim(index: int) -> bool:
+        start.wait()
+        return storage.create_if_absent(uri, f"writer {index}".encode())
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(claim, range(6)))
+    assert results.count(True) == 1
+    assert storage.read_bytes(uri) == f"writer {results.index(True)}".encode()
+    assert storage.list_files(storage.join(exclusive_base, "claims")) == ["000001"]  # nothing staged is left
+
+
+def test_delete_removes_one_file_and_says_whether_there_was_one(base):
+    uri = storage.join(base, "a", "manifest.json")
+    storage.write_bytes(uri, b"{}")
+    storage.write_bytes(storage.join(base, "a", "kept"), b"x")
+    assert storage.delete(uri) is True
+    assert storage.delete(uri) is False
+    assert storage.list_files(storage.join(base, "a")) == ["kept"]

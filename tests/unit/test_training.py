@@ -442,3 +442,101 @@ def test_small_cnn_learns_handwritten_digits(tmp_path):
           f"{result['images_per_second']:.0f} images/s")
     assert accuracy >= 0.97
     assert seconds < 120  # generous for a shared machine; 13-20 s measured on 2 cores
+
+
+class WeightsPerEpoch(keras.callbacks.Callback):
+    """The network's weights at the end of each epoch (before any later callback changes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights: dict[int, list[np.ndarray]] = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights[epoch] = [np.array(w) for w in self.model.get_weights()]
+
+
+class Sabotage(keras.callbacks.Callback):
+    """Before each validation, makes the head predict class 0 for every image: validation gets far worse."""
+
+    def on_test_begin(self, logs=None):
+        dense = model_lib.head_dense(self.model)
+        kernel, bias = dense.get_weights()
+        dense.set_weights([np.zeros_like(kernel), np.where(np.arange(bias.size) == 0, 8.0, -8.0).astype(bias.dtype)])
+
+
+@pytest.mark.slow
+def test_after_a_resume_the_best_epoch_before_the_interruption_is_exported(tmp_path, dataset):
+    hp = small(epochs=4, early_stopping=True, early_stopping_patience=10, early_stopping_min_delta=0.0)
+    backup_dir, model_dir = str(tmp_path / "backup"), str(tmp_path / "model")
+    first = WeightsPerEpoch()
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        training.train(hp, dataset, model_dir, backup_dir=backup_dir, callbacks=[first, Interrupt(1)])
+    result = training.train(hp, dataset, model_dir, backup_dir=backup_dir, callbacks=[Sabotage()])
+
+    with open(os.path.join(model_dir, "history.json")) as handle:
+        val_loss = json.load(handle)["val_loss"]
+    assert len(val_loss) == 4 and min(val_loss[:2]) < min(val_loss[2:])  # the best is before the interruption
+    best = int(np.argmin(val_loss))
+    assert result["best_epoch"] == best + 1
+    assert result["final_metrics"]["val_loss"] == val_loss[best]
+    assert same(model_lib.load_model(model_dir).get_weights(), first.weights[best])
+
+
+@pytest.mark.slow
+def test_patience_counts_the_epochs_before_the_interruption(tmp_path, dataset):
+    # min_delta 1.0: no epoch after the first counts as an improvement, so patience 2 stops after epoch 3.
+    hp = small(epochs=6, early_stopping=True, early_stopping_patience=2, early_stopping_min_delta=1.0)
+    uninterrupted = training.train(hp, dataset, str(tmp_path / "straight"))
+    backup_dir = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        training.train(hp, dataset, str(tmp_path / "model"), backup_dir=backup_dir, callbacks=[Interrupt(1)])
+    resumed = training.train(hp, dataset, str(tmp_path / "model"), backup_dir=backup_dir)
+    assert (uninterrupted["epochs_completed"], uninterrupted["best_epoch"]) == (3, 1)
+    assert (resumed["epochs_completed"], resumed["best_epoch"], resumed["stopped_early"]) == (3, 1, True)
+    assert resumed["history"]["val_loss"][0] == resumed["final_metrics"]["val_loss"]
+
+
+def test_early_stopping_state_of_an_epoch_whose_backup_was_not_written_is_not_used(tmp_path):
+    """Stopped after early stopping saved epoch 2 but before the model backup: the rerun repeats epoch 2."""
+    backup_dir = str(tmp_path / "backup")
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    first = training.ResumableEarlyStopping(backup_dir, monitor="val_loss", restore_best_weights=True)
+    first.set_model(model)
+    first.on_train_begin()
+    for epoch, value in enumerate([0.5, 0.4, 0.1]):  # epoch 2 (0.1) is the one whose backup is missing
+        first.on_epoch_begin(epoch)
+        model.set_weights([np.full((1, 1), value, np.float32), np.zeros(1, np.float32)])
+        first.on_epoch_end(epoch, {"val_loss": value})
+    again = training.ResumableEarlyStopping(backup_dir, monitor="val_loss", restore_best_weights=True)
+    again.set_model(model)
+    again.on_train_begin()
+    again.on_epoch_begin(2)
+    assert (again.best, again.best_epoch, again.wait) == (pytest.approx(0.4), 1, 0)
+    assert again.best_weights[0][0, 0] == pytest.approx(0.4)
+    assert sorted(os.listdir(backup_dir)) == ["imgclf_best_weights-epoch-00001.npz",
+                                              "imgclf_best_weights-epoch-00002.npz", "imgclf_early_stopping.json"]
+
+
+@pytest.mark.slow
+def test_backups_and_tensorboard_logs_on_gcs_go_through_trainer_storage(tmp_path, dataset, gcs_bucket):
+    """tf.io.gfile's GCS client ignores STORAGE_EMULATOR_HOST; the emulator sees these writes only
+    if they go through trainer.storage, as every other gs:// write does."""
+    from tests.support.gcs import emulator_client
+
+    hp = small(epochs=3, early_stopping=True, early_stopping_patience=5)
+    backup_dir, logs = f"gs://{gcs_bucket}/backup", f"gs://{gcs_bucket}/tensorboard"
+
+    def names(prefix):
+        return sorted(b.name for b in emulator_client().list_blobs(gcs_bucket, prefix=prefix + "/"))
+
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        training.train(hp, dataset, str(tmp_path / "model"), backup_dir=backup_dir, tensorboard_dir=logs,
+                       callbacks=[Interrupt(0)])
+    assert {"backup/latest.weights.h5", "backup/training_metadata.json", "backup/imgclf_history.json",
+            "backup/imgclf_early_stopping.json"} <= set(names("backup"))
+    recorder = Recorder()
+    result = training.train(hp, dataset, str(tmp_path / "model"), backup_dir=backup_dir, tensorboard_dir=logs,
+                            callbacks=[recorder])
+    assert recorder.epochs == [1, 2] and result["epochs_completed"] == 3
+    assert names("backup") == []  # removed once the run completed
+    assert any("events.out.tfevents" in name for name in names("tensorboard"))
