@@ -35,10 +35,9 @@ import tempfile
 import weakref
 from typing import Any
 
-import tensorflow as tf
-
 from trainer import images, storage
 from trainer.errors import DataError, StorageError
+from trainer.images import tf  # imported on first use: conversion reads this module's constants only
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +50,14 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2
 # The record layout written by conversion; "path" is kept for error messages and evaluation, and
 # "image/format" for tools (decode_tensor tells JPEG from PNG by the bytes themselves).
-FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/format": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "path": tf.io.FixedLenFeature([], tf.string, default_value=""),
-}
+def record_features() -> dict[str, Any]:
+    """The parsing spec of the records (a function, so that importing this module needs no TensorFlow)."""
+    return {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/format": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "path": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
 
 # A split whose resized pixels fit in this many bytes is cached in memory after its first pass;
 # a larger one in a cache file on local disk.
@@ -264,8 +265,10 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
         # Evaluation reads in conversion's order, so results line up with the manifest.
         records = tf.data.TFRecordDataset(files)
 
+    features = record_features()
+
     def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        example = tf.io.parse_single_example(record, FEATURES)
+        example = tf.io.parse_single_example(record, features)
         return example["image/encoded"], example["label"]
 
     dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
