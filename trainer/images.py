@@ -55,9 +55,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import io
+import os
 import posixpath
 import re
 import struct
+import sys
 import threading
 from types import ModuleType
 
@@ -613,8 +615,23 @@ def tensorflow_decoder():
     global _decoder
     with _decoder_lock:
         if _decoder is None:
+            _quiet_tensorflow_import()
             _decoder = tf.function(decode_tensor).get_concrete_function(tf.TensorSpec([], tf.string))
         return _decoder
+
+
+def _quiet_tensorflow_import() -> None:
+    """Keep TensorFlow's C++ log lines out of validation's output, when validation is what imports it.
+
+    Importing TensorFlow and running the decoder print its runtime's internals on stderr (oneDNN and CPU
+    feature notices, "Skipping loop optimization for Merge node ..." from the graph optimizer, libjpeg's
+    "Premature end of JPEG data" for a file it refuses): noise next to validation's own progress lines.
+    Every failure that matters reaches Python as an exception, which validation reports by file name,
+    so a process that had not imported TensorFlow before gets TF_CPP_MIN_LOG_LEVEL=3 (unless it is set:
+    the user's choice wins). A process that imported TensorFlow already keeps its settings.
+    """
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def check_tensorflow_decode(data: bytes, name: str, expected: np.ndarray) -> None:
