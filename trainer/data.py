@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from trainer import images, storage
@@ -187,7 +188,7 @@ def read_split(dataset_dir: str, split: str, *, image_size: int, interpolation: 
     """
     _check_resize(image_size, interpolation)
     local = local_dataset_dir(dataset_dir, (split,))
-    return _decoded(_records(local, split, shuffle_files=False, seed=None), image_size, interpolation)
+    return _records(local, split, shuffle_files=False, seed=None, then=_decoder(image_size, interpolation))
 
 
 def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: bool, seed: int | None,
@@ -206,7 +207,7 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
     _check_resize(image_size, interpolation)
     local = local_dataset_dir(dataset_dir, (split,))
     count = split_count(local, split)
-    dataset = _decoded(_records(local, split, shuffle_files=training, seed=seed), image_size, interpolation)
+    dataset = _records(local, split, shuffle_files=training, seed=seed, then=_decoder(image_size, interpolation))
     image_bytes = image_size * image_size * 3
     shuffled = training and count > 1
     dataset, in_memory = _cache(dataset, f"{local}/{split}", count, image_size, cache_bytes,
@@ -241,8 +242,11 @@ def _check_resize(image_size: int, interpolation: str) -> None:
                          f"{', '.join(images.RESIZE_METHODS)}")
 
 
-def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | None) -> tf.data.Dataset:
-    """``(encoded image, label)`` pairs of a split from a local data set directory, parsed."""
+def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | None,
+             then: Callable[[tf.Tensor, tf.Tensor], Any] | None = None) -> tf.data.Dataset:
+    """``(encoded image, label)`` pairs of a split from a local data set directory, parsed; or, with
+    ``then``, what ``then(encoded, label)`` returns for them, computed in the same parallel map (each map
+    stage costs every element a function call and a hand-over between threads)."""
     count = split_count(local_dir, split)
     files = shard_files(local_dir, split)
     if count and not files:
@@ -253,7 +257,8 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
         raise DataError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}; the "
                         "data set is incomplete: re-run the conversion step")
     if not files:
-        return tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int64)))
+        empty = tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int64)))
+        return empty.map(then) if then else empty
     if shuffle_files:
         shards = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed,
                                                                    reshuffle_each_iteration=True)
@@ -267,9 +272,10 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
 
     features = record_features()
 
-    def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def parse(record: tf.Tensor) -> Any:
         example = tf.io.parse_single_example(record, features)
-        return example["image/encoded"], example["label"]
+        encoded, label = example["image/encoded"], example["label"]
+        return then(encoded, label) if then else (encoded, label)
 
     dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Tells Keras the number of steps per epoch (progress, ETA) and fails loudly when the shards
@@ -277,16 +283,17 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
     return dataset.apply(tf.data.experimental.assert_cardinality(count))
 
 
-def _decoded(records: tf.data.Dataset, image_size: int, interpolation: str) -> tf.data.Dataset:
+def _decoder(image_size: int, interpolation: str) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """``(encoded, label)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's decode and resize.
 
-    Parallel, and deterministic (the order of ``records`` is kept), so a seeded run repeats.
+    Run inside ``_records``' parallel map, deterministic (the order of the records is kept), so a
+    seeded run repeats.
     """
     def decode(encoded: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         pixels = images.resize_image(images.decode_tensor(encoded), image_size, interpolation)
         return tf.ensure_shape(pixels, [image_size, image_size, 3]), label
 
-    return records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return decode
 
 
 def _cache(dataset: tf.data.Dataset, name: str, count: int, image_size: int, cache_bytes: int, *,

@@ -502,9 +502,20 @@ def decode_tensor(data: tf.Tensor) -> tf.Tensor:
             lambda: composite_on_white(decoded),
         ])
 
-    image = tf.cond(tf.io.is_jpeg(data), jpeg, png)
+    image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: _out_of_line("png", png))
     image.set_shape([None, None, 3])
     return apply_orientation(image, exif_orientation(data))
+
+
+def _out_of_line(name: str, branch):
+    """Call ``branch`` (no arguments) as one function-call node that graph optimizers do not inline.
+
+    Inside tf.data, TensorFlow turns a ``tf.cond`` into a switch of every op of both branches, and
+    each op of the branch not taken still costs the executor a few microseconds: the PNG branch's
+    and the EXIF parse's ops cost every JPEG about 0.5 ms (as much as half its decode). Behind one
+    call node, a branch not taken costs one node. The ops and the pixels are the same.
+    """
+    return tf.function(branch, experimental_attributes={"_noinline": True}, autograph=False)()
 
 
 # EXIF orientation, as decode_image applies it (Pillow's ImageOps.exif_transpose) and TensorFlow's
@@ -531,7 +542,16 @@ def exif_orientation(data: tf.Tensor) -> tf.Tensor:
     start = tf.cond(tf.io.is_jpeg(data),
                     lambda: tiff_offset(tf.strings.substr(data, 0, 1 << 16), _JPEG_EXIF_MARKER),
                     lambda: tiff_offset(data, _PNG_EXIF_MARKER))
-    tiff = tf.strings.substr(data, tf.maximum(start, 0), 1 << 16)
+    # Most files have no EXIF block: the few dozen small ops of the parse then do not run at all (they
+    # were about 0.7 ms per image in the training input pipeline, most of what the first epoch cost
+    # beyond the JPEG decode). The result is the same either way: 1 when the marker is absent.
+    return tf.cond(start >= 0, lambda: _out_of_line("exif", lambda: _orientation_at(data, start)),
+                   lambda: tf.constant(1, tf.int32))
+
+
+def _orientation_at(data: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
+    """``exif_orientation`` of ``data`` whose TIFF block begins at ``start`` (>= 0)."""
+    tiff = tf.strings.substr(data, start, 1 << 16)
     header = _read_bytes(tiff, 0, 4)
     little = tf.reduce_all(tf.equal(header, _TIFF_LITTLE_ENDIAN))
     big = tf.reduce_all(tf.equal(header, _TIFF_BIG_ENDIAN))
@@ -550,27 +570,25 @@ def exif_orientation(data: tf.Tensor) -> tf.Tensor:
     # An orientation is a SHORT stored in the first two bytes of the entry's value field.
     values = tf.boolean_mask(number(entries[:, 8:10]), is_orientation)
     value = tf.cond(tf.size(values) > 0, lambda: values[0], lambda: tf.constant(1, tf.int64))
-    usable = tf.logical_and(tf.logical_and(start >= 0, tf.logical_or(little, big)),
-                            tf.logical_and(value >= 1, value <= 8))
+    usable = tf.logical_and(tf.logical_or(little, big), tf.logical_and(value >= 1, value <= 8))
     return tf.cast(tf.where(usable, value, 1), tf.int32)
 
 
 def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
-    """Turn/mirror [H, W, C] so that it is upright for EXIF ``orientation`` 1-8 (as Pillow does)."""
-    def transpose() -> tf.Tensor:
-        return tf.transpose(image, [1, 0, 2])
+    """Turn/mirror [H, W, C] so that it is upright for EXIF ``orientation`` 1-8 (as Pillow does).
 
-    branches = [
-        lambda: image,  # 1: upright
-        lambda: tf.image.flip_left_right(image),  # 2: mirrored
-        lambda: tf.image.rot90(image, 2),  # 3: upside down
-        lambda: tf.image.flip_up_down(image),  # 4: mirrored upside down
-        transpose,  # 5: mirrored along the main diagonal
-        lambda: tf.image.rot90(image, 3),  # 6: turn 90 degrees clockwise
-        lambda: tf.image.rot90(transpose(), 2),  # 7: mirrored along the other diagonal
-        lambda: tf.image.rot90(image, 1),  # 8: turn 90 degrees counter-clockwise
-    ]
-    oriented = tf.switch_case(orientation - 1, branches)
+    Every orientation is an optional transpose (5-8: the picture is stored on its side) followed by
+    optional flips: (orientation - 1) % 4 is 0 (none), 1 (left-right), 2 (both: half a turn) or 3
+    (up-down). As two data-dependent ops, a transpose and a reverse, without control flow: an eight-way
+    ``switch_case`` here cost about 0.8 ms per image in the training input pipeline, as much as the
+    JPEG decode, although nearly every picture takes its "upright" branch. Pixels are the same.
+    """
+    orientation = tf.cast(orientation, tf.int32)
+    perm = tf.where(orientation >= 5, tf.constant([1, 0, 2]), tf.constant([0, 1, 2]))
+    turned = tf.transpose(image, perm)  # the identity permutation returns its input as it is
+    flips = (orientation - 1) % 4
+    axes = tf.boolean_mask(tf.constant([0, 1]), tf.stack([flips >= 2, tf.logical_or(flips == 1, flips == 2)]))
+    oriented = tf.reverse(turned, axes)
     oriented.set_shape([None, None, image.shape[-1]])
     return oriented
 
