@@ -504,7 +504,9 @@ def decode_tensor(data: tf.Tensor) -> tf.Tensor:
 
     image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: _out_of_line("png", png))
     image.set_shape([None, None, 3])
-    return apply_orientation(image, exif_orientation(data))
+    orientation = exif_orientation(data)
+    # Upright pictures (nearly all) skip the turn's transpose, reverse and their bookkeeping ops.
+    return tf.cond(orientation == 1, lambda: image, lambda: apply_orientation(image, orientation))
 
 
 def _out_of_line(name: str, branch):
