@@ -51,6 +51,13 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2
 # The record layout written by conversion; "path" is kept for error messages and evaluation, and
 # "image/format" for tools (decode_tensor tells JPEG from PNG by the bytes themselves).
+def __getattr__(name: str) -> Any:
+    # ``FEATURES``, the parsing spec's former name, still works (built on use: it needs TensorFlow).
+    if name == "FEATURES":
+        return record_features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def record_features() -> dict[str, Any]:
     """The parsing spec of the records (a function, so that importing this module needs no TensorFlow)."""
     return {
