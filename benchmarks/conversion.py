@@ -12,7 +12,7 @@ its peak resident memory (the kernel's ru_maxrss for that process, from wait4) b
   read a file, decode it (``tf.io.decode_image``) to check it, write a tf.train.Example holding the
   file's ORIGINAL BYTES.
 * ours: ``trainer.conversion.convert_dataset``: reads with a bounded pool of threads, checks every
-  file's SHA-256 against validation (which decoded these very bytes with Pillow and TensorFlow) and
+  file's SHA-256 against validation (which decoded these very bytes) and
   writes the ORIGINAL BYTES into split, shuffled shards. Run at 1x and at ``--scale`` x for peak memory.
 * pixels (for the record, not what the pipeline runs): what conversion did up to format version 1,
   the same threads decoding every file (``images.decode_image``) and resizing it once to

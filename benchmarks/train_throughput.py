@@ -9,8 +9,17 @@ advises for large backbones): the backbone's forward pass remains, and the input
 each step is what differs. ``--full-network`` trains every layer.
 
 On a GPU machine it runs unchanged, over all visible GPUs (the global batch is split across them),
-and reports images/s per GPU too. The last line is a JSON object with ``speedup`` (ours over the
-reference).
+and reports images/s per GPU too.
+
+It also reports, for each input, the share of step time spent waiting for input: one more epoch is
+run step by step (``train_on_batch``), timing how long each step waits for its batch (``next()`` on
+the dataset's iterator) against the whole step. TensorFlow's profiler calls a step input-bound when
+more than 5% of it is spent waiting for input; above that a faster accelerator would wait on the
+input pipeline (``input_bound``). The step-by-step epoch pays Python's per-step call, which
+``fit`` does not, so its images/s are not reported: only the share.
+
+The last line is a JSON object with ``speedup`` (ours over the reference) and
+``input_wait_share`` per input.
 """
 
 from __future__ import annotations
@@ -44,6 +53,27 @@ def epoch_rate(network: keras.Model, dataset: tf.data.Dataset, count: int) -> fl
     return count / (time.perf_counter() - started)
 
 
+INPUT_BOUND_SHARE = 0.05
+
+
+def input_wait_share(network: keras.Model, dataset: tf.data.Dataset) -> float:
+    """Share of one epoch's step time spent waiting for the next batch (the model is already traced)."""
+    iterator = iter(dataset)
+    waiting = total = 0.0
+    while True:
+        started = time.perf_counter()
+        try:
+            inputs, targets = next(iterator)
+        except StopIteration:
+            break
+        got = time.perf_counter()
+        network.train_on_batch(inputs, targets)
+        done = time.perf_counter()
+        waiting += got - started
+        total += done - started
+    return waiting / total if total else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=640)
@@ -73,7 +103,7 @@ def main() -> None:
                                   num_classes=classes, binary_mode=False, image_size=hp.input_size,
                                   interpolation=hp.image_resize_interpolation),
     }
-    rates = {}
+    rates, waits = {}, {}
     for name, dataset in inputs.items():
         keras.utils.set_random_seed(0)
         with strategy.scope():
@@ -81,11 +111,16 @@ def main() -> None:
             network.compile(optimizer=training.make_optimizer(hp), loss=training.make_loss(hp),
                             metrics=["accuracy"])
         rates[name] = epoch_rate(network, dataset, args.images)
+        waits[name] = input_wait_share(network, dataset)
         print(f"{name}: {rates[name]:.1f} images/s ({rates[name] / replicas:.1f} per replica, {replicas} "
-              f"replica(s), {'whole network' if args.full_network else 'head only'})", flush=True)
+              f"replica(s), {'whole network' if args.full_network else 'head only'}); "
+              f"{waits[name]:.1%} of step time waiting for input"
+              f"{' (input-bound)' if waits[name] > INPUT_BOUND_SHARE else ''}", flush=True)
 
     print(json.dumps({
         "speedup": round(rates["ours"] / rates["reference"], 2),
+        "input_wait_share": {name: round(share, 4) for name, share in waits.items()},
+        "input_bound": {name: share > INPUT_BOUND_SHARE for name, share in waits.items()},
         "ours_images_per_second": round(rates["ours"], 1),
         "reference_images_per_second": round(rates["reference"], 1),
         "ours_images_per_second_per_replica": round(rates["ours"] / replicas, 1),

@@ -35,12 +35,12 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from typing import Any
-
-import tensorflow as tf
 
 from trainer import images, storage
 from trainer.errors import DataError, StorageError
+from trainer.images import tf  # imported on first use: conversion reads this module's constants only
 from trainer.layout import (  # noqa: F401  (re-exported: the data set's contract, read through this module)
     FEATURE_ENCODED,
     FEATURE_FORMAT,
@@ -57,14 +57,24 @@ from trainer.layout import (  # noqa: F401  (re-exported: the data set's contrac
 
 log = logging.getLogger(__name__)
 
-# The record layout written by conversion (trainer.layout); "path" is kept for error messages and
-# evaluation, and "image/format" for tools (decode_tensor tells JPEG from PNG by the bytes themselves).
-FEATURES = {
-    FEATURE_ENCODED: tf.io.FixedLenFeature([], tf.string),
-    FEATURE_FORMAT: tf.io.FixedLenFeature([], tf.string, default_value=""),
-    FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
-    FEATURE_PATH: tf.io.FixedLenFeature([], tf.string, default_value=""),
-}
+
+def __getattr__(name: str) -> Any:
+    # ``FEATURES``, the parsing spec's former name, still works (built on use: it needs TensorFlow).
+    if name == "FEATURES":
+        return record_features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def record_features() -> dict[str, Any]:
+    """The parsing spec of the records conversion writes (trainer.layout); "path" is kept for error
+    messages and evaluation, and "image/format" for tools (decode_tensor tells JPEG from PNG by the
+    bytes themselves). A function, so that importing this module needs no TensorFlow."""
+    return {
+        FEATURE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+        FEATURE_FORMAT: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
+        FEATURE_PATH: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
 
 # A split whose resized pixels fit in this many bytes is cached in memory after its first pass;
 # a larger one in a cache file on local disk.
@@ -179,7 +189,7 @@ def read_split(dataset_dir: str, split: str, *, image_size: int, interpolation: 
     """
     _check_resize(image_size, interpolation)
     local = local_dataset_dir(dataset_dir, (split,))
-    return _decoded(_records(local, split, shuffle_files=False, seed=None), image_size, interpolation)
+    return _records(local, split, shuffle_files=False, seed=None, then=_decoder(image_size, interpolation))
 
 
 def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: bool, seed: int | None,
@@ -198,7 +208,7 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
     _check_resize(image_size, interpolation)
     local = local_dataset_dir(dataset_dir, (split,))
     count = split_count(local, split)
-    dataset = _decoded(_records(local, split, shuffle_files=training, seed=seed), image_size, interpolation)
+    dataset = _records(local, split, shuffle_files=training, seed=seed, then=_decoder(image_size, interpolation))
     image_bytes = image_size * image_size * 3
     shuffled = training and count > 1
     dataset, in_memory = _cache(dataset, f"{local}/{split}", count, image_size, cache_bytes,
@@ -233,8 +243,11 @@ def _check_resize(image_size: int, interpolation: str) -> None:
                          f"{', '.join(images.RESIZE_METHODS)}")
 
 
-def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | None) -> tf.data.Dataset:
-    """``(encoded image, label)`` pairs of a split from a local data set directory, parsed."""
+def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | None,
+             then: Callable[[tf.Tensor, tf.Tensor], Any] | None = None) -> tf.data.Dataset:
+    """``(encoded image, label)`` pairs of a split from a local data set directory, parsed; or, with
+    ``then``, what ``then(encoded, label)`` returns for them, computed in the same parallel map (each map
+    stage costs every element a function call and a hand-over between threads)."""
     count = split_count(local_dir, split)
     files = shard_files(local_dir, split)
     if count and not files:
@@ -245,7 +258,8 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
         raise DataError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}; the "
                         "data set is incomplete: re-run the conversion step")
     if not files:
-        return tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int64)))
+        empty = tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int64)))
+        return empty.map(then) if then else empty
     if shuffle_files:
         shards = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed,
                                                                    reshuffle_each_iteration=True)
@@ -257,9 +271,12 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
         # Evaluation reads in conversion's order, so results line up with the manifest.
         records = tf.data.TFRecordDataset(files)
 
-    def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        example = tf.io.parse_single_example(record, FEATURES)
-        return example[FEATURE_ENCODED], example[FEATURE_LABEL]
+    features = record_features()
+
+    def parse(record: tf.Tensor) -> Any:
+        example = tf.io.parse_single_example(record, features)
+        encoded, label = example[FEATURE_ENCODED], example[FEATURE_LABEL]
+        return then(encoded, label) if then else (encoded, label)
 
     dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Tells Keras the number of steps per epoch (progress, ETA) and fails loudly when the shards
@@ -267,16 +284,17 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
     return dataset.apply(tf.data.experimental.assert_cardinality(count))
 
 
-def _decoded(records: tf.data.Dataset, image_size: int, interpolation: str) -> tf.data.Dataset:
+def _decoder(image_size: int, interpolation: str) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """``(encoded, label)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's decode and resize.
 
-    Parallel, and deterministic (the order of ``records`` is kept), so a seeded run repeats.
+    Run inside ``_records``' parallel map, deterministic (the order of the records is kept), so a
+    seeded run repeats.
     """
     def decode(encoded: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         pixels = images.resize_image(images.decode_tensor(encoded), image_size, interpolation)
         return tf.ensure_shape(pixels, [image_size, image_size, 3]), label
 
-    return records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return decode
 
 
 def _cache(dataset: tf.data.Dataset, name: str, count: int, image_size: int, cache_bytes: int, *,

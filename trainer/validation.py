@@ -13,9 +13,13 @@ ends in exactly one of three lists, so that nothing is lost silently:
   ``images.decode_image`` refuses, files that TensorFlow's ``images.decode_tensor`` (what training
   and serving decode with) cannot decode or decodes to other pixels than Pillow (codes
   ``tensorflow_unreadable`` and ``decoder_mismatch``; see ``images.check_tensorflow_decode``), and
-  every copy of content found in more than one class. Decoding every file with both decoders here
-  means a training run never meets a file it cannot read, and trains on the very pixels checked;
-  it costs about 2.2 ms of CPU per 500x375 JPEG instead of 0.9 with Pillow alone.
+  every copy of content found in more than one class. Every file is decoded once, with Pillow, and
+  also with TensorFlow and compared wherever the two decoders can disagree (``images.check_image``:
+  all but plain 8-bit JPEGs and PNGs, which both decode with the same libjpeg-turbo and zlib code), so a
+  training run never meets a file it cannot read, and trains on the very pixels checked. A plain
+  500x375 JPEG costs about 1 ms of CPU (one decode and a SHA-256), where decoding it with both and
+  comparing cost about 7; decoding and hashing run in C outside Python's lock, in one thread per core
+  (``default_workers``). TensorFlow is imported only if some file needs its decoder.
 * ``accepted``: everything else, with its content hash, size and format.
 
 Class names are the top-level folder names exactly as stored; their label indices follow Python's
@@ -32,12 +36,14 @@ validation.json (schema_version 1)::
   class_counts    {class: accepted images}
   listed          number of entries listed (= accepted + rejected + skipped, checked)
   counts          {listed, accepted, rejected, skipped}
-  accepted        [{path, class, sha256, width, height, format, mode, bytes, exif_orientation}]
+  accepted        [{path, class, sha256, width, height, format, mode, bytes, exif_orientation,
+                   tensorflow_checked}]; tensorflow_checked: why TensorFlow's decode was compared with
+                   Pillow's for this file (e.g. "CMYK JPEG"), null for plain files decoded once
   rejected        [{path, reason, code, class (when inside a class folder)}]
   skipped         [{path, reason}]
   duplicates      [{sha256, classes, paths, conflict}]; conflict: in several classes, all copies rejected
   statistics      {formats, modes, width, height, bytes ({min, median, max}), total_bytes,
-                   exif_rotated, rejected_by_code}
+                   exif_rotated, rejected_by_code, tensorflow_checked ({reason: files})}
   imbalance       {ratio (largest / smallest class count, null if one is empty), largest, smallest}
   fatal           [message, ...]; empty when the data set can be converted
   fingerprint     SHA-256 hex digest of what a run would use (see ``compute_data_fingerprint``)
@@ -62,6 +68,7 @@ import html
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import statistics as stats
@@ -81,9 +88,8 @@ from trainer.images import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_EXTENSIONS,
     ImageRejected,
-    check_tensorflow_decode,
+    check_image,
     decode_image,
-    decode_image_with_info,
     expected_format,
 )
 
@@ -116,9 +122,52 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def default_workers() -> int:
-    """Threads for reading and decoding: I/O-bound on object storage, so more than the cores."""
-    return min(16, 4 * (os.cpu_count() or 1))
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPU cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a pod's CPU limit).
+
+    ``os.cpu_count()`` counts the machine's cores, which in a container limited to 2 CPUs of a 64-core
+    node would start 32 times too many decoding threads.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota(root: str) -> float | None:
+    """The CPU limit in cores from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``; None when unlimited."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = (f.read().split() + ["100000"])[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota_us = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period_us = int(f.read())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def default_workers(data_uri: str | None = None, cores: int | None = None) -> int:
+    """Threads for reading and decoding files.
+
+    Decoding (Pillow's and TensorFlow's) and hashing run in C with Python's lock released, so threads
+    decode in parallel, and one per core keeps every core busy on local files (more only add switching).
+    Reading from object storage (gs://) mostly waits on the network, so four per core keep the cores
+    fed (at most 32). ``data_uri`` None means unknown: the object-storage count.
+    """
+    cores = cores or available_cores()
+    if data_uri is not None and not storage.is_gcs(data_uri):
+        return cores
+    return min(32, 4 * cores)
 
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
@@ -211,7 +260,7 @@ def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = Fals
         raise ValueError(f"max_rejected_fraction must be between 0 and 1, got {max_rejected_fraction!r}")
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels!r}")
-    workers = workers or default_workers()
+    workers = workers or default_workers(data_uri)
     started = time.monotonic()
 
     listed = storage.list_files(data_uri)
@@ -385,15 +434,14 @@ def _check_images(data_uri: str, candidates: list[tuple[str, str]], max_pixels: 
         except StorageError as e:
             return _reject(path, f"could not be read ({e}); check the object and its permissions",
                            "read_error", class_name)
-        digest = hashlib.sha256(data).hexdigest()
         try:
-            pixels, info = decode_image_with_info(data, path, max_pixels)
-            check_tensorflow_decode(data, path, pixels)
+            # One Pillow decode; TensorFlow's as well only where the two can disagree (images.check_image).
+            info, second = check_image(data, path, max_pixels)
         except ImageRejected as e:
             return _reject(path, e.reason, e.code, class_name)
-        return {"path": path, "class": class_name, "sha256": digest, "width": info.width,
-                "height": info.height, "format": info.format, "mode": info.mode, "bytes": len(data),
-                "exif_orientation": info.exif_orientation}
+        return {"path": path, "class": class_name, "sha256": hashlib.sha256(data).hexdigest(),
+                "width": info.width, "height": info.height, "format": info.format, "mode": info.mode,
+                "bytes": len(data), "exif_orientation": info.exif_orientation, "tensorflow_checked": second}
 
     progress = ProgressLog("validated", len(to_read))
     for entry in bounded_map(check, to_read, workers):
@@ -505,7 +553,16 @@ def _statistics(accepted: list[dict[str, Any]], rejected: list[dict[str, Any]]) 
         "total_bytes": sum(e["bytes"] for e in accepted),
         "exif_rotated": sum(1 for e in accepted if e["exif_orientation"] != 1),
         "rejected_by_code": dict(sorted(collections.Counter(e["code"] for e in rejected).items())),
+        "tensorflow_checked": dict(sorted(collections.Counter(
+            e["tensorflow_checked"] for e in accepted if e.get("tensorflow_checked")).items())),
     }
+
+
+def _checked(st: dict[str, Any]) -> str:
+    counts = st.get("tensorflow_checked") or {}
+    if not counts:
+        return "none (every file is a plain JPEG or PNG, decoded alike by both)"
+    return f"{sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in counts.items())})"
 
 
 def _imbalance(class_counts: dict[str, int]) -> dict[str, Any] | None:
@@ -587,7 +644,8 @@ def render_report(result: dict[str, Any]) -> str:
                   f"- colour modes: {', '.join(f'{k} {v}' for k, v in st['modes'].items())}",
                   "- width min/median/max: {min} / {median:g} / {max}".format(**st["width"]),
                   "- height min/median/max: {min} / {median:g} / {max}".format(**st["height"]),
-                  f"- rotated by EXIF orientation: {st['exif_rotated']}", ""]
+                  f"- rotated by EXIF orientation: {st['exif_rotated']}",
+                  f"- also decoded with TensorFlow and compared: {_checked(st)}", ""]
     return "\n".join(lines)
 
 
@@ -764,7 +822,8 @@ def render_html_report(result: dict[str, Any], data_uri: str, thumbnails_per_cla
                  f"colour modes: {', '.join(f'{k} {v}' for k, v in st['modes'].items())}",
                  "width min/median/max: {min} / {median:g} / {max}".format(**st["width"]),
                  "height min/median/max: {min} / {median:g} / {max}".format(**st["height"]),
-                 f"rotated by EXIF orientation: {st['exif_rotated']}"]
+                 f"rotated by EXIF orientation: {st['exif_rotated']}",
+                 f"also decoded with TensorFlow and compared: {_checked(st)}"]
         out += ["<h2>Images</h2><ul>", *(f"<li>{_h(item)}</li>" for item in items), "</ul>"]
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -6,6 +6,8 @@ import hashlib
 import inspect
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -396,3 +398,35 @@ def test_reconversion_that_fails_half_way_leaves_no_manifest(where, tiny_dataset
     monkeypatch.setattr(conversion, "_encode_example", real)
     manifest = convert_dataset(str(tiny_dataset), str(tmp_path / "v2" / "validation.json"), out, workers=2)
     assert read_manifest(out) == manifest
+
+
+def test_records_written_without_tensorflow_are_tensorflows_format(tmp_path):
+    features = {"image/encoded": bytes(range(256)) * 300, "image/format": b"jpeg", "label": 7,
+                "path": "café/ünï #1.jpg".encode(), "big": 2**40, "negative": -3, "empty": b""}
+    record = conversion.serialize_example(features)
+    # The same message as TensorFlow's own protocol-buffer class builds.
+    expected = tf.train.Example(features=tf.train.Features(feature={
+        key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value])) if isinstance(value, bytes)
+        else tf.train.Feature(int64_list=tf.train.Int64List(value=[value])) for key, value in features.items()}))
+    assert tf.train.Example.FromString(record) == expected
+    path = tmp_path / "records.tfrecord"
+    with conversion.TFRecordWriter(str(path)) as writer:
+        writer.write(record)
+        writer.write(b"")
+        writer.write(b"x" * 100_000)
+    # TensorFlow's reader checks the length and data checksums of every record.
+    read = [r.numpy() for r in tf.data.TFRecordDataset(str(path))]
+    assert read == [record, b"", b"x" * 100_000]
+    with pytest.raises(TypeError, match="feature 'bad'"):
+        conversion.serialize_example({"bad": 1.5})
+
+
+def test_conversion_does_not_import_tensorflow(tiny_dataset, tmp_path):
+    validate_dataset(str(tiny_dataset), str(tmp_path / "v"))
+    code = ("import sys; from trainer.conversion import convert_dataset; "
+            f"m = convert_dataset({str(tiny_dataset)!r}, {str(tmp_path / 'v' / 'validation.json')!r}, "
+            f"{str(tmp_path / 'out')!r}); print(m['written'], 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    written, imported = result.stdout.split()
+    assert int(written) > 0 and imported == "False"

@@ -219,3 +219,98 @@ def test_decode_tensor_runs_inside_tf_data():
     decoded = list(tf.data.Dataset.from_tensor_slices(blobs).map(images.decode_tensor).as_numpy_iterator())
     for blob, name, pixels in zip(blobs, ["a.jpg", "b.png"], decoded, strict=True):
         np.testing.assert_array_equal(pixels, decode_image(blob, name))
+
+
+# --- which files validation also decodes with TensorFlow ------------------------------------------------
+
+def second_reason(blob: bytes, name: str) -> str | None:
+    info, reason = images.check_image(blob, name)
+    return reason
+
+
+@pytest.mark.parametrize("name,blob", [
+    ("baseline.jpg", ds.encode(ds.noise(17, 9), "JPEG", quality=90)),
+    ("progressive.jpg", ds.encode(ds.noise(33, 20), "JPEG", quality=75, progressive=True)),
+    ("444.jpg", ds.encode(ds.noise(16, 16), "JPEG", subsampling=0)),
+    ("422.jpg", ds.encode(ds.noise(16, 16), "JPEG", subsampling=1)),
+    ("gray.jpg", ds.encode(Image.fromarray(ds.noise()).convert("L"), "JPEG")),
+    ("rotated.jpg", ds.exif_bytes(ds.halves(), 6)),
+    ("rgb.png", ds.encode(ds.noise(), "PNG")),
+    ("gray.png", ds.encode(Image.fromarray(ds.noise()).convert("L"), "PNG")),
+])
+def test_plain_files_are_decoded_once_and_agree_with_tensorflow(name, blob):
+    # The evidence behind decoding these once: TensorFlow's decoder gives Pillow's very pixels.
+    assert second_reason(blob, name) is None
+    images.check_tensorflow_decode(blob, name, decode_image(blob, name))
+
+
+@pytest.mark.parametrize("name,blob,reason", [
+    ("cmyk.jpg", ds.cmyk_jpeg(ds.noise(seed=2)), "CMYK JPEG"),
+    ("palette.png", ds.palette_with_transparency(), "palette PNG"),
+    ("rgba.png", ds.encode(Image.fromarray(ds.noise()).convert("RGBA"), "PNG"), "RGBA PNG"),
+    ("gray16.png", ds.png16_gray(np.full((3, 5), 700)), "16-bit PNG"),
+    ("key.png", ds.encode(ds.noise(), "PNG", transparency=(1, 2, 3)), "PNG with a transparent colour"),
+    ("rotated.png", ds.exif_bytes(ds.halves(), 3, "PNG"), None),
+])
+def test_files_where_the_decoders_can_differ_are_also_decoded_with_tensorflow(name, blob, reason):
+    assert second_reason(blob, name) == reason
+
+
+def test_orientation_tensorflow_would_read_differently_sends_the_file_to_both_decoders():
+    # A second "Exif" block in a comment, before the real one: TensorFlow's parser (the first marker in
+    # the file) finds orientation 3 there, Pillow reads the APP1 segment's 6.
+    real = ds.exif_bytes(ds.halves(), 6)
+    decoy = b"Exif\x00\x00" + b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x03\x00\x00"
+    segment = b"\xff\xfe" + (len(decoy) + 2).to_bytes(2, "big") + decoy
+    blob = real[:2] + segment + real[2:]
+    assert images.tensorflow_orientation(blob) == 3
+    with pytest.raises(ImageRejected) as info:
+        images.check_image(blob, "decoy.jpg")
+    assert info.value.code == "decoder_mismatch"
+
+
+def test_check_image_refuses_as_decode_image_does():
+    for name, blob in [("t.jpg", ds.truncate(ds.encode(ds.noise(), "JPEG"))), ("e.png", b""),
+                       ("g.jpg", ds.encode(ds.noise(), "PNG")), ("a.png", ds.animated_png())]:
+        with pytest.raises(ImageRejected) as fast:
+            images.check_image(blob, name)
+        assert (fast.value.code, fast.value.reason) == (rejected(blob, name).code, rejected(blob, name).reason)
+
+
+def test_check_image_reports_size_after_orientation():
+    info, _ = images.check_image(ds.exif_bytes(ds.halves(20, 40), 8), "r.jpg")
+    assert (info.width, info.height, info.exif_orientation) == (20, 40, 8)
+
+
+def _tiff(order: str, entries: list[tuple[int, int]], count: int | None = None, ifd: int = 8) -> bytes:
+    big = order == "big"
+    head = (b"MM\x00\x2a" if big else b"II\x2a\x00") + ifd.to_bytes(4, order)
+    body = (len(entries) if count is None else count).to_bytes(2, order)
+    for tag, value in entries:
+        body += (tag.to_bytes(2, order) + (3).to_bytes(2, order) + (1).to_bytes(4, order)
+                 + value.to_bytes(2, order) + b"\0\0")
+    return head + b"\0" * (ifd - 8) + body
+
+
+@pytest.mark.parametrize("blob", [
+    b"\xff\xd8\xff" + b"Exif\x00\x00" + _tiff("big", [(0x0100, 5), (0x0112, 6)]),
+    b"\xff\xd8\xff" + b"Exif\x00\x00" + _tiff("little", [(0x0112, 8)]),
+    b"\xff\xd8\xff" + b"Exif\x00\x00" + _tiff("little", [(0x0112, 9)]),  # out of range
+    b"\xff\xd8\xff" + b"Exif\x00\x00" + _tiff("little", [(0x0112, 0)]),
+    b"\xff\xd8\xff" + b"Exif\x00\x00" + _tiff("little", [(0x0101, 1), (0x0112, 3)], count=1),  # beyond count
+    b"\xff\xd8\xff" + b"Exif\x00\x00" + _tiff("big", [(0x0112, 2)], ifd=70000),  # IFD past the block
+    b"\xff\xd8\xff" + b"Exif\x00\x00" + _tiff("little", [(0x0112, 7)])[:12],  # cut short
+    b"\xff\xd8\xff" + b"Exif\x00\x00" + b"XX\x2a\x00" + b"\0" * 20,  # no TIFF header
+    b"\xff\xd8\xff" + b"\0" * 70000 + b"Exif\x00\x00" + _tiff("little", [(0x0112, 6)]),  # past 64 KiB
+    b"\x89PNG" + b"\0" * 100 + b"eXIf" + _tiff("big", [(0x0112, 5)]),
+    b"\x89PNG" + b"\0" * 100 + b"Exif\x00\x00" + _tiff("big", [(0x0112, 5)]),  # JPEG's marker in a PNG
+    b"", b"\xff\xd8\xff",
+])
+def test_python_mirror_of_tensorflows_orientation_parse_agrees(blob):
+    assert images.tensorflow_orientation(blob) == int(images.exif_orientation(tf.constant(blob)))
+
+
+def test_orientation_ops_match_pillow_for_every_orientation():
+    for orientation in range(1, 9):
+        blob = ds.exif_bytes(ds.noise(6, 10, seed=orientation), orientation, "PNG")
+        np.testing.assert_array_equal(images.decode_tensor(tf.constant(blob)).numpy(), decode_image(blob, "o.png"))

@@ -4,7 +4,10 @@ import base64
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -301,3 +304,79 @@ def test_file_tensorflow_cannot_decode_is_rejected_so_training_never_meets_it(tm
     batches = data.make_dataset(str(tmp_path / "o"), "train", batch_size=3, training=True, seed=0, num_classes=2,
                                 binary_mode=False, image_size=8, interpolation="bilinear")
     assert sum(len(images) for images, _ in batches) == 8
+
+
+# --- one decode where one suffices; quiet output; worker counts ------------------------------------------
+
+def _write(folder, files: dict[str, bytes]) -> None:
+    for relative, blob in files.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+
+
+def _run_validate(data, out) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+    return subprocess.run([sys.executable, "-m", "trainer", "validate-data", "--data", str(data), "--output",
+                           str(out), "--max-rejected-fraction", "1"], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_plain_data_set_is_validated_without_tensorflow(tmp_path):
+    _write(tmp_path / "data", {f"c{k}/{i}.jpg": ds.encode(ds.noise(seed=10 * k + i), "JPEG") for k in range(2)
+                               for i in range(3)})
+    code = ("import sys; from trainer.validation import validate_dataset; "
+            f"r = validate_dataset({str(tmp_path / 'data')!r}, {str(tmp_path / 'out')!r}); "
+            "assert r['counts']['accepted'] == 6, r['counts']; "
+            "assert all(e['tensorflow_checked'] is None for e in r['accepted']); "
+            "print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_validate_data_output_is_progress_and_results_not_tensorflow_internals(tmp_path):
+    # CMYK and palette files take the TensorFlow path; the truncated one is refused.
+    _write(tmp_path / "data", {
+        "a/cmyk.jpg": ds.cmyk_jpeg(ds.noise(seed=1)), "a/plain.jpg": ds.encode(ds.noise(seed=2), "JPEG"),
+        "b/palette.png": ds.palette_with_transparency(), "b/plain.png": ds.encode(ds.noise(seed=3), "PNG"),
+        "b/cut.jpg": ds.truncate(ds.cmyk_jpeg(ds.noise(seed=4))),
+    })
+    result = _run_validate(tmp_path / "data", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "Skipping loop optimization" not in output
+    assert not re.search(r"^[WE]0000 ", output, re.MULTILINE), output
+    assert "validated: 5 images" in output and "4 accepted, 1 rejected" in output
+    assert "2 classes, 4 images accepted, 1 rejected" in result.stdout
+    report = json.loads((tmp_path / "out" / "validation.json").read_text())
+    checked = {e["path"]: e["tensorflow_checked"] for e in report["accepted"]}
+    assert checked == {"a/cmyk.jpg": "CMYK JPEG", "a/plain.jpg": None, "b/palette.png": "palette PNG",
+                       "b/plain.png": None}
+    assert report["statistics"]["tensorflow_checked"] == {"CMYK JPEG": 1, "palette PNG": 1}
+
+
+def test_available_cores_follows_affinity_and_a_cgroup_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(validation.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert validation.available_cores(str(tmp_path / "none")) == 16
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "cpu.max").write_text("150000 100000\n")
+    assert validation.available_cores(str(tmp_path / "v2")) == 2  # 1.5 CPUs: two threads keep it busy
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    assert validation.available_cores(str(tmp_path / "v2")) == 16
+    (tmp_path / "v1" / "cpu").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("400000")
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert validation.available_cores(str(tmp_path / "v1")) == 4
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("-1")
+    assert validation.available_cores(str(tmp_path / "v1")) == 16
+    monkeypatch.setattr(validation.os, "sched_getaffinity", lambda pid: {0})
+    assert validation.available_cores(str(tmp_path / "v1")) == 1
+
+
+def test_default_workers_one_per_core_locally_more_for_object_storage():
+    assert validation.default_workers("/data/flowers", cores=2) == 2
+    assert validation.default_workers("file:///data", cores=6) == 6
+    assert validation.default_workers("gs://bucket/flowers", cores=2) == 8
+    assert validation.default_workers("gs://bucket/flowers", cores=64) == 32
+    assert validation.default_workers(None, cores=3) == 12
