@@ -12,7 +12,8 @@ def push_model(
     registry_uri: str,
     blessing: Input[Artifact],
 ) -> str:
-    """Pushes the model of this run to the registry; returns the new version's URI.
+    """Pushes the model of this run to the registry; returns the new version's URI (or, when the registry's
+    newest version already is this model, as in a run reused from the cache, that version's URI).
 
     Args:
         trained_model: The training step's model folder.

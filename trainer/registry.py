@@ -235,6 +235,9 @@ def push_model(model_dir: str, registry_uri: str, *, metadata: Mapping[str, Any]
 
     The version is one more than the highest version (or reservation) in the registry. An existing
     version is never written to: when another push takes the number first, the next one is used.
+    When the newest pushed version already holds this model (``metadata["model_uri"]``, else
+    ``model_dir``), as after a scheduled run reused from the cache or a retried push, that version's
+    URI is returned and nothing is written.
 
     Raises:
       ModelError: ``metadata`` says the model was not blessed, or ``model_dir`` lacks a file.
@@ -248,12 +251,21 @@ def push_model(model_dir: str, registry_uri: str, *, metadata: Mapping[str, Any]
         raise ModelError(f"refusing to push {model_dir}: {metadata.get('reason') or 'it was not blessed'}; only "
                          "blessed models go to the registry")
     files = _model_files(model_dir)
-    claim = _json({"model_uri": model_dir, "claimed_at": _now()})
-    version = _claim_version(registry_uri, claim)
+    source = str(metadata.get("model_uri") or model_dir)
+    names = _list_registry(registry_uri)
+    newest = _newest_pushed_version(registry_uri, names)
+    if newest is not None and newest[1].get("model_uri") == source:
+        # A cached run on unchanged data (its model is the one pushed last time) or a retried push whose
+        # first attempt finished: the registry already serves this model, so no duplicate version.
+        uri = storage.join(registry_uri, newest[0])
+        log.info("%s is already the registry's newest version %s; nothing pushed", source, uri)
+        return uri
+    claim = _json({"model_uri": source, "claimed_at": _now()})
+    version = _claim_version(registry_uri, claim, names)
     target = storage.join(registry_uri, version)
     log.info("Pushing %s to %s (%d files)", model_dir, target, len(files))
     _copy_files(model_dir, files, target)
-    record = {"model_uri": model_dir, **metadata, "version": version, "version_uri": target, "pushed_at": _now()}
+    record = {"model_uri": source, **metadata, "version": version, "version_uri": target, "pushed_at": _now()}
     storage.write_bytes(storage.join(target, BLESSING_FILE), _json(record))
     log.info("Pushed version %s: %s", version, target)
     return target
@@ -272,21 +284,38 @@ def _model_files(model_dir: str) -> list[str]:
     return sorted(storage.safe_relative_path(name) for name in wanted)
 
 
-def _claim_version(registry_uri: str, claim: bytes) -> str:
-    """Reserve the next version number for this push, safely against concurrent pushes.
-
-    The version is one more than the highest in the registry's listing; it is taken by creating
-    ``.claims/<version>`` only if it is absent (``storage.create_if_absent``: an exclusive create on
-    disk, ``ifGenerationMatch=0`` on GCS), which exactly one of several racing pushes achieves. A
-    push that loses tries the next number, so each conflict means another push got a version.
-    """
+def _list_registry(registry_uri: str) -> list[str]:
     try:
-        names = storage.list_files(registry_uri)
+        return storage.list_files(registry_uri)
     except StorageError:
         # A registry nothing was pushed to yet cannot be listed (GCS has no empty folders), and neither
         # can an unreachable one. Both start at version 1: the claim written next creates the registry
         # or fails with the real reason.
-        names = []
+        return []
+
+
+def _newest_pushed_version(registry_uri: str, names: Iterable[str]) -> tuple[str, dict[str, Any]] | None:
+    """The highest version whose push finished (its blessing.json is written last), with that record."""
+    finished = sorted((int(name.split("/")[0]), name.split("/")[0]) for name in names
+                      if name.count("/") == 1 and name.endswith("/" + BLESSING_FILE)
+                      and _VERSION.fullmatch(name.split("/")[0]))
+    if not finished:
+        return None
+    version = finished[-1][1]
+    try:
+        return version, json.loads(storage.read_bytes(storage.join(registry_uri, version, BLESSING_FILE)))
+    except (StorageError, ValueError):
+        return None  # unreadable: push a new version rather than trust it
+
+
+def _claim_version(registry_uri: str, claim: bytes, names: Iterable[str]) -> str:
+    """Reserve the next version number for this push, safely against concurrent pushes.
+
+    The version is one more than the highest in the registry's listing ``names``; it is taken by creating
+    ``.claims/<version>`` only if it is absent (``storage.create_if_absent``: an exclusive create on
+    disk, ``ifGenerationMatch=0`` on GCS), which exactly one of several racing pushes achieves. A
+    push that loses tries the next number, so each conflict means another push got a version.
+    """
     candidate = _highest_version(names) + 1
     for _ in range(MAX_CLAIM_ATTEMPTS):
         version = version_name(candidate)

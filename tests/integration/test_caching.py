@@ -39,10 +39,11 @@ def test_unchanged_data_reuses_training_and_new_content_retrains(tmp_path):
     same = run("same-data")
     assert set(same["steps_run"]) == ALWAYS
     assert set(same["steps_reused"]) == CACHEABLE
-    # The reused model is the first run's, and the gate and the push decided again: a second version.
+    # The reused model is the first run's; the gate decided again and blessed it, and the push found the
+    # registry already serving it: no second version of the same model.
     assert same["model_path"] == first["model_path"] and same["dataset_path"] == first["dataset_path"]
     assert same["blessed"] is True
-    assert sorted(p.name for p in registry.iterdir() if p.name.isdigit()) == ["000001", "000002"]
+    assert sorted(p.name for p in registry.iterdir() if p.name.isdigit()) == ["000001"]
 
     (data / "squares" / "added.png").write_bytes(encode(noise(24, 24, seed=9), "PNG"))
     changed = run("one-image-added")
@@ -50,3 +51,4 @@ def test_unchanged_data_reuses_training_and_new_content_retrains(tmp_path):
     assert changed["steps_reused"] == []
     assert changed["model_path"] != first["model_path"]
     assert sum(changed["counts"].values()) == sum(first["counts"].values()) + 1
+    assert sorted(p.name for p in registry.iterdir() if p.name.isdigit()) == ["000001", "000002"]

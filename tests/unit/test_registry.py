@@ -239,6 +239,24 @@ def test_versions_follow_the_highest_and_never_overwrite(world, tmp_path):
     assert after["000008/model.keras"] != after["000009/model.keras"]
 
 
+def test_pushing_the_newest_versions_model_again_writes_nothing(world, tmp_path):
+    """A scheduled run reused from the cache (or a retried push) hands the push the model it pushed last time."""
+    registry_dir = tmp_path / "registry"
+    first = registry.push_model(world["cats"], str(registry_dir), metadata={"model_uri": "gs://runs/1/model"})
+    before = tree(registry_dir)
+    again = registry.push_model(world["cats"], str(registry_dir), metadata={"model_uri": "gs://runs/1/model"})
+    assert again == first and tree(registry_dir) == before
+    # Another model in between: the first one is no longer what the registry serves, so it is pushed anew.
+    other = registry.push_model(world["dogs"], str(registry_dir), metadata={"model_uri": "gs://runs/2/model"})
+    back = registry.push_model(world["cats"], str(registry_dir), metadata={"model_uri": "gs://runs/1/model"})
+    assert [Path(uri).name for uri in (first, other, back)] == ["000001", "000002", "000003"]
+    # An interrupted push (no blessing.json yet) of the newest number does not count as pushed.
+    (registry_dir / "000004").mkdir()
+    (registry_dir / "000004" / "model.keras").write_bytes(b"half a push")
+    assert Path(registry.push_model(world["cats"], str(registry_dir),
+                                    metadata={"model_uri": "gs://runs/1/model"})).name == "000003"
+
+
 @pytest.mark.parametrize("rival", ["000001/model.keras", ".claims/000001/rival", ".claims/000001"])
 def test_a_version_taken_while_pushing_is_skipped(world, tmp_path, monkeypatch, rival):
     """Another push takes version 1 between this push's listing and its reservation."""
