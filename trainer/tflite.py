@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
 
 import keras
@@ -37,23 +38,32 @@ QUANTIZATION_FILES = {"none": None, "dynamic_range": DYNAMIC_RANGE_FILE}
 
 
 def convert(model: keras.Model, *, binary: bool, quantization: str = "none") -> bytes:
-    """The TFLite flatbuffer of ``model`` (float32 0-255 pixels in, probabilities [N, K] out)."""
+    """The TFLite flatbuffer of ``model`` (float32 0-255 pixels in, probabilities [N, K] out).
+
+    The model goes through a SavedModel with a pixels-in endpoint: converting a Keras 3 model from a
+    concrete function can leave its weights as unfrozen resource variables (the file then answers NaN).
+    """
+    if quantization not in QUANTIZATION_FILES:
+        raise ValueError(f"tflite quantization must be one of {', '.join(QUANTIZATION_FILES)}, got {quantization!r}")
     size = model.input_shape[1]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="image")])
     def serve(image):
         probabilities = tf.cast(model(image, training=False), tf.float32)
         if binary:
             probabilities = tf.concat([1.0 - probabilities, probabilities], axis=-1)
         return {"probabilities": probabilities}
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
-    if quantization == "dynamic_range":
-        # No representative data set: weights become int8, activations stay float (dynamic range).
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif quantization != "none":
-        raise ValueError(f"tflite quantization must be one of {', '.join(QUANTIZATION_FILES)}, got {quantization!r}")
-    return converter.convert()
+    with tempfile.TemporaryDirectory(prefix="imgclf-tflite-") as tmp:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(name="serve", fn=serve,
+                             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="image")])
+        archive.write_out(tmp, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serve"])
+        if quantization == "dynamic_range":
+            # No representative data set: weights become int8, activations stay float (dynamic range).
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        return converter.convert()
 
 
 def write(model: keras.Model, directory: str, *, binary: bool, quantization: str = "none") -> list[str]:
