@@ -42,7 +42,7 @@ class GradCam:
         self.dense = model_lib.head_dense(model)
         self.layer = last_feature_layer(self.backbone)
         # A model over the backbone's own graph that also hands out the feature map.
-        self._inner = keras.Model(self.backbone.inputs, [self.layer.output, self.backbone.output])
+        self._inner = keras.Model(self.backbone.inputs[0], [self.layer.output, self.backbone.output])
         chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
         index = chain.index(self.backbone)
         self._before, self._after = chain[:index], chain[index + 1:]
