@@ -205,11 +205,13 @@ def _event_problems(events: list[dict], own_url: str) -> list[str]:
             details = params.get("exceptionDetails", {})
             problems.append(f"uncaught exception: {details.get('exception', {}).get('description') or details.get('text')}")
         elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            text = " ".join(str(arg.get("value", arg.get("description", ""))) for arg in params.get("args", []))
+            args = params.get("args", [])
+            text = " ".join(str(arg.get("value", arg.get("description", ""))) for arg in args)
             problems.append(f"console {params['type']}: {text}")
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             entry = params["entry"]
-            problems.append(f"browser error ({entry.get('source')}): {entry.get('text')} {entry.get('url', '')}".strip())
+            where = entry.get("url", "")
+            problems.append(f"browser error ({entry.get('source')}): {entry.get('text')} {where}".strip())
         elif method == "Network.requestWillBeSent":
             url = params.get("request", {}).get("url", "")
             if not url.startswith("data:") and url != own_url:
