@@ -203,7 +203,8 @@ def _event_problems(events: list[dict], own_url: str) -> list[str]:
         method, params = event.get("method"), event.get("params", {})
         if method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
-            problems.append(f"uncaught exception: {details.get('exception', {}).get('description') or details.get('text')}")
+            description = details.get("exception", {}).get("description") or details.get("text")
+            problems.append(f"uncaught exception: {description}")
         elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
             args = params.get("args", [])
             text = " ".join(str(arg.get("value", arg.get("description", ""))) for arg in args)
