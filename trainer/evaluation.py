@@ -1,4 +1,5 @@
-"""Model evaluation on a data-set split: metrics, confusion matrix, Markdown report and training curves.
+"""Model evaluation on a data-set split: metrics, calibration, confusion matrix, error gallery, TFLite
+parity, Markdown and HTML reports, model card and training curves.
 
 Every number is computed here with NumPy from the model's probabilities, so it can be checked
 against an independent implementation and does not depend on which Keras metrics training
@@ -58,14 +59,17 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
     Args:
       model_dir: a training run's model directory (model.keras, label map, hyperparameters.yaml).
       dataset_dir: the converted data set (``{split}/part-*.tfrecord`` and its label map).
-      output_dir: where ``evaluation.json`` and ``report.md`` are written (local or gs://).
+      output_dir: where ``evaluation.json``, ``report.md``, ``report.html`` (with the error gallery and
+        its Grad-CAM heat maps) and ``model_card.md`` are written (local or gs://).
       split: "test", "validation" or "train".
       eval_metric: the headline metric; None (or "") uses the model's hyperparameters.yaml value.
       threshold: binary mode only; the probability above which an image is predicted positive.
       batch_size: images per model call; None uses the model's training batch size.
 
     Returns:
-      The evaluation dict that is written to ``evaluation.json`` (see ``build_evaluation``).
+      The evaluation dict that is written to ``evaluation.json`` (see ``build_evaluation``), with
+      ``"tflite"``: per TFLite file in the model folder, its largest probability difference from the
+      Keras model and top-1 agreement on the split, and its size.
 
     Raises:
       ModelError: the model does not fit the data set (its classes) or cannot be loaded.
