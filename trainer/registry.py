@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from trainer import data, evaluation, export, prediction, storage
+from trainer import data, evaluation, export, prediction, storage, tflite
 from trainer.errors import HyperparameterError, ModelError, StorageError
 from trainer.hyperparameters import EVAL_METRICS
 
@@ -47,10 +47,11 @@ VERSION_DIGITS = 6
 # Each attempt loses a race against another push; more than a few in a row means something is wrong.
 MAX_CLAIM_ATTEMPTS = 10
 
-# What a registry version holds: the model folder's files (history.json only if training wrote one).
+# What a registry version holds: the model folder's files (history.json and the TFLite files only if
+# training wrote them).
 _REQUIRED_FILES = (export.KERAS_MODEL_FILE, export.LABEL_MAP_FILE, export.HYPERPARAMETERS_FILE,
                    f"{export.SAVED_MODEL_DIR}/saved_model.pb")
-_OPTIONAL_FILES = (export.HISTORY_FILE,)
+_OPTIONAL_FILES = (export.HISTORY_FILE, tflite.FLOAT_FILE, tflite.DYNAMIC_RANGE_FILE)
 _VERSION = re.compile(r"[0-9]+")
 
 
