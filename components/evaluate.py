@@ -18,6 +18,8 @@ def evaluate(
     report: Output[Markdown],
     training_curves: Output[HTML],
     evaluation: Output[Artifact],
+    evaluation_report: Output[HTML],
+    model_card: Output[Markdown],
 ) -> NamedTuple("Outputs", [("eval_metric", str), ("eval_value", float)]):
     """Evaluates the model of this run on the test split.
 
@@ -30,6 +32,9 @@ def evaluate(
         report: Per-class precision, recall and support, and the most confused pairs.
         training_curves: Loss and metrics per epoch, training against validation.
         evaluation: Folder holding evaluation.json with everything above.
+        evaluation_report: One HTML page: metrics, calibration (ECE, reliability diagram), TFLite
+            parity, the error gallery with Grad-CAM heat maps, and the model card.
+        model_card: Markdown model card: data, training, evaluation, weak classes, use to fill in.
     """
     import collections
     import json
@@ -54,9 +59,11 @@ def evaluate(
     for artifact in (metrics, confusion_matrix):
         with open(artifact.path, "w", encoding="utf-8") as handle:
             json.dump(artifact.metadata, handle, indent=2)
-    with open(os.path.join(evaluation.path, "report.md"), encoding="utf-8") as source, \
-            open(report.path, "w", encoding="utf-8") as target:
-        target.write(source.read())
+    for name, artifact in (("report.md", report), ("report.html", evaluation_report),
+                           ("model_card.md", model_card)):
+        with open(os.path.join(evaluation.path, name), encoding="utf-8") as source, \
+                open(artifact.path, "w", encoding="utf-8") as target:
+            target.write(source.read())
     with open(os.path.join(trained_model.path, HISTORY_FILE), encoding="utf-8") as handle:
         history = json.load(handle)
     with open(training_curves.path, "w", encoding="utf-8") as handle:

@@ -46,6 +46,8 @@ def train(
     model: str,
     weights: str,
     image_size: int,
+    class_weight: str,
+    tflite_quantization: str,
 ):
     """Trains the image classifier; every hyperparameter is described by `imgclf hyperparameters --list`.
 

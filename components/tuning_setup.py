@@ -48,6 +48,8 @@ def tuning_setup(
     model: str,
     weights: str,
     image_size: int,
+    class_weight: str,
+    tflite_quantization: str,
 ) -> list[int]:
     """Checks the ranges and settings and writes the study (search space, objective, journal).
 

@@ -100,7 +100,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from trainer.prediction import predict
 
-    for answer in predict(args.model, args.images, verbose=args.verbose):
+    for answer in predict(args.model, args.images, verbose=args.verbose, engine=args.engine):
         print(json.dumps(answer))
     return 0
 
@@ -180,6 +180,8 @@ def build_parser(prog: str = "python -m trainer") -> tuple[argparse.ArgumentPars
     cmd = commands.add_parser("predict", help="classify images; prints the reference algorithm's JSON per image")
     cmd.add_argument("--model", required=True, help="model folder (local or gs://)")
     cmd.add_argument("--verbose", action="store_true", help="add labels and predicted_label (application/json;verbose)")
+    cmd.add_argument("--engine", choices=("keras", "tflite", "tflite_dynamic_range"), default="keras",
+                     help="run model.keras, model.tflite or model_dynamic_range.tflite")
     cmd.add_argument("images", nargs="+", help="jpg, jpeg or png files (local or gs://)")
     cmd.set_defaults(func=_cmd_predict)
 

@@ -1,4 +1,5 @@
-"""Model evaluation on a data-set split: metrics, confusion matrix, Markdown report and training curves.
+"""Model evaluation on a data-set split: metrics, calibration, confusion matrix, error gallery, TFLite
+parity, Markdown and HTML reports, model card and training curves.
 
 Every number is computed here with NumPy from the model's probabilities, so it can be checked
 against an independent implementation and does not depend on which Keras metrics training
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainer import data, prediction, storage
+from trainer import calibration, data, gallery, model_card, prediction, storage, tflite
 from trainer.errors import DataError, HyperparameterError, ModelError
 from trainer.hyperparameters import BINARY_ONLY_METRICS, EVAL_METRICS
 
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.md"
+HTML_REPORT_FILE = "report.html"
+MODEL_CARD_FILE = "model_card.md"
+# TFLite files are checked against the Keras model on the split: these are the bounds the export
+# promises (probabilities of the float file, top-1 agreement of the quantised one).
+TFLITE_FLOAT_TOLERANCE = 1e-3
+TFLITE_QUANTIZED_MIN_AGREEMENT = 0.99
 TOP_K = 5  # Top-5 accuracy is reported when there are more than 5 classes (otherwise it is always 1).
 MAX_CONFUSED_PAIRS = 10
 MAX_ROC_POINTS = 101
@@ -52,14 +59,17 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
     Args:
       model_dir: a training run's model directory (model.keras, label map, hyperparameters.yaml).
       dataset_dir: the converted data set (``{split}/part-*.tfrecord`` and its label map).
-      output_dir: where ``evaluation.json`` and ``report.md`` are written (local or gs://).
+      output_dir: where ``evaluation.json``, ``report.md``, ``report.html`` (with the error gallery and
+        its Grad-CAM heat maps) and ``model_card.md`` are written (local or gs://).
       split: "test", "validation" or "train".
       eval_metric: the headline metric; None (or "") uses the model's hyperparameters.yaml value.
       threshold: binary mode only; the probability above which an image is predicted positive.
       batch_size: images per model call; None uses the model's training batch size.
 
     Returns:
-      The evaluation dict that is written to ``evaluation.json`` (see ``build_evaluation``).
+      The evaluation dict that is written to ``evaluation.json`` (see ``build_evaluation``), with
+      ``"tflite"``: per TFLite file in the model folder, its largest probability difference from the
+      Keras model and top-1 agreement on the split, and its size.
 
     Raises:
       ModelError: the model does not fit the data set (its classes) or cannot be loaded.
@@ -75,8 +85,9 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
     loaded = prediction.load_model(model_dir)
     metric = _check_arguments(eval_metric or loaded.hyperparameters.eval_metric, threshold, loaded.binary)
     _check_fit(loaded, dataset_labels, dataset_dir)
-    y_true, probabilities = _predict_split(loaded, dataset_dir, split,
-                                           batch_size or loaded.hyperparameters.batch_size)
+    lite_models = prediction.load_tflite_models(model_dir)
+    y_true, probabilities, lite_probabilities = _predict_split(
+        loaded, dataset_dir, split, batch_size or loaded.hyperparameters.batch_size, lite_models)
     if y_true.size == 0:
         raise _empty_split(split, dataset_dir)
 
@@ -87,9 +98,23 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
             f"{metric} cannot be computed on the {split!r} split of {dataset_dir}: it holds images of "
             "only one class; convert the data set again with a larger test_split_ratio or use "
             "eval_metric 'accuracy'")
+    result["tflite"] = {name: {**tflite.parity(probabilities, lite), "size_bytes": lite_models[name].size_bytes}
+                        for name, lite in lite_probabilities.items()}
+
+    y_pred = predicted_classes(probabilities, binary=loaded.binary, threshold=threshold)
+    confidence = probabilities[np.arange(y_true.size), y_pred]
+    mistakes, correct = gallery.select(y_true, y_pred, confidence)
+    pictures = _images_at(loaded, dataset_dir, split, set(mistakes + correct))
+    entries, note = gallery.build_entries(loaded.model, pictures, mistakes + correct, y_true, y_pred, confidence,
+                                          loaded.labels)
+    gallery_fragment = gallery.gallery_html(entries[:len(mistakes)], entries[len(mistakes):], note,
+                                            total_mistakes=int(np.sum(y_pred != y_true)))
+    card = model_card.model_card(result, loaded.hyperparameters, data.read_manifest(dataset_dir), model_dir)
 
     _write(output_dir, EVALUATION_FILE, json.dumps(result, indent=2) + "\n")
     _write(output_dir, REPORT_FILE, markdown_report(result))
+    _write(output_dir, MODEL_CARD_FILE, card)
+    _write(output_dir, HTML_REPORT_FILE, html_report(result, gallery_fragment, card))
     log.info("%s on the %s split (%d images): %.4f", metric, split, result["count"], result["eval_value"])
     return result
 
@@ -137,29 +162,59 @@ def _preview(labels: Sequence[str], limit: int = 8) -> str:
     return f"{shown}, ... ({len(labels)} in all)" if len(labels) > limit else shown
 
 
-def _predict_split(loaded: prediction.LoadedModel, dataset_dir: str, split: str,
-                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels int64 [N] and probabilities float32 [N, K] for every example of the split, in order.
+def _predict_split(loaded: prediction.LoadedModel, dataset_dir: str, split: str, batch_size: int,
+                   lite_models: Mapping[str, tflite.TfliteModel] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Labels int64 [N] and probabilities float32 [N, K] for every example of the split, in order,
+    and the probabilities of each TFLite model in ``lite_models`` on the same pixels.
 
     The images are decoded and resized as the model's serving signature does it: to the model's own
     input size, with the interpolation of its hyperparameters.yaml.
     """
+    lite_models = lite_models or {}
     labels, probabilities = [], []
+    lite: dict[str, list[np.ndarray]] = {name: [] for name in lite_models}
     split_images = data.read_split(dataset_dir, split, image_size=loaded.image_size,
                                    interpolation=loaded.interpolation)
     batches = split_images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     for images, batch_labels in batches:
         labels.append(batch_labels.numpy().astype(np.int64))
-        probabilities.append(loaded.probabilities(images.numpy()))
+        pixels = images.numpy()
+        probabilities.append(loaded.probabilities(pixels))
+        for name, lite_model in lite_models.items():
+            lite[name].append(lite_model.probabilities(pixels))
     classes = len(loaded.labels)
     if not labels:
-        return np.zeros([0], np.int64), np.zeros([0, classes], np.float32)
+        return np.zeros([0], np.int64), np.zeros([0, classes], np.float32), {}
     y_true = np.concatenate(labels)
     if y_true.min() < 0 or y_true.max() >= classes:
         bad = sorted(set(y_true[(y_true < 0) | (y_true >= classes)].tolist()))
         raise DataError(f"the {split!r} split of {dataset_dir} holds labels {bad[:10]} outside the label "
                         f"map's 0..{classes - 1}; convert the data set again")
-    return y_true, np.concatenate(probabilities)
+    return y_true, np.concatenate(probabilities), {name: np.concatenate(rows) for name, rows in lite.items()}
+
+
+def _images_at(loaded: prediction.LoadedModel, dataset_dir: str, split: str,
+               indices: set[int]) -> dict[int, np.ndarray]:
+    """The model-input pixels (uint8 [S, S, 3]) of the split's examples at ``indices`` (a second pass)."""
+    found: dict[int, np.ndarray] = {}
+    if not indices:
+        return found
+    split_images = data.read_split(dataset_dir, split, image_size=loaded.image_size,
+                                   interpolation=loaded.interpolation)
+    for index, (image, _) in enumerate(split_images):
+        if index in indices:
+            found[index] = image.numpy().astype(np.uint8)
+            if len(found) == len(indices):
+                break
+    return found
+
+
+def predicted_classes(probabilities: np.ndarray, *, binary: bool, threshold: float = 0.5) -> np.ndarray:
+    """The predicted class per image: arg-max, or in binary mode index 1 above ``threshold``."""
+    if binary:
+        return (probabilities[:, 1] > threshold).astype(np.int64)
+    return np.argmax(probabilities, axis=1)
 
 
 def _write(output_dir: str, name: str, text: str) -> None:
@@ -192,10 +247,7 @@ def build_evaluation(y_true: np.ndarray, probabilities: np.ndarray, labels: Sequ
     if probabilities.shape != (y_true.size, classes):
         raise ValueError(f"probabilities must be [{y_true.size}, {classes}], got {list(probabilities.shape)}")
 
-    if binary:
-        y_pred = (probabilities[:, 1] > threshold).astype(np.int64)
-    else:
-        y_pred = np.argmax(probabilities, axis=1)
+    y_pred = predicted_classes(probabilities, binary=binary, threshold=threshold)
     matrix = np.bincount(y_true * classes + y_pred, minlength=classes * classes).reshape(classes, classes)
 
     metrics: dict[str, float] = {
@@ -228,7 +280,10 @@ def build_evaluation(y_true: np.ndarray, probabilities: np.ndarray, labels: Sequ
         "confusion_matrix": matrix.tolist(),
         "per_class": per_class,
         "most_confused": most_confused(matrix, labels),
+        "calibration": calibration.calibration(y_true, probabilities) if y_true.size else None,
     }
+    if result["calibration"] is not None:
+        metrics["expected_calibration_error"] = result["calibration"]["ece"]
     if binary:
         result["positive_label"] = labels[1]
         result["roc"] = _thin_roc(roc) if roc is not None else None
@@ -338,7 +393,9 @@ _METRIC_NAMES = {
     "accuracy": "accuracy", "loss": "loss (cross-entropy)", "precision": "precision", "recall": "recall",
     "f1": "F1", "auc": "ROC AUC", "prc": "PR AUC (average precision)", "macro_precision": "macro precision",
     "macro_recall": "macro recall", "macro_f1": "macro F1", f"top_{TOP_K}_accuracy": f"top-{TOP_K} accuracy",
+    "expected_calibration_error": "expected calibration error (ECE)",
 }
+_TFLITE_NAMES = {tflite.FLOAT_FILE: "float32", tflite.DYNAMIC_RANGE_FILE: "dynamic-range quantised"}
 
 
 def markdown_report(result: Mapping[str, Any]) -> str:
@@ -384,7 +441,127 @@ def markdown_report(result: Mapping[str, Any]) -> str:
                          f"{pair['rate']:.1%} |")
     else:
         lines.append("No image was misclassified.")
+    lines += _calibration_lines(result) + _tflite_lines(result)
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML report (self-contained: inline SVG and data: URIs, for the Kubeflow UI's sandboxed viewer)
+# ---------------------------------------------------------------------------------------------
+
+def html_report(result: Mapping[str, Any], gallery_fragment: str, card: str) -> str:
+    """The evaluation as one HTML page: metrics, calibration, TFLite parity, per-class figures,
+    confusion matrix, the error gallery and the model card."""
+    labels = result["labels"]
+    value = result["eval_value"]
+    shown = f"{value:.4f}" if value is not None else "n/a"
+    headline = _METRIC_NAMES.get(result["eval_metric"], result["eval_metric"])
+    esc = html.escape
+    body = [f"<h1>{esc(headline)} on the {esc(result['split'])} split: {shown}</h1>",
+            f"<p>{result['count']} images, {len(labels)} classes.</p>",
+            "<h2>Metrics</h2>", '<table class="numbers"><tr><th>metric</th><th>value</th></tr>']
+    for name, number in result["metrics"].items():
+        body.append(f"<tr><td>{esc(_METRIC_NAMES.get(name, name))}</td><td>{number:.4f}</td></tr>")
+    body.append("</table>")
+
+    if result.get("calibration"):
+        table = result["calibration"]
+        body += ["<h2>Calibration</h2>",
+                 f"<p>Expected calibration error <b>{table['ece']:.4f}</b> (maximum {table['mce']:.4f}): of the "
+                 "images predicted with a given confidence, how far the share that is right lies from that "
+                 "confidence, averaged over the images. Bars below the diagonal are over-confident.</p>",
+                 calibration.reliability_svg(table)]
+    if result.get("tflite"):
+        body += ["<h2>TFLite models</h2>",
+                 f"<p>Compared with the Keras/SavedModel network on the same {result['count']} images.</p>",
+                 '<table class="numbers"><tr><th>file</th><th>kind</th><th>size</th><th>largest probability '
+                 "difference</th><th>top-1 agreement</th></tr>"]
+        for name, row in result["tflite"].items():
+            body.append(f"<tr><td>{esc(name)}</td><td>{_TFLITE_NAMES.get(name, '')}</td>"
+                        f"<td>{row['size_bytes'] / 1e6:.2f} MB</td><td>{row['max_abs_difference']:.2e}</td>"
+                        f"<td>{row['top1_agreement']:.2%}</td></tr>")
+        body.append("</table>")
+
+    body += ["<h2>Per class</h2>", '<table class="numbers"><tr><th>class</th><th>precision</th><th>recall</th>'
+             "<th>F1</th><th>support</th></tr>"]
+    for label, row in result["per_class"].items():
+        body.append(f"<tr><td>{esc(label)}</td><td>{row['precision']:.4f}</td><td>{row['recall']:.4f}</td>"
+                    f"<td>{row['f1']:.4f}</td><td>{row['support']}</td></tr>")
+    body.append("</table>")
+    if len(labels) <= MAX_MATRIX_IN_REPORT:
+        body += ["<h2>Confusion matrix</h2>", "<p>Rows are the true class, columns the predicted class.</p>",
+                 _matrix_html(result["confusion_matrix"], labels)]
+    body.append(gallery_fragment)
+    body += ["<h2>Model card</h2>", f"<p>Also written as {MODEL_CARD_FILE}.</p>",
+             f'<pre class="card-text">{esc(card)}</pre>']
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Evaluation: {esc(headline)} {shown}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 16px; color: #222; }}
+h1 {{ font-size: 20px; }} h2 {{ font-size: 16px; margin-top: 24px; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: 2px 8px; }}
+table.numbers td + td {{ text-align: right; }}
+svg text {{ font-size: 11px; fill: #444; }}
+.gallery {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+figure.card {{ margin: 0; padding: 6px; border: 1px solid #ddd; border-radius: 4px; font-size: 12px; }}
+figure.card img {{ display: inline-block; margin-right: 2px; image-rendering: pixelated; }}
+.wrong {{ color: #b00; }}
+pre.card-text {{ background: #f6f6f6; padding: 8px; white-space: pre-wrap; max-width: 960px; }}
+</style>
+</head>
+<body>
+{chr(10).join(body)}
+</body>
+</html>
+"""
+
+
+def _matrix_html(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
+    esc = html.escape
+    rows = ['<table class="matrix"><tr><th>true \\ predicted</th>'
+            + "".join(f"<th>{esc(label)}</th>" for label in labels) + "</tr>"]
+    for label, row in zip(labels, matrix, strict=True):
+        total = sum(row) or 1
+        cells = []
+        for column, count in enumerate(row):
+            share = count / total
+            colour = (f"rgba(31,119,180,{share:.2f})" if labels[column] == label
+                      else f"rgba(214,39,40,{share:.2f})")
+            cells.append(f'<td style="background:{colour}">{count}</td>')
+        rows.append(f"<tr><th>{esc(label)}</th>" + "".join(cells) + "</tr>")
+    return "".join(rows) + "</table>"
+
+
+def _calibration_lines(result: Mapping[str, Any]) -> list[str]:
+    table = result.get("calibration")
+    if not table:
+        return []
+    lines = ["", "## Calibration", "",
+             f"Expected calibration error {table['ece']:.4f}, maximum calibration error {table['mce']:.4f} "
+             f"({len(table['bins'])} confidence bins of the predicted class's probability; 0 is perfect).", "",
+             "| confidence | images | accuracy | mean confidence |", "|---|---:|---:|---:|"]
+    for row in table["bins"]:
+        if row["count"]:
+            lines.append(f"| {row['low']:.1f}-{row['high']:.1f} | {row['count']} | {row['accuracy']:.4f} | "
+                         f"{row['confidence']:.4f} |")
+    return lines
+
+
+def _tflite_lines(result: Mapping[str, Any]) -> list[str]:
+    files = result.get("tflite") or {}
+    if not files:
+        return []
+    lines = ["", "## TFLite models", "",
+             f"Compared with the Keras/SavedModel network on the same {result['count']} {result['split']} images.", "",
+             "| file | kind | size | largest probability difference | top-1 agreement |",
+             "|---|---|---:|---:|---:|"]
+    for name, row in files.items():
+        lines.append(f"| {name} | {_TFLITE_NAMES.get(name, '')} | {row['size_bytes'] / 1e6:.2f} MB | "
+                     f"{row['max_abs_difference']:.2e} | {row['top1_agreement']:.2%} |")
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -9,6 +9,8 @@ The layout (pinned; prediction, evaluation and serving code read it)::
     model_dir/class_label_to_prediction_index.json   {class: index}; index = column of probabilities
     model_dir/hyperparameters.yaml                   the resolved hyperparameters of the run
     model_dir/history.json                           Keras History: {"loss": [...], "val_loss": [...], ...}
+    model_dir/model.tflite                           TFLite, float32 pixels in (see trainer.tflite)
+    model_dir/model_dynamic_range.tflite             the same, int8 weights (tflite_quantization=dynamic_range)
 
 The SavedModel carries the pre-processing, so a client sends the file's bytes: they are decoded
 by ``trainer.images.decode_tensor`` and resized by ``trainer.images.resize_image``, the very
@@ -31,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from trainer import images
+from trainer import images, tflite
 from trainer.hyperparameters import Hyperparameters, write_resolved
 from trainer.layout import (  # noqa: F401  (re-exported: the model folder's contract)
     HISTORY_FILE,
@@ -80,6 +82,7 @@ def _write(model: keras.Model, directory: str, hp: Hyperparameters, label_map: M
     ordered = dict(sorted(label_map.items(), key=lambda item: item[1]))
     _write_text(os.path.join(directory, LABEL_MAP_FILE), json.dumps(ordered, indent=1, ensure_ascii=False))
     write_resolved(hp, os.path.join(directory, HYPERPARAMETERS_FILE))
+    tflite.write(model, directory, binary=hp.binary_mode, quantization=hp.tflite_quantization)
     plain = {str(name): [_number(v) for v in values] for name, values in history.items()}
     _write_text(os.path.join(directory, HISTORY_FILE), json.dumps(plain, indent=1))
 

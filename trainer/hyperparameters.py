@@ -28,6 +28,8 @@ INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos
 EVAL_METRICS = ("accuracy", "precision", "recall", "auc", "prc")
 BINARY_ONLY_METRICS = ("precision", "recall", "auc", "prc")
 REINITIALIZE_CHOICES = ("Auto", "True", "False")
+CLASS_WEIGHTS = ("none", "balanced")
+TFLITE_QUANTIZATIONS = ("none", "dynamic_range")
 WEIGHT_SOURCES = ("imagenet", "none")  # or a path / gs:// URI of a Keras weights file
 
 # Other spellings that users of the reference algorithm already have in their files.
@@ -127,6 +129,14 @@ class Hyperparameters:
                        valid="'imagenet', 'none', or the path / gs:// URI of a Keras weights file", tunable=False)
     image_size: int = _hp(0, "Side of the square model input in pixels; 0 uses the backbone's own size "
                           "(224 for mobilenet_v2).", low=0, high=2048, reference=False, group="data")
+
+    # --- Beyond the reference: imbalanced classes, on-device export ---
+    class_weight: str = _hp("none", "Loss weight per class: 'none' weighs every image alike (the reference); "
+                            "'balanced' weighs each class by the inverse of its share of the training split.",
+                            choices=CLASS_WEIGHTS, reference=False)
+    tflite_quantization: str = _hp("none", "Besides model.tflite (float32), also export "
+                                   "model_dynamic_range.tflite with int8 weights ('dynamic_range').",
+                                   choices=TFLITE_QUANTIZATIONS, reference=False, group="export", tunable=False)
 
     def __post_init__(self) -> None:
         problems = [p for f in dataclasses.fields(self) if (p := _check_field(f, getattr(self, f.name)))]

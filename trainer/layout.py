@@ -145,6 +145,9 @@ SAVED_MODEL_DIR = "saved_model"
 SAVED_MODEL_PROTO = "saved_model.pb"
 HYPERPARAMETERS_FILE = "hyperparameters.yaml"
 HISTORY_FILE = "history.json"
+# The on-device models (trainer.tflite): float always, dynamic-range quantised on request.
+TFLITE_FILE = "model.tflite"
+TFLITE_DYNAMIC_RANGE_FILE = "model_dynamic_range.tflite"
 # The model folder's label map has the data set's name and content.
 MODEL_LABEL_MAP_FILE = LABEL_MAP_FILE
 

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from trainer import images, storage
+from trainer import images, storage, tflite
 from trainer import model as model_lib
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError
 from trainer.hyperparameters import Hyperparameters
@@ -34,6 +34,8 @@ SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "image_bytes"
 SERVING_OUTPUT = "probabilities"
 IMAGE_EXTENSIONS = tuple(images.SUPPORTED_EXTENSIONS)  # lower case, with the dot
+# What ``predict`` can run: the Keras model, or one of the TFLite files export wrote beside it.
+ENGINES = {"keras": None, "tflite": tflite.FLOAT_FILE, "tflite_dynamic_range": tflite.DYNAMIC_RANGE_FILE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,29 @@ def load_model(model_dir: str) -> LoadedModel:
     return LoadedModel(model, labels, hparams, int(image_size), binary, model_dir)
 
 
+def load_tflite_models(model_dir: str) -> dict[str, tflite.TfliteModel]:
+    """The TFLite files present in ``model_dir`` by file name (none for a model exported without them)."""
+    listed = set(storage.list_files(model_dir)) if storage.is_gcs(model_dir) else None
+    found = {}
+    for name in (tflite.FLOAT_FILE, tflite.DYNAMIC_RANGE_FILE):
+        path = storage.join(model_dir, name)
+        if (name in listed) if listed is not None else os.path.isfile(path):
+            found[name] = tflite.TfliteModel(storage.read_bytes(path), path)
+    return found
+
+
+def load_tflite_model(model_dir: str, file_name: str) -> tflite.TfliteModel:
+    """One TFLite file of the model directory; ModelError saying how to get it when it is missing."""
+    path = storage.join(model_dir, file_name)
+    try:
+        content = storage.read_bytes(path)
+    except ImgclfError as err:
+        how = ("train with tflite_quantization=dynamic_range" if file_name == tflite.DYNAMIC_RANGE_FILE
+               else "train again with this version of imgclf, which exports it")
+        raise ModelError(f"cannot read {path} ({err}); {how}, or predict with the Keras model") from None
+    return tflite.TfliteModel(content, path)
+
+
 def read_labels(model_dir: str) -> tuple[str, ...]:
     """Class names in prediction-index order from the model's ``class_label_to_prediction_index.json``."""
     path = storage.join(model_dir, LABEL_MAP_FILE)
@@ -150,8 +175,11 @@ def _keras_path(model_dir: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def predict(model_dir: str, image_uris: list[str], *, verbose: bool = False,
-            batch_size: int = 32) -> list[dict]:
+            batch_size: int = 32, engine: str = "keras") -> list[dict]:
     """Answer for each image as the reference endpoint does, in the order given.
+
+    ``engine``: "keras" runs model.keras; "tflite" and "tflite_dynamic_range" run model.tflite or
+    model_dynamic_range.tflite on the same decoded and resized pixels.
 
     Each answer is ``{"probabilities": [...]}`` (Python floats in label-index order, summing to 1);
     with ``verbose`` it also has ``"labels"`` and ``"predicted_label"``. Images are local paths or
@@ -160,13 +188,22 @@ def predict(model_dir: str, image_uris: list[str], *, verbose: bool = False,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not image_uris:
         return []
     loaded = load_model(model_dir)
+    run = loaded.probabilities
+    if ENGINES[engine]:
+        lite = load_tflite_model(model_dir, ENGINES[engine])
+        if lite.image_size != loaded.image_size:
+            raise ModelError(f"{lite.name} takes {lite.image_size}-pixel images but {KERAS_MODEL_FILE} takes "
+                             f"{loaded.image_size}; the files come from different training runs")
+        run = lite.probabilities
     answers: list[dict] = []
     for chunk in _chunks(list(image_uris), batch_size):
         batch = np.stack([preprocess(uri, storage.read_bytes(uri), loaded) for uri in chunk])
-        answers.extend(_answer(row, loaded.labels, verbose) for row in loaded.probabilities(batch))
+        answers.extend(_answer(row, loaded.labels, verbose) for row in run(batch))
     return answers
 
 

@@ -46,6 +46,8 @@ from trainer.layout import (  # noqa: F401  (BLESSING_FILE, CLAIMS_DIR: re-expor
     MODEL_LABEL_MAP_FILE,
     SAVED_MODEL_DIR,
     SAVED_MODEL_PROTO,
+    TFLITE_DYNAMIC_RANGE_FILE,
+    TFLITE_FILE,
     version_name,
 )
 
@@ -55,10 +57,11 @@ BASELINE_EVALUATION_DIR = "baseline"
 # Each attempt loses a race against another push; more than a few in a row means something is wrong.
 MAX_CLAIM_ATTEMPTS = 10
 
-# What a registry version holds: the model folder's files (history.json only if training wrote one).
+# What a registry version holds: the model folder's files (history.json and the TFLite files only if
+# training wrote them).
 _REQUIRED_FILES = (KERAS_MODEL_FILE, MODEL_LABEL_MAP_FILE, HYPERPARAMETERS_FILE,
                    f"{SAVED_MODEL_DIR}/{SAVED_MODEL_PROTO}")
-_OPTIONAL_FILES = (HISTORY_FILE,)
+_OPTIONAL_FILES = (HISTORY_FILE, TFLITE_FILE, TFLITE_DYNAMIC_RANGE_FILE)
 _VERSION = re.compile(r"[0-9]+")
 
 

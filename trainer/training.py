@@ -166,7 +166,7 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
 
     # shuffle=False: the input pipeline shuffles (seeded); Keras cannot shuffle a tf.data.Dataset.
     network.fit(train_data, validation_data=validation_data, epochs=hp.epochs, callbacks=all_callbacks,
-                shuffle=False, verbose=2)
+                shuffle=False, verbose=2, class_weight=class_weights(hp, local_data, label_map))
 
     epochs = recorder.epochs
     history = _history(epochs)
@@ -201,6 +201,21 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
 # ---------------------------------------------------------------------------------------------
 # Optimizer, loss, metrics, strategy
 # ---------------------------------------------------------------------------------------------
+
+def class_weights(hp: Hyperparameters, dataset_dir: str, label_map: Mapping[str, int]) -> dict[int, float] | None:
+    """Keras ``class_weight`` for ``hp.class_weight``: None for "none"; for "balanced" each class index
+    gets N / (K * n_c), N images in the training split, K classes, n_c images of the class (scikit-learn's
+    "balanced"), so the weights average 1 over the images and every class adds the same to the loss."""
+    if hp.class_weight == "none":
+        return None
+    counts = data.read_manifest(dataset_dir)["splits"]["train"]["class_counts"]
+    total, classes = sum(counts.values()), len(label_map)
+    weights = {index: (total / (classes * counts[name]) if counts.get(name) else 1.0)
+               for name, index in label_map.items()}
+    log.info("class_weight=balanced: %s", ", ".join(f"{name} {weights[index]:.3g}"
+                                                     for name, index in sorted(label_map.items(), key=lambda i: i[1])))
+    return weights
+
 
 def make_optimizer(hp: Hyperparameters) -> keras.optimizers.Optimizer:
     """The optimizer ``hp.optimizer`` with only its own parameters (the others are ignored)."""

@@ -66,6 +66,13 @@ def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path):
     for step_dir in artifacts.glob("*/*"):
         for output in step_dir.iterdir():
             assert _non_empty_files(output) or output.stat().st_size > 0, output
+    # The evaluation's HTML report (gallery with heat maps, calibration, model card) and the TFLite file.
+    assert os.path.getsize(os.path.join(model_dir, "model.tflite")) > 0
+    [page] = list(artifacts.glob("*/evaluate/evaluation_report"))
+    text = page.read_text()
+    assert "Grad-CAM of test image" in text and "reliability diagram" in text and "# Model card" in text
+    [card] = list(artifacts.glob("*/evaluate/model_card"))
+    assert "## Known weak classes" in card.read_text()
 
 
 def _indistinguishable_classes(root, per_class=10):

@@ -64,7 +64,7 @@ def serve(exported):
 def test_layout(exported):
     hp, _, model_dir = exported
     assert sorted(os.listdir(model_dir)) == ["class_label_to_prediction_index.json", "history.json",
-                                             "hyperparameters.yaml", "model.keras", "saved_model"]
+                                             "hyperparameters.yaml", "model.keras", "model.tflite", "saved_model"]
     with open(os.path.join(model_dir, export.LABEL_MAP_FILE)) as handle:
         assert json.load(handle) == LABELS
     with open(os.path.join(model_dir, export.HYPERPARAMETERS_FILE)) as handle:
@@ -189,7 +189,8 @@ def test_gcs_model_dir_is_written_locally_then_uploaded(monkeypatch, tmp_path):
     model = model_lib.build_model(hp, 3)
     export.export_model(model, "gs://bucket/run/model", hp=hp, label_map=LABELS, history={})
     assert uploads == [("gs://bucket/run/model", ["class_label_to_prediction_index.json", "history.json",
-                                                  "hyperparameters.yaml", "model.keras", "saved_model"])]
+                                                  "hyperparameters.yaml", "model.keras", "model.tflite",
+                                                  "saved_model"])]
 
 
 # --- EXIF orientation ----------------------------------------------------------------------------------

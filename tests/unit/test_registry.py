@@ -21,6 +21,7 @@ from trainer.hyperparameters import Hyperparameters
 SIZE = 16
 CLASSES = {"cats": 6, "dogs": 4}  # Test split (ratio 0.5): more cats than dogs, so the two constant models differ.
 MODEL_FILES = ["class_label_to_prediction_index.json", "history.json", "hyperparameters.yaml", "model.keras",
+               "model.tflite",
                "saved_model/fingerprint.pb", "saved_model/saved_model.pb",
                "saved_model/variables/variables.data-00000-of-00001", "saved_model/variables/variables.index"]
 

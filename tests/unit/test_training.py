@@ -160,7 +160,7 @@ def test_default_strategy_without_several_gpus():
 def test_run_exports_the_model_and_reports_the_run(trained, caplog):
     model_dir, result = trained
     assert sorted(os.listdir(model_dir)) == ["class_label_to_prediction_index.json", "history.json",
-                                             "hyperparameters.yaml", "model.keras", "saved_model"]
+                                             "hyperparameters.yaml", "model.keras", "model.tflite", "saved_model"]
     assert result["epochs_completed"] == 2 and not result["stopped_early"] and result["best_epoch"] is None
     assert result["num_classes"] == 3 and result["train_count"] == 48 and result["validation_count"] == 12
     assert set(result["history"]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
