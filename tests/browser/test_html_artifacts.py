@@ -2,8 +2,8 @@
 empty chart. Screenshots are kept (IMGCLF_SCREENSHOT_DIR, default a pytest temp folder) for a person to look at.
 
 The artifacts come from one small real run: validate -> convert -> train (small_cnn, 16 px, 2 epochs) ->
-evaluate. Where no Chromium is installed the tier says NOT RUN (Makefile) and these tests skip, unless
-REQUIRE_BROWSER=1 (CI), where they fail.
+evaluate, and a real search of three such trials for the tuning report. Where no Chromium is installed
+the tier says NOT RUN (Makefile) and these tests skip, unless REQUIRE_BROWSER=1 (CI), where they fail.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.support.datasets import make_image_folder
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
     """name -> HTML file of each report imgclf writes, from one real run on three classes of pictures."""
-    from trainer import conversion, evaluation, training, validation
+    from trainer import conversion, evaluation, training, tuning, validation
     from trainer.hyperparameters import Hyperparameters
 
     root = tmp_path_factory.mktemp("artifacts")
@@ -37,9 +37,18 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     history = json.loads((root / "model" / "history.json").read_text())
     curves = root / "training_curves.html"
     curves.write_text(evaluation.training_curves_html(history))
+    # A real search of three short trials on the same data set, for the tuning report.
+    config = tuning.make_config({"learning_rate": {"min": 0.001, "max": 0.1, "scaling": "Logarithmic"},
+                                 "optimizer": ["adam", "sgd"]},
+                                {"model": "small_cnn", "weights": "none", "image_size": 16, "epochs": 2,
+                                 "batch_size": 8}, strategy="Random", max_trials=3, parallel_trials=1)
+    tuning.create_study(config, str(root / "study"))
+    tuning.run_lane(str(root / "study"), 0, str(root / "dataset"))
+    tuning.select_best(str(root / "study"), str(root / "best_model"), str(root / "tuning"))
     return {"validation_report": root / "validation" / "report.html",
             "evaluation_report": root / "evaluation" / "report.html",
-            "training_curves": curves}
+            "training_curves": curves,
+            "tuning_report": root / "tuning" / "report.html"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +58,7 @@ def screenshot_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("name", ["validation_report", "evaluation_report", "training_curves"])
+@pytest.mark.parametrize("name", ["validation_report", "evaluation_report", "training_curves", "tuning_report"])
 def test_html_artifact_renders_cleanly(name, artifacts, screenshot_dir):
     require_browser()
     shot, problems = check_html(artifacts[name], screenshot_dir / f"{name}.png")
