@@ -46,6 +46,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain import plain_loop  # noqa: E402
 from synthetic import NUM_CLASSES, write_photos  # noqa: E402
 
 TARGETS = {"speedup": 1.8, "peak_rss_ratio": 1.2}
@@ -79,33 +80,6 @@ def _rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def plain_loop(data_dir: str, out_dir: str) -> int:
-    """What a user writes from TensorFlow's TFRecord tutorial: one thread, original bytes stored."""
-    import tensorflow as tf
-
-    def bytes_feature(value: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    def int64_feature(value: int) -> tf.train.Feature:
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-
-    count = 0
-    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
-    with tf.io.TFRecordWriter(os.path.join(out_dir, "images.tfrecord")) as writer:
-        for label, name in enumerate(classes):
-            for file_name in sorted(os.listdir(os.path.join(data_dir, name))):
-                with open(os.path.join(data_dir, name, file_name), "rb") as f:
-                    data = f.read()
-                image = tf.io.decode_image(data, channels=3, expand_animations=False)  # fails if corrupt
-                height, width, _ = image.shape
-                feature = {"image/encoded": bytes_feature(data), "image/height": int64_feature(height),
-                           "image/width": int64_feature(width), "label": int64_feature(label),
-                           "path": bytes_feature(f"{name}/{file_name}".encode())}
-                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-                count += 1
-    return count
 
 
 def pixels_loop(data_dir: str, validation_json: str, out_dir: str, image_size: int, workers: int | None) -> int:
@@ -147,7 +121,7 @@ def run_child(args: argparse.Namespace) -> None:
     rss_before = _rss_mb()
     started, cpu_started = time.perf_counter(), time.process_time()
     if args.child == "plain":
-        count = plain_loop(args.data, args.out)
+        count = plain_loop(args.data, os.path.join(args.out, "images.tfrecord"))
     elif args.child == "pixels":
         count = pixels_loop(args.data, args.validation, args.out, args.image_size, args.workers)
     else:
