@@ -76,8 +76,13 @@ test-container: install
 		echo "== container tier: NOT RUN - no Docker engine answers (docker info failed); install and start Docker =="; \
 	fi
 
-# Each tier prints its own banner and pytest summary, one after another.
-test: lint test-unit test-integration test-browser test-container
+# The tiers run side by side: they share nothing (each test makes its own folders, and its servers take
+# free ports), and much of their time is spent waiting (process starts, the image build, I/O), so two
+# cores finish them sooner together. --output-sync prints each tier's banner, log and pytest summary in
+# one piece when the tier ends; any failing tier fails the target.
+TIERS := test-unit test-integration test-browser test-container
+test: lint
+	@$(MAKE) --no-print-directory -j$(words $(TIERS)) --output-sync=target $(TIERS)
 	@echo "== e2e tier (kind): NOT RUN here - needs a Kubernetes cluster; it runs in .github/workflows =="
 
 clean:
