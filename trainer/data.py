@@ -232,7 +232,7 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
     if seed is None and shuffled:
         seed = int.from_bytes(os.urandom(4), "little")
     dataset = _records(local, split, shuffle_files=shuffled, seed=seed,
-                       then=_decoder(image_size, interpolation, jpeg_only=_jpeg_only(local, split)),
+                       then=_decoder(image_size, interpolation, upright_jpegs=_upright_jpegs(local, split)),
                        record_buffer=_record_buffer(local, split, count) if shuffled else 0)
     image_bytes = image_size * image_size * 3
     dataset, where = _cache(dataset, f"{local}/{split}", count, image_size, cache_bytes, read_ahead=not shuffled)
@@ -371,25 +371,26 @@ def _record_buffer(local_dir: str, split: str, count: int) -> int:
     return max(2, min(count, RECORD_SHUFFLE_BYTES * count // max(total, 1)))
 
 
-def _jpeg_only(local_dir: str, split: str) -> bool:
-    """Whether conversion recorded the split as JPEGs only, each record with its orientation (the
-    manifest's per-split "formats", written together with the orientation feature)."""
-    formats = (read_manifest(local_dir)["splits"].get(split) or {}).get("formats")
-    return isinstance(formats, dict) and formats.get("png") == 0 and bool(formats.get("jpeg"))
+def _upright_jpegs(local_dir: str, split: str) -> bool:
+    """Whether conversion recorded the split as JPEGs only, none of them turned by its EXIF orientation
+    (the manifest's per-split "formats" and "turned"; absent from earlier conversions' manifests)."""
+    info = read_manifest(local_dir)["splits"].get(split) or {}
+    formats = info.get("formats")
+    return isinstance(formats, dict) and formats.get("png") == 0 and info.get("turned") == 0
 
 
-def _decoder(image_size: int, interpolation: str, jpeg_only: bool = False) -> Callable[
+def _decoder(image_size: int, interpolation: str, upright_jpegs: bool = False) -> Callable[
         [tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """``(encoded, label, orientation)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's decode
     and resize (the record's orientation, when known, spares the search of the bytes for it: the same
-    value serving finds, see ``images.decode_tensor``). ``jpeg_only``: every record is a JPEG with its
-    orientation, decoded by ``images.decode_jpeg_tensor`` (the same pixels, without control flow).
+    value serving finds, see ``images.decode_tensor``). ``upright_jpegs``: every record is a JPEG of
+    orientation 1, decoded by ``images.decode_upright_jpeg_tensor`` (the same pixels, without control flow).
 
     Run inside ``_records``' parallel map, deterministic (the order of the records is kept), so a
     seeded run repeats.
     """
     def decode(encoded: tf.Tensor, label: tf.Tensor, orientation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        decoded = (images.decode_jpeg_tensor(encoded, orientation) if jpeg_only
+        decoded = (images.decode_upright_jpeg_tensor(encoded) if upright_jpegs
                    else images.decode_tensor(encoded, orientation))
         pixels = images.resize_image(decoded, image_size, interpolation)
         return tf.ensure_shape(pixels, [image_size, image_size, 3]), label

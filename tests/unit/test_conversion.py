@@ -198,7 +198,7 @@ def test_class_too_small_to_split(tmp_path):
     # Without a test split two images are enough; the test split gets no folder.
     out, manifest = validate_and_convert(tmp_path / "d", tmp_path, "two", test_split_ratio=0)
     assert manifest["splits"]["test"] == {"count": 0, "class_counts": {"big": 0, "small": 0}, "bytes": 0, "files": [],
-                                        "formats": {"jpeg": 0, "png": 0}}
+                                        "formats": {"jpeg": 0, "png": 0}, "turned": 0}
     assert not (out / "test").exists()
     assert manifest["splits"]["validation"]["class_counts"] == {"big": 2, "small": 1}
 
