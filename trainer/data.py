@@ -220,8 +220,9 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
       when it is in memory) with a seed drawn from ``(seed, epoch)``.
 
     ``epoch``: an int64 variable (``epoch_variable()``) holding the number of the epoch whose pass
-    starts next; each pass reads it and adds one, so without help the passes are epochs 0, 1, 2, ...;
-    ``EpochSetter`` sets it to Keras' epoch number at each epoch's start (a resumed run starts at k).
+    starts next; each pass reads it and adds one, so the passes are epochs 0, 1, 2, ... unless it is
+    set: training sets it once, to the first epoch of its ``fit`` (k in a run resumed at epoch k).
+    (Keras starts an epoch's pass before that epoch's callbacks run, so it is set only once.)
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -266,22 +267,6 @@ def epoch_variable() -> tf.Variable:
     """The epoch counter ``make_dataset`` reads at the start of each training pass (int64, on the CPU)."""
     with tf.device("/cpu:0"):
         return tf.Variable(0, dtype=tf.int64, trainable=False, name="imgclf_input_epoch")
-
-
-class EpochSetter:
-    """A Keras callback (duck-typed: this module does not import Keras) that sets an ``epoch_variable``
-    to the epoch about to start, so the input order of epoch k is the same in a run resumed at k."""
-
-    def __init__(self, variable: tf.Variable):
-        self.variable = variable
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("on_") or name in ("set_model", "set_params"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
-    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self.variable.assign(epoch)
 
 
 def _epoch_shuffle(cached: tf.data.Dataset, count: int, seed: int, buffer: int, first_buffer: int,
