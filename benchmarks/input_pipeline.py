@@ -8,9 +8,9 @@ size, and each is iterated for ``--epochs`` epochs in this one process:
 * reference: ``keras.utils.image_dataset_from_directory`` over the class folders, as the reference
   script does: every epoch reads, decodes and resizes every file again (with prefetch, to be fair).
 * ours: ``trainer.data.make_dataset`` over the shards ``trainer.conversion`` wrote (the original
-  files' bytes): the first epoch reads, decodes (``images.decode_tensor``, the serving signature's
-  decoder) and resizes every image and caches the resized pixels; later epochs read the cache,
-  shuffle, batch and prefetch.
+  files' bytes): the first epoch reads, decodes (the serving signature's pixels; for these upright
+  JPEGs ``images.decode_upright_jpeg_tensor``) and resizes every image, streams it into the batches
+  and caches the resized pixels; later epochs read the cache, shuffle, batch and prefetch.
 
 With ``--rounds N`` (default 2) both pipelines are built afresh and run N times, alternating, so a
 busy moment of another process on a shared machine does not decide the result: the fastest first
