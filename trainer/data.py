@@ -279,13 +279,22 @@ def _epoch_shuffle(cached: tf.data.Dataset, count: int, seed: int, buffer: int, 
     """Each pass of ``cached`` shuffled for its epoch: epoch 0 with ``first_buffer``, others with
     ``buffer``, seeded from ``(seed, epoch)`` (never from how many passes this process has made)."""
     base = tf.constant(seed, tf.int64)
+    specs = tf.nest.flatten(cached.element_spec)
 
     def one_pass(_: tf.Tensor) -> tf.data.Dataset:
         number = epoch.assign_add(1, read_value=True) - 1
-        epoch_seed = tf.random.stateless_uniform([], seed=tf.stack([base, number]), minval=None, maxval=None,
-                                                 dtype=tf.int64)
+        seeds = tf.random.stateless_uniform([2], seed=tf.stack([base, number]), minval=None, maxval=None,
+                                            dtype=tf.int64)
         size = tf.where(number == 0, tf.constant(first_buffer, tf.int64), tf.constant(buffer, tf.int64))
-        return cached.shuffle(size, seed=epoch_seed, reshuffle_each_iteration=False)
+        # Dataset.shuffle's seed cannot be a tensor when TensorFlow's global seed is 0 (its seed helper then
+        # compares the tensor in Python), so its op is called as shuffle calls it, with both seeds given
+        # (an odd second seed: 0 and 0 would mean "random").
+        variant = tf.raw_ops.ShuffleDatasetV3(
+            input_dataset=tf.data.experimental.to_variant(cached), buffer_size=size, seed=seeds[0],
+            seed2=tf.bitwise.bitwise_or(seeds[1], 1), seed_generator=tf.raw_ops.DummySeedGenerator(),
+            output_types=[spec.dtype for spec in specs], output_shapes=[spec.shape for spec in specs],
+            reshuffle_each_iteration=False)
+        return tf.data.experimental.from_variant(variant, cached.element_spec)
 
     passes = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(one_pass)
     return passes.apply(tf.data.experimental.assert_cardinality(count))
