@@ -247,15 +247,9 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
         # The pass that fills the cache is not shuffled again (a buffer of 2 gives the elements out nearly
         # in order, and has read the end of the cache's input before it gives out the last one: see _cache).
         first_buffer = buffer if where == "none" else 2
-
-    def batched(elements: tf.data.Dataset) -> tf.data.Dataset:
-        return elements.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-    if shuffled:
         dataset = _epoch_shuffle(dataset, count, seed, buffer, first_buffer,
-                                 epoch if epoch is not None else epoch_variable(), batched, -(-count // batch_size))
-    else:
-        dataset = batched(dataset)
+                                 epoch if epoch is not None else epoch_variable())
+    dataset = dataset.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def to_inputs(images_batch: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # An out-of-range label would silently become an all-zero one-hot row.
@@ -281,12 +275,9 @@ def epoch_variable() -> tf.Variable:
 
 
 def _epoch_shuffle(cached: tf.data.Dataset, count: int, seed: int, buffer: int, first_buffer: int,
-                   epoch: tf.Variable, batched: Callable[[tf.data.Dataset], tf.data.Dataset],
-                   batches: int) -> tf.data.Dataset:
-    """Each pass of ``cached`` shuffled for its epoch, then ``batched``: epoch 0 with ``first_buffer``,
-    others with ``buffer``, seeded from ``(seed, epoch)`` (never from how many passes this process has
-    made). Each pass is a dataset of its own, handed out by a ``flat_map``; it batches inside, so the
-    ``flat_map`` hands on ``batches`` batches per pass rather than ``count`` images (fewer hops)."""
+                   epoch: tf.Variable) -> tf.data.Dataset:
+    """Each pass of ``cached`` shuffled for its epoch: epoch 0 with ``first_buffer``, others with
+    ``buffer``, seeded from ``(seed, epoch)`` (never from how many passes this process has made)."""
     base = tf.constant(seed, tf.int64)
     specs = tf.nest.flatten(cached.element_spec)
 
@@ -303,10 +294,10 @@ def _epoch_shuffle(cached: tf.data.Dataset, count: int, seed: int, buffer: int, 
             seed2=tf.bitwise.bitwise_or(seeds[1], 1), seed_generator=tf.raw_ops.DummySeedGenerator(),
             output_types=[spec.dtype for spec in specs], output_shapes=[spec.shape for spec in specs],
             reshuffle_each_iteration=False)
-        return batched(tf.data.experimental.from_variant(variant, cached.element_spec))
+        return tf.data.experimental.from_variant(variant, cached.element_spec)
 
     passes = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(one_pass)
-    return passes.apply(tf.data.experimental.assert_cardinality(batches))
+    return passes.apply(tf.data.experimental.assert_cardinality(count))
 
 
 def _check_resize(image_size: int, interpolation: str) -> None:
