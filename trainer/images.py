@@ -460,21 +460,31 @@ def resize_image(image: tf.Tensor, image_size: int, interpolation: str) -> tf.Te
     if interpolation not in RESIZE_METHODS:
         raise ValueError(f"unknown image_resize_interpolation {interpolation!r};"
                          f" use one of {', '.join(RESIZE_METHODS)}")
-    resized = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), method=interpolation)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    # The uint8 pixels go to the resize kernel as they are: it reads each one as a float, which gives the
+    # same result as casting the whole picture first, without writing a float copy of it (about 0.1 ms of
+    # a photo's first-epoch cost). "nearest" returns uint8 pixels unchanged.
+    resized = tf.image.resize(image, (image_size, image_size), method=interpolation)
+    if resized.dtype == tf.uint8:
+        return resized
+    # saturate_cast clips to 0-255 and casts in one op.
+    return tf.saturate_cast(tf.round(resized), tf.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
 # The TensorFlow decoder: training, evaluation and serving
 # ---------------------------------------------------------------------------------------------
 
-def decode_tensor(data: tf.Tensor) -> tf.Tensor:
+def decode_tensor(data: tf.Tensor, orientation: tf.Tensor | None = None) -> tf.Tensor:
     """Encoded JPEG/PNG bytes (scalar tf.string) -> RGB uint8 [H, W, 3], in TensorFlow ops.
 
     The one TensorFlow decoder used by training, evaluation and serving; pixel for pixel equal to
     ``decode_image`` (Pillow) on every file validation accepts (validation checks each one). It
     checks nothing: files are vetted by ``decode_image`` at validation, and bytes that are neither
     JPEG nor PNG fail in ``tf.io.decode_png``.
+
+    ``orientation``: the EXIF orientation of ``data`` as ``exif_orientation`` finds it, when known
+    (conversion stores ``tensorflow_orientation``, the same search in Python, in each record), so the
+    input pipeline skips the search; 0 or None means unknown, and the bytes are searched (serving).
     """
     def jpeg() -> tf.Tensor:
         # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, the IDCT Pillow uses; TF's default is faster
@@ -504,9 +514,25 @@ def decode_tensor(data: tf.Tensor) -> tf.Tensor:
 
     image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: _out_of_line("png", png))
     image.set_shape([None, None, 3])
-    orientation = exif_orientation(data)
+    if orientation is None:
+        orientation = exif_orientation(data)
+    else:
+        known = tf.cast(orientation, tf.int32)
+        orientation = tf.cond(known > 0, lambda: known, lambda: _out_of_line("exif", lambda: exif_orientation(data)))
     # Upright pictures (nearly all) skip the turn's transpose, reverse and their bookkeeping ops.
     return tf.cond(orientation == 1, lambda: image, lambda: apply_orientation(image, orientation))
+
+
+def decode_upright_jpeg_tensor(data: tf.Tensor) -> tf.Tensor:
+    """``decode_tensor`` of JPEG bytes in which ``exif_orientation`` finds no turn (orientation 1): the
+    same pixels, without the control flow of the format dispatch and of the orientation.
+
+    Inside tf.data a ``tf.cond`` turns the map function into a graph of switches run by the general
+    executor, and the data-dependent turn of ``apply_orientation`` costs even an upright picture a few
+    small ops: together about 0.2-0.3 ms per photo, a fifth of its decode. The training input pipeline
+    uses this for a split that conversion recorded as upright JPEGs only.
+    """
+    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
 
 
 def _out_of_line(name: str, branch):

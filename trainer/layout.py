@@ -41,11 +41,16 @@ FEATURE_ENCODED = "image/encoded"
 FEATURE_FORMAT = "image/format"
 FEATURE_LABEL = "label"
 FEATURE_PATH = "path"
+# Optional (records of earlier conversions lack it; they read as 0, "unknown", and training then searches
+# the bytes for it as serving does), so the format version stays 2.
+FEATURE_ORIENTATION = "image/orientation"
 RECORD_FEATURES = {
     FEATURE_ENCODED: "bytes: the image file's original bytes (JPEG or PNG)",
     FEATURE_FORMAT: "bytes: b'jpeg' or b'png', the content as validation detected it",
     FEATURE_LABEL: "int64: index into classes (sorted class folder names)",
     FEATURE_PATH: "bytes: the file's path relative to data_uri, UTF-8",
+    FEATURE_ORIENTATION: "int64: the EXIF orientation 1-8 the serving decoder finds in the bytes "
+                         "(images.tensorflow_orientation); absent or 0: unknown",
 }
 SHARD_PATTERN = re.compile(r"^part-\d{5}-of-\d{5}\.tfrecord$")
 

@@ -23,9 +23,8 @@ Decisions worth knowing:
   backed up with it, so the history covers every epoch. Early stopping's state (best value, best
   epoch and its weights, patience count) is backed up too, so after a resume it still knows the
   epochs before the interruption and the exported model is the best of all epochs. The order of the
-  training images in the epochs after a resume is NOT that of an uninterrupted run: the input
-  pipeline's shuffle starts its sequence of orders again at the resume (same seed, so a resumed
-  run is still repeatable).
+  training images in each epoch is a function of ``random_seed`` and the epoch's number
+  (``data.make_dataset``), so a resumed run feeds every epoch exactly as an uninterrupted run does.
 * Seeds: ``random_seed`` seeds initialisation, shuffling, dropout and augmentation, so a CPU run is
   repeatable; GPU kernels are not all deterministic.
 """
@@ -117,9 +116,10 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
     # The model's own input size and resize method, as its serving signature will use them: the data
     # set holds the original files, decoded and resized during the first epoch and cached.
     pixels = {"image_size": hp.input_size, "interpolation": hp.image_resize_interpolation}
+    input_epoch = data.epoch_variable()
     train_data = data.make_dataset(local_data, "train", batch_size=hp.batch_size, training=True,
                                    seed=hp.random_seed, num_classes=num_classes, binary_mode=hp.binary_mode,
-                                   **pixels)
+                                   epoch=input_epoch, **pixels)
     validation_data = None
     if validation_count:
         validation_data = data.make_dataset(local_data, "validation", batch_size=hp.batch_size, training=False,
@@ -150,7 +150,7 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
     recorder = _EpochRecorder(backup_dir)
     progress = ProgressLogger(train_count, hp.epochs)
     early_stopping = None
-    all_callbacks: list[keras.callbacks.Callback] = [recorder, progress]
+    all_callbacks: list[keras.callbacks.Callback] = [recorder, progress, _InputEpoch(input_epoch)]
     if hp.early_stopping:
         early_stopping = ResumableEarlyStopping(
             backup_dir, monitor=monitor, min_delta=hp.early_stopping_min_delta,
@@ -363,6 +363,25 @@ def _check_batch_size(batch_size: int, replicas: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Progress and history
 # ---------------------------------------------------------------------------------------------
+
+class _InputEpoch(keras.callbacks.Callback):
+    """Tells the input pipeline the number of the first epoch of ``fit`` (k after a resume at epoch k),
+    so each epoch's order is that of an uninterrupted run (``data.make_dataset``); the pipeline counts
+    the later epochs itself, since Keras starts an epoch's pass before that epoch's callbacks."""
+
+    def __init__(self, variable: tf.Variable):
+        super().__init__()
+        self.variable = variable
+        self._first = True
+
+    def on_train_begin(self, logs=None):
+        self._first = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first:
+            self.variable.assign(epoch)
+            self._first = False
+
 
 class ProgressLogger(keras.callbacks.Callback):
     """One log line per epoch: metrics, duration, training throughput, elapsed time and ETA."""

@@ -102,6 +102,20 @@ def test_training_reads_the_pixels_validation_checked(tmp_path):
     out, manifest = validate_and_convert(folder, tmp_path, validation_split_ratio=0.0, test_split_ratio=0.0)
     paths = [r["path"] for r in read_split(out, manifest, "train")]
     assert set(extra) <= set(paths)
+    # Each record carries the orientation the serving decoder finds in its bytes, and the manifest counts
+    # the formats and the turned images (so training knows when a split is upright JPEGs only).
+    stored = {}
+    for name in manifest["splits"]["train"]["files"]:
+        for raw in tf.data.TFRecordDataset(os.path.join(out, "train", name)):
+            example = tf.io.parse_single_example(raw, {**FEATURES, "image/orientation": tf.io.FixedLenFeature(
+                [], tf.int64)})
+            stored[example["path"].numpy().decode()] = int(example["image/orientation"])
+    assert stored == {path: int(images.exif_orientation(tf.constant((folder / path).read_bytes())))
+                      for path in paths}
+    assert stored["a/sideways.jpg"] == 6 and stored["a/turned.png"] == 8
+    pngs = sum(path.endswith(".png") for path in paths)
+    assert manifest["splits"]["train"]["formats"] == {"jpeg": len(paths) - pngs, "png": pngs}
+    assert manifest["splits"]["train"]["turned"] == 2
     for size, method in [(12, "bilinear"), (20, "area")]:
         batches = data.make_dataset(str(out), "train", batch_size=5, training=False, seed=None, num_classes=2,
                                     binary_mode=False, image_size=size, interpolation=method)
@@ -197,7 +211,8 @@ def test_class_too_small_to_split(tmp_path):
     assert "'big'" not in message
     # Without a test split two images are enough; the test split gets no folder.
     out, manifest = validate_and_convert(tmp_path / "d", tmp_path, "two", test_split_ratio=0)
-    assert manifest["splits"]["test"] == {"count": 0, "class_counts": {"big": 0, "small": 0}, "bytes": 0, "files": []}
+    assert manifest["splits"]["test"] == {"count": 0, "class_counts": {"big": 0, "small": 0}, "bytes": 0, "files": [],
+                                        "formats": {"jpeg": 0, "png": 0}, "turned": 0}
     assert not (out / "test").exists()
     assert manifest["splits"]["validation"]["class_counts"] == {"big": 2, "small": 1}
 

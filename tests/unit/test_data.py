@@ -46,8 +46,11 @@ def write_arrays(root: str, classes: tuple[str, ...], splits: dict[str, tuple[np
 
 
 def write_files(root: str, classes: tuple[str, ...], splits: dict[str, tuple[list[bytes], np.ndarray]], *,
-                shards: int = 2) -> str:
-    """Write encoded JPEG/PNG files and labels per split as conversion would; returns ``root``."""
+                shards: int = 2, orientation: bool = False) -> str:
+    """Write encoded JPEG/PNG files and labels per split as conversion would; returns ``root``.
+
+    ``orientation``: as the current conversion, with each record's EXIF orientation and the split's
+    "formats" and "turned" counts in the manifest (else as earlier conversions, without them)."""
     info = {}
     for split in data.SPLITS:
         blobs, labels = splits.get(split, ([], np.zeros(0, np.int64)))
@@ -60,11 +63,16 @@ def write_files(root: str, classes: tuple[str, ...], splits: dict[str, tuple[lis
                 name = f"part-{part:05d}-of-{parts:05d}.tfrecord"
                 with tf.io.TFRecordWriter(os.path.join(root, split, name)) as writer:
                     for i in indices:
-                        writer.write(example(blobs[i], int(labels[i]), f"{classes[labels[i]]}/{split}-{i}"))
+                        writer.write(example(blobs[i], int(labels[i]), f"{classes[labels[i]]}/{split}-{i}",
+                                             images.tensorflow_orientation(blobs[i]) if orientation else None))
                 files.append(name)
         info[split] = {"count": int(len(labels)),
                        "class_counts": {c: int(np.sum(labels == k)) for k, c in enumerate(classes)},
                        "bytes": sum(len(b) for b in blobs), "files": files}
+        if orientation:
+            jpegs = sum(blob[:2] == b"\xff\xd8" for blob in blobs)
+            info[split]["formats"] = {"jpeg": jpegs, "png": len(blobs) - jpegs}
+            info[split]["turned"] = sum(images.tensorflow_orientation(blob) != 1 for blob in blobs)
     with open(os.path.join(root, data.LABEL_MAP_FILE), "w") as handle:
         json.dump({c: k for k, c in enumerate(classes)}, handle)
     manifest = {"format_version": data.FORMAT_VERSION, "classes": list(classes), "num_classes": len(classes),
@@ -82,7 +90,7 @@ def write_dataset(root: str, *, classes: tuple[str, ...] = ("blue", "green", "re
     return write_arrays(str(root), classes, splits, shards=shards)
 
 
-def example(blob: bytes, label: int, stem: str) -> bytes:
+def example(blob: bytes, label: int, stem: str, orientation: int | None = None) -> bytes:
     """One record as conversion writes it; ``stem`` + the format's extension is its path."""
     fmt = b"jpeg" if blob[:2] == b"\xff\xd8" else b"png"
     feature = {
@@ -91,6 +99,8 @@ def example(blob: bytes, label: int, stem: str) -> bytes:
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
         "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"{stem}.{fmt.decode()}".encode()])),
     }
+    if orientation is not None:
+        feature["image/orientation"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[orientation]))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -178,6 +188,43 @@ def test_training_pixels_are_the_pillow_decoders_resized(tmp_path):
             np.testing.assert_array_equal(image, expected.astype(np.float32), err_msg=name)
 
 
+def _serving_pixels(blob: bytes, size: int, method: str) -> np.ndarray:
+    # What the exported serving function computes from a client's bytes (trainer.export.serving_function).
+    return images.resize_image(images.decode_tensor(tf.constant(blob)), size, method).numpy()
+
+
+@pytest.mark.parametrize("kind", ["mixed", "upright_jpegs", "unknown_orientation"])
+def test_training_pixels_from_records_equal_the_serving_functions(tmp_path, kind):
+    """Records as conversion writes them now carry the orientation serving would find, and a split of
+    upright JPEGs is decoded without dispatching on format or orientation; either way training gets the
+    serving function's pixels (which search the bytes): rotated and upright, JPEG and PNG. Records
+    without the orientation (earlier conversions) are searched as serving does."""
+    upright = {
+        "photo.jpg": ds.encode(ds.noise(30, 40, seed=1), "JPEG", quality=90),
+        "subsampled.jpg": ds.encode(ds.noise(37, 29, seed=2), "JPEG", quality=75, subsampling=2),
+        "tagged_upright.jpg": ds.exif_bytes(ds.noise(20, 30, seed=8), 1),
+        "cmyk.jpg": ds.cmyk_jpeg(ds.noise(30, 40, seed=6)),
+    }
+    turned = {
+        "sideways.jpg": ds.exif_bytes(ds.halves(20, 40), 6),
+        "flipped.jpg": ds.exif_bytes(ds.noise(24, 18, seed=9), 3),
+        "mirrored.png": ds.exif_bytes(ds.noise(20, 30, seed=5), 5, "PNG"),
+        "rgb.png": ds.encode(ds.noise(30, 40, seed=7), "PNG"),
+        "palette.png": ds.palette_with_transparency(),
+    }
+    files = upright if kind == "upright_jpegs" else {**upright, **turned}
+    names = sorted(files)
+    root = write_files(str(tmp_path), ("a", "b"), {"train": ([files[n] for n in names], [0] * len(names))},
+                       shards=2, orientation=kind != "unknown_orientation")
+    assert data._upright_jpegs(root, "train") == (kind == "upright_jpegs")
+    for size, method in [(16, "bilinear"), (24, "area")]:
+        got = [image for image, _ in make(root, batch_size=4, image_size=size, interpolation=method,
+                                          num_classes=2).unbatch().as_numpy_iterator()]
+        for name, image in zip(names, got, strict=True):
+            np.testing.assert_array_equal(image, _serving_pixels(files[name], size, method).astype(np.float32),
+                                          err_msg=name)
+
+
 def test_absent_split_is_empty(dataset):
     ds = data.read_split(dataset, "test", **PIXELS)
     assert ds.element_spec[0].shape == (8, 8, 3)
@@ -228,6 +275,33 @@ def test_training_order_is_seeded_reshuffled_each_epoch_and_complete(dataset, ca
     assert first != second  # a new order every epoch
     assert _order(shuffled(7)) == first  # the same seed gives the same order
     assert _order(shuffled(8)) != first
+
+
+@pytest.mark.parametrize("cache_bytes", [data.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
+def test_each_epochs_order_depends_on_seed_and_epoch_only_so_a_resumed_run_repeats_it(dataset, cache_bytes,
+                                                                                      cache_dir):
+    """A run resumed at epoch k (a new process: a new pipeline and an empty cache, its epoch counter set
+    to k as training does) feeds epoch k, and the ones after it, exactly as an uninterrupted run."""
+    def pipeline(start):
+        epoch = data.epoch_variable()
+        epoch.assign(start)
+        return make(dataset, training=True, seed=7, cache_bytes=cache_bytes, epoch=epoch)
+
+    uninterrupted = pipeline(0)
+    orders = [_order(uninterrupted) for _ in range(4)]
+    assert len(set(map(tuple, orders))) == 4  # a new order every epoch
+    for start in (1, 2):
+        resumed = pipeline(start)
+        assert [_order(resumed) for _ in range(4 - start)] == orders[start:]
+
+
+def test_the_first_epoch_is_shuffled_before_decoding(dataset):
+    """The first pass is not a buffer of pixels waiting for the whole split: it takes the cached order,
+    and that order is already shuffled (the encoded records are, by the seed, before decoding)."""
+    file_order = _order(make(dataset))
+    first = {seed: _order(make(dataset, training=True, seed=seed)) for seed in (3, 4)}
+    assert sorted(first[3]) == sorted(file_order)
+    assert first[3] != file_order and first[3] != first[4]
 
 
 def _remove_shards(dataset: str) -> None:

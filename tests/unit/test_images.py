@@ -314,3 +314,14 @@ def test_orientation_ops_match_pillow_for_every_orientation():
     for orientation in range(1, 9):
         blob = ds.exif_bytes(ds.noise(6, 10, seed=orientation), orientation, "PNG")
         np.testing.assert_array_equal(images.decode_tensor(tf.constant(blob)).numpy(), decode_image(blob, "o.png"))
+
+
+@pytest.mark.parametrize("method", images.RESIZE_METHODS)
+def test_resize_image_of_uint8_pixels_equals_resizing_a_float_copy(method):
+    """resize_image hands the uint8 pixels to the resize kernel as they are (no float copy of the whole
+    picture first); the result is that of resizing the float copy, rounded and clipped, for every method."""
+    picture = tf.constant(ds.noise(37, 53, seed=11))
+    for size in (16, 24, 64):
+        expected = tf.image.resize(tf.cast(picture, tf.float32), (size, size), method=method)
+        expected = tf.cast(tf.clip_by_value(tf.round(expected), 0.0, 255.0), tf.uint8)
+        np.testing.assert_array_equal(images.resize_image(picture, size, method).numpy(), expected.numpy())

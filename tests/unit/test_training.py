@@ -540,3 +540,44 @@ def test_backups_and_tensorboard_logs_on_gcs_go_through_trainer_storage(tmp_path
     assert recorder.epochs == [1, 2] and result["epochs_completed"] == 3
     assert names("backup") == []  # removed once the run completed
     assert any("events.out.tfevents" in name for name in names("tensorboard"))
+
+
+class _OrderRecorder(keras.Model):
+    """A model that records, per epoch, the first pixel of every training image it is fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+        self.seen: dict[int, list[tuple]] = {}
+        self.epoch = 0
+
+    def call(self, inputs):
+        return self.dense(keras.ops.mean(inputs, axis=(1, 2)))
+
+    def train_step(self, batch):
+        images, _ = batch
+        self.seen.setdefault(self.epoch, []).extend(tuple(px) for px in images.numpy()[:, 0, 0, :])
+        return {"images": tf.constant(float(len(images)))}
+
+
+def test_a_resumed_fit_feeds_each_epoch_in_the_uninterrupted_order(tmp_path):
+    """Through Keras' fit (which opens an epoch's iterator before that epoch's callbacks run), with
+    training's epoch callback: a run started at epoch k, as a resume does, sees epoch k and the ones
+    after it in the images' order of an uninterrupted run."""
+    dataset = write_dataset(tmp_path / "ds", counts={"train": 12})
+
+    def fit(initial_epoch):
+        epoch = data.epoch_variable()
+        train = data.make_dataset(dataset, "train", batch_size=4, training=True, seed=5, num_classes=3,
+                                  binary_mode=False, image_size=16, interpolation="bilinear", epoch=epoch)
+        network = _OrderRecorder()
+        network.compile(run_eagerly=True)
+        track = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: setattr(network, "epoch", e))
+        network.fit(train, epochs=4, initial_epoch=initial_epoch, verbose=0, shuffle=False,
+                    callbacks=[track, training._InputEpoch(epoch)])
+        return network.seen
+
+    uninterrupted = fit(0)
+    assert len({tuple(order) for order in uninterrupted.values()}) == 4  # a new order every epoch
+    resumed = fit(2)
+    assert resumed == {e: uninterrupted[e] for e in (2, 3)}
