@@ -6,14 +6,12 @@ import pathlib
 import re
 import socket
 
-import kfp.client.client
 import pytest
 import yaml
 
 from pipelines import operations
 from pipelines.compiler import COMPILED_PIPELINE
-from tests.support.fake_kfp import FakeKfpServer
-from trainer import cli as trainer_cli
+from tests.support.kfp_api import imgclf
 from trainer import hyperparameters as hps
 
 UPLOAD = "/apis/v2beta1/pipelines/upload"
@@ -22,25 +20,6 @@ RUNS = "/apis/v2beta1/runs"
 RECURRING_RUNS = "/apis/v2beta1/recurringruns"
 EXPERIMENTS = "/apis/v2beta1/experiments"
 COMMITTED_YAML = pathlib.Path(COMPILED_PIPELINE).read_bytes()
-
-
-@pytest.fixture
-def kfp_api(monkeypatch, tmp_path):
-    """A running fake KFP API server; no developer-machine KFP settings leak into the client."""
-    # The client reads a saved namespace from ~/.config/kfp/context.json when that file exists.
-    monkeypatch.setattr(kfp.client.client.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "no-kfp-context.json"))
-    for name in (operations.HOST_ENV, operations.TOKEN_ENV, "KF_PIPELINES_UI_ENDPOINT",
-                 "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    with FakeKfpServer() as server:
-        yield server
-
-
-def imgclf(*argv: str) -> int:
-    """The imgclf command line as pipelines/cli.py builds it, with the operations commands added."""
-    parser, commands = trainer_cli.build_parser(prog="imgclf")
-    operations.add_commands(commands)
-    return trainer_cli.run(parser, list(argv))
 
 
 # --- upload -------------------------------------------------------------------------------------------------

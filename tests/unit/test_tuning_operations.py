@@ -3,13 +3,10 @@
 import json
 import pathlib
 
-import kfp.client.client
 import pytest
 
-from pipelines import operations
 from pipelines.compiler import COMPILED_TUNING_PIPELINE
-from tests.support.fake_kfp import FakeKfpServer
-from trainer import cli as trainer_cli
+from tests.support.kfp_api import imgclf
 from trainer import hyperparameters as hps
 
 RUNS = "/apis/v2beta1/runs"
@@ -18,22 +15,6 @@ UPLOAD = "/apis/v2beta1/pipelines/upload"
 RANGES = {"ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": "0.00001", "MaxValue": "0.1",
                                          "ScalingType": "Logarithmic"}],
           "CategoricalParameterRanges": [{"Name": "optimizer", "Values": ["adam", "sgd"]}]}
-
-
-@pytest.fixture
-def kfp_api(monkeypatch, tmp_path):
-    monkeypatch.setattr(kfp.client.client.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "no-kfp-context.json"))
-    for name in (operations.HOST_ENV, operations.TOKEN_ENV, "KF_PIPELINES_UI_ENDPOINT",
-                 "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    with FakeKfpServer() as server:
-        yield server
-
-
-def imgclf(*argv: str) -> int:
-    parser, commands = trainer_cli.build_parser(prog="imgclf")
-    operations.add_commands(commands)
-    return trainer_cli.run(parser, list(argv))
 
 
 def test_upload_tuning_sends_the_committed_tuning_yaml(kfp_api):
