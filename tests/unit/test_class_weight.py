@@ -58,11 +58,9 @@ def test_balanced_weighting_lifts_the_minority_class(tmp_path):
     rare_plain, rare_balanced = plain[:, 1].mean(), balanced[:, 1].mean()
     assert rare_plain < 0.3
     assert 0.35 < rare_balanced < 0.65
-    # Minority-class recall on the balanced test split: the plain model hardly ever predicts it.
-    test_labels = np.repeat([0, 1], [20, 20])
-    recall = {name: np.mean(p[test_labels == 1].argmax(1) == 1) for name, p in (("none", plain),
-                                                                                ("balanced", balanced))}
-    assert recall["balanced"] > recall["none"]
+    # The plain model never calls an image rare. (The balanced model's calls sit near 0.5 on images
+    # without signal, so which side of 0.5 they fall is chance: its recall is not asserted.)
+    assert (plain.argmax(1) == 1).sum() == 0
 
 
 def test_unknown_class_weight_is_refused_with_the_choices():
