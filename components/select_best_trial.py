@@ -49,9 +49,8 @@ def select_best_trial(
     best = summary["best"]
     metrics.log_metric(summary["objective"].replace(":", "_"), float(best["value"]))
     metrics.log_metric("best_trial", best["trial"])
-    for status in ("completed", "stopped early", "failed"):
-        metrics.log_metric(f"trials_{status.replace(' ', '_')}",
-                           sum(1 for t in summary["trials"] if t["status"] == status))
+    for name, value in tuning_lib.trial_metrics(summary["trials"], summary["direction"]).items():
+        metrics.log_metric(name, value)
     best_model.metadata.update({"framework": "tensorflow", "backbone": best["hyperparameters"]["model"],
                                 "trial": best["trial"], "objective": summary["objective"], "value": best["value"]})
     outputs = collections.namedtuple("Outputs", ["best_trial", "best_value"])

@@ -33,9 +33,6 @@ def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], ji
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.info("Lane %d: %d GPU(s) requested", lane, gpus)
     records = tuning.run_lane(study.metadata["study_uri"], int(lane), dataset.path, jit_compile=jit_compile)
-    for status in ("completed", "stopped early", "failed"):
-        metrics.log_metric(f"trials_{status.replace(' ', '_')}", sum(1 for r in records if r["status"] == status))
-    values = [r["value"] for r in records if r["status"] == "completed"]
-    if values:
-        metrics.log_metric("best_objective_in_lane", float(max(values) if records[0]["direction"] == "maximize"
-                                                           else min(values)))
+    if records:
+        for name, value in tuning.trial_metrics(records, records[0]["direction"]).items():
+            metrics.log_metric(name, value)

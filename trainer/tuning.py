@@ -36,7 +36,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -497,6 +497,16 @@ def summarize(study_uri: str) -> dict[str, Any]:
             "early_stopping_type": config.early_stopping_type, "max_trials": config.max_trials,
             "parallel_trials": config.parallel_trials, "tuned": list(config.space.names),
             "ranges": config.space.to_sagemaker(), "best": best, "trials": trials}
+
+
+def trial_metrics(trials: Sequence[Mapping[str, Any]], direction: str) -> dict[str, float]:
+    """What a step logs as KFP Metrics for some trials: the count by status and the best completed value."""
+    metrics = {f"trials_{status.replace(' ', '_')}": float(sum(1 for t in trials if t["status"] == status))
+               for status in ("completed", "stopped early", "failed")}
+    values = [t["value"] for t in trials if t["status"] == "completed"]
+    if values:
+        metrics["best_objective"] = float(max(values) if direction == "maximize" else min(values))
+    return metrics
 
 
 def require_best(summary: Mapping[str, Any]) -> dict[str, Any]:
