@@ -139,14 +139,30 @@ def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: st
         local.init(runner=_docker_runner(data_uri, pipeline_root), pipeline_root=pipeline_root, **caching)
     else:
         raise ValueError(f"unknown runner {runner!r}; use 'subprocess' or 'docker'")
-    # Steps run in child processes that inherit the environment; keep TensorFlow's start-up noise down.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
     arguments = {"data_uri": data_uri, **hp.to_dict(), "accelerator_count": 0, **(pipeline_args or {})}
     summary: dict[str, Any] = {"data_uri": data_uri, "hyperparameters": hp.to_dict(), "cache_dir": cache_dir}
-    tail = _LogTail(sys.stdout)
     earlier_runs = set(os.listdir(pipeline_root))
+    task, hits = execute(pipeline, arguments, summary)
+    if task is not None:
+        summary.update(_describe_outputs(task.outputs))
+    summary.update(steps_run=_steps_run(pipeline_root, earlier_runs), steps_reused=hits)
+    with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def execute(pipeline: Any, arguments: dict[str, Any], summary: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Run a loaded pipeline under the kfp.local settings already made (``local.init``).
+
+    Records in ``summary`` the status, the seconds and, on failure, the failed step and its reason
+    (the last error line of the step's log). Returns the pipeline task (None when a step failed) and
+    the steps kfp.local took from its cache.
+    """
+    # Steps run in child processes that inherit the environment; keep TensorFlow's start-up noise down.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tail = _LogTail(sys.stdout)
     started = time.monotonic()
+    task = None
     try:
         with contextlib.redirect_stdout(tail), warnings.catch_warnings(), _noting_cache_hits() as hits:
             # kfp.local warns that GPU and resource requests are ignored here, and that our image name has
@@ -157,16 +173,12 @@ def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: st
     except RuntimeError as err:
         message = _ANSI.sub("", str(err))
         failed = re.search(r"Inner task failed: '([\w-]+)'", message)
-        step = failed.group(1) if failed else "unknown"
-        summary.update(status="failed", failed_step=step,
-                       error=tail.last_error() or message, pipeline_seconds=round(time.monotonic() - started, 1))
+        summary.update(status="failed", failed_step=failed.group(1) if failed else "unknown",
+                       error=tail.last_error() or message)
     else:
-        summary.update(status="succeeded", pipeline_seconds=round(time.monotonic() - started, 1))
-        summary.update(_describe_outputs(task.outputs))
-    summary.update(steps_run=_steps_run(pipeline_root, earlier_runs), steps_reused=sorted(hits.reused))
-    with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    return summary
+        summary["status"] = "succeeded"
+    summary["pipeline_seconds"] = round(time.monotonic() - started, 1)
+    return task, sorted(hits.reused)
 
 
 def _steps_run(pipeline_root: str, earlier_runs: set[str]) -> list[str]:

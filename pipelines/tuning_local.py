@@ -4,19 +4,14 @@ kfp.local (2.17) runs ``dsl.ParallelFor`` itself, with its ``parallelism`` limit
 trials run side by side here as on a cluster; each trial is a process of this Python environment.
 """
 
-import contextlib
 import json
 import os
-import re
-import sys
-import time
-import warnings
 from typing import Any
 
 from kfp import components, local
 
 from pipelines.compiler import compile_tuning_pipeline
-from pipelines.local import _ANSI, _describe_outputs, _LogTail
+from pipelines.local import _describe_outputs, execute
 from trainer import storage
 
 TUNING_FILE = "tuning.json"
@@ -39,26 +34,13 @@ def run_tuning_local(data_uri: str, output_dir: str, arguments: dict[str, Any]) 
     pipeline = components.load_component_from_file(
         compile_tuning_pipeline(os.path.join(output_dir, "pipeline.yaml")))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     summary: dict[str, Any] = {"data_uri": data_uri}
-    tail = _LogTail(sys.stdout)
-    started = time.monotonic()
-    try:
-        with contextlib.redirect_stdout(tail), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            task = pipeline(data_uri=data_uri, **{"accelerator_count": 0, **arguments})
-    except RuntimeError as err:
-        message = _ANSI.sub("", str(err))
-        failed = re.search(r"Inner task failed: '([\w-]+)'", message)
-        summary.update(status="failed", failed_step=failed.group(1) if failed else "unknown",
-                       error=tail.last_error() or message, pipeline_seconds=round(time.monotonic() - started, 1))
+    task, _ = execute(pipeline, {"data_uri": data_uri, "accelerator_count": 0, **arguments}, summary)
+    if task is None:
         _copy_reports(pipeline_root, output_dir, summary)
     else:
-        summary["pipeline_seconds"] = round(time.monotonic() - started, 1)
         with open(os.path.join(task.outputs["tuning"].path, TUNING_FILE), encoding="utf-8") as handle:
-            tuning = json.load(handle)
-        summary.update(status="succeeded", **tuning)
+            summary.update(json.load(handle))
         summary["evaluation"] = _describe_outputs(task.outputs)
         with open(task.outputs["best_hyperparameters"].path, encoding="utf-8") as source, \
                 open(os.path.join(output_dir, BEST_FILE), "w", encoding="utf-8") as target:
