@@ -19,8 +19,8 @@ when they fit in ``cache_bytes``, else in a cache file on local disk (``$IMGCLF_
 system temp directory) when it has room, so every epoch after the first reads pixels and does no
 decoding. Only when neither fits does every epoch decode again, and the log says so. After the cache
 come the shuffle (training: the order of each epoch is a function of the seed and the epoch's number,
-see ``make_dataset``; the first epoch streams decoded images into training as they come), batching,
-the cast to float32 and prefetching.
+see ``make_dataset``; the first epoch streams decoded images into training as they come), batching
+and prefetching; batches stay uint8 (the model casts them to float32 in its step, on the accelerator).
 
 gs:// data sets are copied to a local cache directory, one per manifest content (so a re-conversion
 into the same URI is never read from an old copy), before reading (``local_dataset_dir``) rather than
@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from trainer import images, storage
+from trainer import images, resources, storage
 from trainer.errors import DataError, StorageError
 from trainer.images import tf  # imported on first use: conversion reads this module's constants only
 from trainer.layout import (  # noqa: F401  (re-exported: the data set's contract, read through this module)
@@ -92,9 +92,10 @@ CACHE_DISK_RESERVE_BYTES = 1 << 30
 # The shuffle buffer holds at most this many bytes of pixels (the whole split when it is in memory).
 SHUFFLE_BUFFER_BYTES = 256 << 20
 # The first pass shuffles the encoded records (before decoding) in a buffer of at most this many bytes.
-RECORD_SHUFFLE_BYTES = 64 << 20
-# Records parsed per call (one vectorised parse costs less per record than one call per record).
-_PARSE_BATCH = 64
+# Conversion already wrote every split in a seeded random order, so this buffer only makes the first
+# epoch's order a function of the training seed too; it is filled before the first image is decoded
+# (64 MiB held back the first batch by about 0.1 s: a tenth of a 2,000-photo epoch).
+RECORD_SHUFFLE_BYTES = 2 << 20
 
 # Where gs:// data sets are copied; one subdirectory per URI.
 CACHE_DIR_ENV = "IMGCLF_CACHE_DIR"
@@ -201,13 +202,15 @@ def read_split(dataset_dir: str, split: str, *, image_size: int, interpolation: 
     """
     _check_resize(image_size, interpolation)
     local = local_dataset_dir(dataset_dir, (split,))
-    return _records(local, split, shuffle_files=False, seed=None, then=_decoder(image_size, interpolation))
+    return _within_cpu_quota(_records(local, split, shuffle_files=False, seed=None,
+                                      then=_decoder(image_size, interpolation)))
 
 
 def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: bool, seed: int | None,
                  num_classes: int, binary_mode: bool, image_size: int, interpolation: str,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, epoch: tf.Variable | None = None) -> tf.data.Dataset:
-    """Batches ``(images float32 [B, S, S, 3] in 0-255, targets)`` for Keras ``fit``/``evaluate``.
+    """Batches ``(images uint8 [B, S, S, 3], targets)`` for Keras ``fit``/``evaluate`` (the model takes
+    float32 RGB 0-255 and casts the uint8 pixels itself, in its step: see ``to_inputs`` below).
 
     Images are decoded and resized to ``image_size`` with ``interpolation`` (as ``read_split``) during
     the first pass, and the resized uint8 pixels cached (see the module docstring), so later passes
@@ -249,11 +252,12 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
         first_buffer = buffer if where == "none" else 2
         dataset = _epoch_shuffle(dataset, count, seed, buffer, first_buffer,
                                  epoch if epoch is not None else epoch_variable())
-    dataset = dataset.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(batch_size)
 
     def to_inputs(images_batch: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # An out-of-range label would silently become an all-zero one-hot row.
-        check = tf.debugging.Assert(tf.reduce_all(tf.logical_and(labels >= 0, labels < num_classes)), [
+        # An out-of-range label would silently become an all-zero one-hot row. (The Assert op itself:
+        # tf.debugging.Assert wraps it in a tf.cond, whose control flow costs every new iterator time.)
+        check = tf.raw_ops.Assert(condition=tf.reduce_all(tf.logical_and(labels >= 0, labels < num_classes)), data=[
             f"a label in {local}/{split} is outside 0..{num_classes - 1}; the data set and its label map "
             "disagree: re-run the conversion step. Labels:", labels])
         with tf.control_dependencies([check]):
@@ -261,11 +265,13 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
                 targets = tf.cast(tf.reshape(labels, [-1, 1]), tf.float32)
             else:
                 targets = tf.one_hot(labels, num_classes, dtype=tf.float32)
-        # Cast a whole batch at once (one op per step); uint8 keeps the cache and shuffle buffer 4x smaller.
-        return tf.cast(images_batch, tf.float32), targets
+        # The pixels stay uint8: the model casts them to its float32 input inside the training step
+        # (Keras converts a functional model's inputs to its Input's dtype), on the accelerator, so the
+        # host does not write a float copy of every batch and the bus carries a quarter of the bytes.
+        return images_batch, targets
 
-    dataset = dataset.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.map(to_inputs)
+    return _within_cpu_quota(dataset.prefetch(tf.data.AUTOTUNE))
 
 
 def epoch_variable() -> tf.Variable:
@@ -313,8 +319,8 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
              record_buffer: int = 0) -> tf.data.Dataset:
     """``(encoded image, label)`` pairs of a split from a local data set directory, parsed; or, with
     ``then``, what ``then(encoded, label, orientation)`` returns for them (orientation: the record's
-    EXIF orientation, 0 when unknown), computed in one parallel map (each map stage costs every element
-    a function call and a hand-over between threads).
+    EXIF orientation, 0 when unknown), computed with the parsing in one parallel map (each map stage
+    costs every element a function call and a hand-over between threads).
 
     ``shuffle_files``: the shards in an order drawn from ``seed`` (the same on every pass), several
     read at once, and the records shuffled in a buffer of ``record_buffer`` records (when above 1)."""
@@ -331,15 +337,18 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
         empty = tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int64)))
         return empty.map(lambda encoded, label: then(encoded, label, tf.constant(0, tf.int64))) if then else empty
     if shuffle_files:
-        shards = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed,
-                                                                   reshuffle_each_iteration=False)
-        # Several shards read at once keeps the CPU busy while one shard waits on storage, and mixes
-        # the shards; the order stays a function of the seed, so runs are reproducible.
-        records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if len(files) == 1:
+            records = tf.data.TFRecordDataset(files)
+        else:
+            order = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed,
+                                                                      reshuffle_each_iteration=False)
+            # Several shards read at once keep the CPU busy while one waits on a network volume, and mix
+            # the shards; the order stays a function of the seed, so runs are reproducible.
+            records = order.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if record_buffer > 1:
-            # Encoded records are small next to their pixels: shuffling them here mixes the first epoch
-            # without a buffer of decoded images that would wait for the whole split.
+            # Encoded records are small next to their pixels: shuffling them here varies the first epoch
+            # with the seed without a buffer of decoded images that would wait for the whole split.
             records = records.shuffle(record_buffer, seed=seed, reshuffle_each_iteration=False)
     else:
         # Evaluation reads in conversion's order, so results line up with the manifest.
@@ -348,20 +357,43 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
     features = record_features()
     wanted = {key: features[key] for key in (FEATURE_ENCODED, FEATURE_LABEL, FEATURE_ORIENTATION)}
 
-    def parse(batch: tf.Tensor) -> Any:
-        example = tf.io.parse_example(batch, wanted)
+    def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        example = tf.io.parse_single_example(record, wanted)
         return example[FEATURE_ENCODED], example[FEATURE_LABEL], example[FEATURE_ORIENTATION]
 
-    # Parsed _PARSE_BATCH at a time (about 0.1 ms less per record than one parse call each).
-    parsed = records.batch(_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    parsed = parsed.unbatch()
     if then:
-        dataset = parsed.map(then, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # Parsing and decoding in one function: one parallel stage, one hand-over between threads.
+        dataset = records.map(lambda record: then(*parse(record)), num_parallel_calls=_decode_calls(),
+                              deterministic=True)
     else:
-        dataset = parsed.map(lambda encoded, label, orientation: (encoded, label))
+        dataset = records.map(lambda record: parse(record)[:2])
     # Tells Keras the number of steps per epoch (progress, ETA) and fails loudly when the shards
     # hold a different number of records than the manifest says.
     return dataset.apply(tf.data.experimental.assert_cardinality(count))
+
+
+def _within_cpu_quota(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``dataset`` run by a thread pool of its own sized to the cores a cgroup quota allows, when the
+    quota allows fewer than the CPU affinity shows (a pod limited to 8 CPUs of a 96-core node): tf.data
+    sizes its shared pool by the affinity, and 96 threads under an 8-CPU quota are throttled in bursts."""
+    cores = resources.available_cores()
+    if cores >= resources.affinity_cores():
+        return dataset
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cores
+    return dataset.with_options(options)
+
+
+def _decode_calls() -> int:
+    """Images decoded at once: twice the cores this process may use (at least 4).
+
+    The map keeps the records' order (so a seeded run repeats), and tf.data holds at most as many
+    finished images as calls in flight. With AUTOTUNE that is at most one per core, so a photo that
+    takes longer to decode than the next one leaves a core idle until it is done; a few calls more
+    than cores keep every core decoding (about 7% more images per second on 2 cores,
+    benchmarks/input_pipeline.py), at the cost of a few decoded images held in memory.
+    """
+    return max(4, 2 * resources.available_cores())
 
 
 def _record_buffer(local_dir: str, split: str, count: int) -> int:

@@ -68,7 +68,6 @@ import html
 import io
 import json
 import logging
-import math
 import os
 import posixpath
 import statistics as stats
@@ -92,6 +91,7 @@ from trainer.images import (
     decode_image,
     expected_format,
 )
+from trainer.resources import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -120,40 +120,6 @@ _PREVIEWABLE = ("nested", "outside_class", "class_conflict", "format_mismatch", 
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """CPU cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a pod's CPU limit).
-
-    ``os.cpu_count()`` counts the machine's cores, which in a container limited to 2 CPUs of a 64-core
-    node would start 32 times too many decoding threads.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota(cgroup_root)
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota)))
-    return max(1, cores)
-
-
-def _cgroup_cpu_quota(root: str) -> float | None:
-    """The CPU limit in cores from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``; None when unlimited."""
-    try:
-        with open(os.path.join(root, "cpu.max")) as f:
-            quota, period = (f.read().split() + ["100000"])[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
-            quota_us = int(f.read())
-        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
-            period_us = int(f.read())
-        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
 
 
 def default_workers(data_uri: str | None = None, cores: int | None = None) -> int:

@@ -231,15 +231,30 @@ def test_absent_split_is_empty(dataset):
     assert list(ds) == []
 
 
-def test_make_dataset_batches_float_images_and_one_hot_targets(dataset, arrays):
+def test_make_dataset_batches_uint8_images_and_one_hot_targets(dataset, arrays):
+    """Pixels stay uint8 (the model casts them in its step); targets are float for label smoothing."""
     _, splits = arrays
     batches = list(make(dataset, "validation", batch_size=2).as_numpy_iterator())
     assert [len(b[0]) for b in batches] == [2, 2, 1]
     pixels = np.concatenate([b[0] for b in batches])
     targets = np.concatenate([b[1] for b in batches])
-    assert pixels.dtype == np.float32 and targets.dtype == np.float32
-    np.testing.assert_array_equal(pixels, splits["validation"][0].astype(np.float32))
+    assert pixels.dtype == np.uint8 and targets.dtype == np.float32
+    np.testing.assert_array_equal(pixels, splits["validation"][0])
     np.testing.assert_array_equal(targets, np.eye(3)[splits["validation"][1]])
+
+
+@pytest.mark.parametrize("quota, private_pool", [(1, 1), (4, None)], ids=["quota-below-affinity", "no-quota"])
+def test_a_cpu_quota_below_the_affinity_gets_a_thread_pool_of_its_size(dataset, arrays, monkeypatch, quota,
+                                                                        private_pool):
+    """In a pod whose CPU limit is below the cores it may be scheduled on, the pipelines run their own
+    pool of that many threads instead of tf.data's pool sized by the affinity (and still read everything)."""
+    monkeypatch.setattr(data.resources, "affinity_cores", lambda: 4)
+    monkeypatch.setattr(data.resources, "available_cores", lambda: quota)
+    for ds in (make(dataset, "validation", batch_size=5, training=True, seed=1),
+               data.read_split(dataset, "validation", **PIXELS)):
+        assert ds.options().threading.private_threadpool_size == private_pool
+    pixels = next(iter(make(dataset, "validation", batch_size=5)))[0].numpy()
+    np.testing.assert_array_equal(pixels, arrays[1]["validation"][0])
 
 
 def test_binary_targets_are_a_column_of_labels(tmp_path):

@@ -319,9 +319,12 @@ def test_orientation_ops_match_pillow_for_every_orientation():
 @pytest.mark.parametrize("method", images.RESIZE_METHODS)
 def test_resize_image_of_uint8_pixels_equals_resizing_a_float_copy(method):
     """resize_image hands the uint8 pixels to the resize kernel as they are (no float copy of the whole
-    picture first); the result is that of resizing the float copy, rounded and clipped, for every method."""
-    picture = tf.constant(ds.noise(37, 53, seed=11))
-    for size in (16, 24, 64):
-        expected = tf.image.resize(tf.cast(picture, tf.float32), (size, size), method=method)
-        expected = tf.cast(tf.clip_by_value(tf.round(expected), 0.0, 255.0), tf.uint8)
-        np.testing.assert_array_equal(images.resize_image(picture, size, method).numpy(), expected.numpy())
+    picture first); the result is that of resizing the float copy, rounded and clipped, for every method
+    (those that never leave 0-255 skip the clipping: a black and white checkerboard, all extremes, checks
+    that)."""
+    checkerboard = (np.indices((37, 53)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    for picture in (tf.constant(ds.noise(37, 53, seed=11)), tf.constant(np.stack([checkerboard] * 3, axis=-1))):
+        for size in (16, 24, 64):
+            expected = tf.image.resize(tf.cast(picture, tf.float32), (size, size), method=method)
+            expected = tf.cast(tf.clip_by_value(tf.round(expected), 0.0, 255.0), tf.uint8)
+            np.testing.assert_array_equal(images.resize_image(picture, size, method).numpy(), expected.numpy())

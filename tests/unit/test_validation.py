@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.support import datasets as ds
-from trainer import validation
+from trainer import resources, validation
 from trainer.errors import DataError
 from trainer.validation import validate_dataset
 
@@ -357,21 +357,21 @@ def test_validate_data_output_is_progress_and_results_not_tensorflow_internals(t
 
 
 def test_available_cores_follows_affinity_and_a_cgroup_quota(tmp_path, monkeypatch):
-    monkeypatch.setattr(validation.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert validation.available_cores(str(tmp_path / "none")) == 16
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert resources.available_cores(str(tmp_path / "none")) == 16
     (tmp_path / "v2").mkdir()
     (tmp_path / "v2" / "cpu.max").write_text("150000 100000\n")
-    assert validation.available_cores(str(tmp_path / "v2")) == 2  # 1.5 CPUs: two threads keep it busy
+    assert resources.available_cores(str(tmp_path / "v2")) == 2  # 1.5 CPUs: two threads keep it busy
     (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
-    assert validation.available_cores(str(tmp_path / "v2")) == 16
+    assert resources.available_cores(str(tmp_path / "v2")) == 16
     (tmp_path / "v1" / "cpu").mkdir(parents=True)
     (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("400000")
     (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000")
-    assert validation.available_cores(str(tmp_path / "v1")) == 4
+    assert resources.available_cores(str(tmp_path / "v1")) == 4
     (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("-1")
-    assert validation.available_cores(str(tmp_path / "v1")) == 16
-    monkeypatch.setattr(validation.os, "sched_getaffinity", lambda pid: {0})
-    assert validation.available_cores(str(tmp_path / "v1")) == 1
+    assert resources.available_cores(str(tmp_path / "v1")) == 16
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: {0})
+    assert resources.available_cores(str(tmp_path / "v1")) == 1
 
 
 def test_default_workers_one_per_core_locally_more_for_object_storage():
