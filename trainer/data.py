@@ -206,6 +206,28 @@ def read_split(dataset_dir: str, split: str, *, image_size: int, interpolation: 
                                       then=_decoder(image_size, interpolation)))
 
 
+def read_examples(dataset_dir: str, split: str, indices: set[int] | list[int], *, image_size: int,
+                  interpolation: str) -> dict[int, tuple[Any, int]]:
+    """``{index: (pixels uint8 [S, S, 3] numpy, label)}`` for the split's examples at ``indices`` (their
+    positions in ``read_split``'s order), decoded and resized as ``read_split`` does. Only those records
+    are decoded (the others are read and parsed, which costs a fraction of a decode), so the evaluation
+    report's few gallery pictures do not cost a second pass of decoding over the whole split."""
+    _check_resize(image_size, interpolation)
+    found: dict[int, tuple[Any, int]] = {}
+    if not indices:
+        return found
+    local = local_dataset_dir(dataset_dir, (split,))
+    wanted = tf.constant(sorted(set(indices)), tf.int64)
+    decode = _decoder(image_size, interpolation)
+    records = _records(local, split, shuffle_files=False, seed=None).enumerate()
+    chosen = records.filter(lambda index, record: tf.reduce_any(tf.equal(index, wanted)))
+    pixels = chosen.map(lambda index, record: (index, *decode(record[0], record[1], tf.constant(0, tf.int64))),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for index, image, label in _within_cpu_quota(pixels).as_numpy_iterator():
+        found[int(index)] = (image, int(label))
+    return found
+
+
 def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: bool, seed: int | None,
                  num_classes: int, binary_mode: bool, image_size: int, interpolation: str,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, epoch: tf.Variable | None = None) -> tf.data.Dataset:

@@ -196,18 +196,11 @@ def _predict_split(loaded: prediction.LoadedModel, dataset_dir: str, split: str,
 
 def _images_at(loaded: prediction.LoadedModel, dataset_dir: str, split: str,
                indices: set[int]) -> dict[int, np.ndarray]:
-    """The model-input pixels (uint8 [S, S, 3]) of the split's examples at ``indices`` (a second pass)."""
-    found: dict[int, np.ndarray] = {}
-    if not indices:
-        return found
-    split_images = data.read_split(dataset_dir, split, image_size=loaded.image_size,
-                                   interpolation=loaded.interpolation)
-    for index, (image, _) in enumerate(split_images):
-        if index in indices:
-            found[index] = image.numpy().astype(np.uint8)
-            if len(found) == len(indices):
-                break
-    return found
+    """The model-input pixels (uint8 [S, S, 3]) of the split's examples at ``indices`` (a second read of
+    the split that decodes only those)."""
+    examples = data.read_examples(dataset_dir, split, indices, image_size=loaded.image_size,
+                                  interpolation=loaded.interpolation)
+    return {index: image for index, (image, _) in examples.items()}
 
 
 def predicted_classes(probabilities: np.ndarray, *, binary: bool, threshold: float = 0.5) -> np.ndarray:

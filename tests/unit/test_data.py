@@ -152,6 +152,23 @@ def test_read_split_decodes_the_stored_images_and_labels_in_file_order(dataset, 
     np.testing.assert_array_equal([g[1] for g in got], splits["train"][1])
 
 
+def test_read_examples_decodes_only_the_records_asked_for(tmp_path, arrays):
+    """The same pixels and labels as read_split at those positions; a record that cannot be decoded
+    elsewhere in the split is never decoded (read_split fails on it)."""
+    classes, splits = arrays
+    blobs = [_png(image) for image in splits["train"][0]]
+    blobs[4] = b"not an image"
+    root = write_files(str(tmp_path / "ds"), classes, {"train": (blobs, splits["train"][1])}, shards=3)
+    got = data.read_examples(root, "train", {0, 7, 9}, **PIXELS)
+    assert sorted(got) == [0, 7, 9]
+    for index, (image, label) in got.items():
+        np.testing.assert_array_equal(image, splits["train"][0][index])
+        assert label == splits["train"][1][index]
+    assert data.read_examples(root, "train", set(), **PIXELS) == {}
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        list(data.read_split(root, "train", **PIXELS))
+
+
 def test_one_data_set_serves_every_image_size_and_method(dataset, arrays):
     """Records hold files, so the model's size and resize method are chosen when reading."""
     _, splits = arrays
@@ -250,9 +267,9 @@ def test_a_cpu_quota_below_the_affinity_gets_a_thread_pool_of_its_size(dataset, 
     pool of that many threads instead of tf.data's pool sized by the affinity (and still read everything)."""
     monkeypatch.setattr(data.resources, "affinity_cores", lambda: 4)
     monkeypatch.setattr(data.resources, "available_cores", lambda: quota)
-    for ds in (make(dataset, "validation", batch_size=5, training=True, seed=1),
-               data.read_split(dataset, "validation", **PIXELS)):
-        assert ds.options().threading.private_threadpool_size == private_pool
+    for pipeline in (make(dataset, "validation", batch_size=5, training=True, seed=1),
+                     data.read_split(dataset, "validation", **PIXELS)):
+        assert pipeline.options().threading.private_threadpool_size == private_pool
     pixels = next(iter(make(dataset, "validation", batch_size=5)))[0].numpy()
     np.testing.assert_array_equal(pixels, arrays[1]["validation"][0])
 
