@@ -10,7 +10,11 @@ How a search runs (the tuning pipeline, ``imgclf tune``, or by hand):
    hyperparameters, trains on the converted data set, reports the
    objective after every epoch (so a trial clearly worse than the others at the same epoch is stopped:
    pruned), and tells the study its result. A trial that fails is recorded with its reason and the
-   search goes on. The trial's model is written to ``trials/<slot>/model``.
+   search goes on. The trial's model is written to ``trials/<slot>/model``; its training state is
+   backed up after every epoch to ``trials/<slot>/backup/<trial number>`` and removed when it ends.
+   A slot retried after its pod was killed (preempted) continues the trial that was running there,
+   with the same number and hyperparameters, from that backup's last epoch; only a trial killed
+   before it had its hyperparameters is recorded as failed ("interrupted") and replaced.
 3. ``summarize`` reads the study: every trial's hyperparameters, objective, status, epochs and
    duration, and the best one; ``select_best`` also copies the best trial's model out and writes the
    reports. A study in which every trial failed raises ``TuningError`` listing the reasons.
@@ -35,6 +39,7 @@ import itertools
 import json
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -46,7 +51,7 @@ from optuna.trial import TrialState
 
 from trainer import hyperparameters as hps
 from trainer import search_space, storage
-from trainer.errors import HyperparameterError, ImgclfError
+from trainer.errors import HyperparameterError, ImgclfError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ CONFIG_FILE = "study.json"
 JOURNAL_DIR = "journal"
 TRIALS_DIR = "trials"
 MODEL_DIR = "model"
+BACKUP_DIR = "backup"
 # Auto early stopping keeps trials in this top percentile at each epoch, i.e. prunes the worst quarter ...
 PRUNE_PERCENTILE = 75.0
 # ... once this many trials have reported that epoch.
@@ -340,26 +346,58 @@ def trial_model_uri(study_uri: str, slot: int) -> str:
     return storage.join(study_uri, TRIALS_DIR, str(slot), MODEL_DIR)
 
 
+def trial_backup_uri(study_uri: str, slot: int, number: int) -> str:
+    """Where a trial's training state is backed up after every epoch, so a retried slot resumes it.
+
+    Keyed by the trial's number as well as its slot: a trial that replaces a failed one in the same
+    slot must never resume the other's state.
+    """
+    return storage.join(study_uri, TRIALS_DIR, str(slot), BACKUP_DIR, str(number))
+
+
 # --- One trial ----------------------------------------------------------------------------------------------
 
 
 class _Pruning:
-    """Keras callback: report the objective after every epoch; stop training when the pruner says so."""
+    """Keras callback: report the objective after every epoch; stop training when the pruner says so.
 
-    def __new__(cls, trial: optuna.Trial, key: str):
+    A resumed trial already holds the values its interrupted attempt reported: epochs it reported are
+    not reported again (Optuna would ignore them, with a warning), and ``resumed`` (the epochs at which
+    earlier attempts resumed) gets the epoch this attempt starts at, recorded on the trial at once.
+    """
+
+    def __new__(cls, trial: optuna.Trial, key: str, reported: Iterable[int] = (),
+                resumed: Sequence[int] | None = None):
         import keras
 
         class Callback(keras.callbacks.Callback):
             def __init__(self):
                 super().__init__()
                 self.pruned = False
-                self.reported = 0
+                self.known = set(reported)
+                self.reported = max(self.known, default=0)
+                self.resumed = None if resumed is None else list(resumed)
+                self._started = False
+
+            def on_train_begin(self, logs=None):
+                self._started = False
+
+            def on_epoch_begin(self, epoch, logs=None):
+                if self._started or self.resumed is None:
+                    return
+                self._started = True
+                self.resumed.append(epoch + 1)
+                trial.set_user_attr("resumed_at_epochs", self.resumed)
+                log.info("Trial %d resumed at epoch %d (%d epoch(s) were backed up before the interruption)",
+                         trial.number, epoch + 1, epoch)
 
             def on_epoch_end(self, epoch, logs=None):
                 value = (logs or {}).get(key)
                 if value is None:
                     return
-                trial.report(float(value), epoch + 1)
+                if epoch + 1 not in self.known:
+                    trial.report(float(value), epoch + 1)
+                    self.known.add(epoch + 1)
                 self.reported = epoch + 1
                 if trial.should_prune():
                     log.info("Trial %d pruned after epoch %d: %s %.4f is clearly worse than the other trials "
@@ -372,7 +410,8 @@ class _Pruning:
 
 def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool = False,
               train_fn: Any = None) -> dict[str, Any]:
-    """Ask the study for hyperparameters, train on ``dataset_dir``, tell the study; returns the trial's record.
+    """Ask the study for hyperparameters (or continue this slot's interrupted trial), train on
+    ``dataset_dir``, tell the study; returns the trial's record.
 
     A failure of the trial itself (a bad combination, out of memory, a training error) is recorded
     with its reason and returned, not raised: the search goes on. ``train_fn`` replaces
@@ -381,21 +420,37 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
     if train_fn is None:
         from trainer.training import train as train_fn
     study, config = open_study(study_uri, slot)
-    _fail_interrupted(study, slot)
-    trial = study.ask()
-    trial.set_user_attr("slot", slot)
+    interrupted = _take_over_interrupted(study, slot)
+    resumed: list[int] | None = None
+    reported: Iterable[int] = ()
+    if interrupted is not None:
+        # Same trial, same hyperparameters: training picks up its backup, the pruner its reported epochs.
+        trial = optuna.trial.Trial(study, interrupted._trial_id)
+        resumed = list(interrupted.user_attrs.get("resumed_at_epochs", []))
+        reported = interrupted.intermediate_values
+    else:
+        trial = study.ask()
+        trial.set_user_attr("slot", slot)
     model_uri = trial_model_uri(study_uri, slot)
+    backup_uri = trial_backup_uri(study_uri, slot, trial.number)
     started = time.monotonic()
     tuned: dict[str, Any] = {}
     state, value, epochs, error = TrialState.FAIL, None, 0, None
     pruning = None
     try:
-        tuned = config.space.suggest(trial)
-        trial.set_user_attr("hyperparameters", {k: search_space._plain(v) for k, v in tuned.items()})
-        log.info("Trial %d (slot %d): %s", trial.number, slot, ", ".join(f"{k}={v!r}" for k, v in tuned.items()))
+        if interrupted is not None:
+            tuned = dict(interrupted.user_attrs["hyperparameters"])
+            log.info("Trial %d (slot %d) was interrupted; continuing it from its last backup: %s", trial.number,
+                     slot, ", ".join(f"{k}={v!r}" for k, v in tuned.items()))
+        else:
+            tuned = config.space.suggest(trial)
+            trial.set_user_attr("hyperparameters", {k: search_space._plain(v) for k, v in tuned.items()})
+            log.info("Trial %d (slot %d): %s", trial.number, slot,
+                     ", ".join(f"{k}={v!r}" for k, v in tuned.items()))
         hp = hps.Hyperparameters.from_mapping({**config.fixed.to_dict(), **tuned})
-        pruning = _Pruning(trial, f"val_{config.metric}")
-        result = train_fn(hp, dataset_dir, model_uri, jit_compile=jit_compile, callbacks=[pruning])
+        pruning = _Pruning(trial, f"val_{config.metric}", reported=reported, resumed=resumed)
+        result = train_fn(hp, dataset_dir, model_uri, jit_compile=jit_compile, callbacks=[pruning],
+                          backup_dir=backup_uri)
         epochs = result["epochs_completed"]
         value = result["validation_metrics"].get(config.metric)
         if pruning.pruned and epochs < hp.epochs:
@@ -411,6 +466,9 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
             error = f"{type(err).__name__}: {err}"
         epochs = pruning.reported if pruning is not None else 0
         log.warning("Trial %d (slot %d) failed: %s", trial.number, slot, error)
+    # The trial is over either way: nothing will resume it (training removes the backup of a run that
+    # ends; one that raised leaves its epochs behind).
+    _remove_backup(backup_uri)
     seconds = round(time.monotonic() - started, 2)
     trial.set_user_attr("epochs", epochs)
     trial.set_user_attr("seconds", seconds)
@@ -421,9 +479,10 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
         study.tell(trial, float(value))
     else:
         study.tell(trial, state=state)
+    resumed_at = pruning.resumed if pruning is not None else resumed
     record = {"trial": trial.number, "slot": slot, "status": _STATUS[state], "value": value,
               "hyperparameters": {k: search_space._plain(v) for k, v in tuned.items()}, "epochs": epochs,
-              "seconds": seconds, "error": error, "model_uri": model_uri}
+              "seconds": seconds, "error": error, "model_uri": model_uri, "resumed_at_epochs": resumed_at or []}
     log.info("Trial %d %s after %d epoch(s) in %.0f s: %s = %s", trial.number, record["status"], epochs, seconds,
              config.objective, "n/a" if value is None else f"{value:.4f}")
     return record
@@ -453,13 +512,37 @@ def run_lane(study_uri: str, lane: int, dataset_dir: str, *, jit_compile: bool =
     return records
 
 
-def _fail_interrupted(study: optuna.Study, slot: int) -> None:
-    """A trial of this slot still running belongs to an attempt that was killed (preempted): record that."""
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if frozen.user_attrs.get("slot") == slot:
+def _take_over_interrupted(study: optuna.Study, slot: int) -> optuna.trial.FrozenTrial | None:
+    """This slot's trial that a killed (preempted) attempt left running, to be continued; or None.
+
+    Only a trial that had recorded its hyperparameters can be continued. One killed before that is
+    recorded as failed ("interrupted"), and the slot gets a new trial, as does any other stale one.
+    """
+    running = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                      if t.user_attrs.get("slot") == slot), key=lambda t: t.number)
+    resumable = [t for t in running if "hyperparameters" in t.user_attrs]
+    chosen = resumable[-1] if resumable else None
+    for frozen in running:
+        if frozen is not chosen:
             study._storage.set_trial_user_attr(frozen._trial_id, "error", "interrupted (the pod was preempted or "
-                                               "killed); the slot was retried as a new trial")
+                                               "killed before the trial had its hyperparameters); the slot "
+                                               "was retried as a new trial")
             study.tell(frozen.number, state=TrialState.FAIL)
+    return chosen
+
+
+def _remove_backup(backup_uri: str) -> None:
+    """Remove a finished trial's backup folder (model weights of its last and best epochs)."""
+    try:
+        if storage.is_gcs(backup_uri):
+            for name in storage.list_files(backup_uri):
+                storage.delete(storage.join(backup_uri, name))
+        else:
+            shutil.rmtree(backup_uri, ignore_errors=True)
+    except StorageError:
+        pass  # nothing was backed up (a gs:// prefix without objects)
+    except Exception as err:  # noqa: BLE001 - a leftover backup costs space, not the search
+        log.warning("Could not remove the trial backup %s: %s", backup_uri, err)
 
 
 _STATUS = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "stopped early", TrialState.FAIL: "failed",
@@ -482,7 +565,7 @@ def summarize(study_uri: str) -> dict[str, Any]:
         trials.append({"trial": frozen.number, "status": _STATUS[frozen.state], "value": value,
                        "hyperparameters": attrs.get("hyperparameters", {}), "epochs": attrs.get("epochs", 0),
                        "seconds": attrs.get("seconds"), "slot": attrs.get("slot"), "error": attrs.get("error"),
-                       "model_uri": attrs.get("model_uri"),
+                       "model_uri": attrs.get("model_uri"), "resumed_at_epochs": attrs.get("resumed_at_epochs", []),
                        "intermediate": {str(k): v for k, v in sorted(frozen.intermediate_values.items())}})
     completed = [t for t in trials if t["status"] == "completed"]
     best = None

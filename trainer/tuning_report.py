@@ -4,6 +4,7 @@ The plots: the objective of every trial in trial order, and the objective agains
 hyperparameter (a log axis where the range was searched on one, categories side by side for
 categorical ranges). The best trial is marked in every plot and in the table; stopped (pruned)
 trials are drawn hollow at the last value they reported, failed ones are listed but have no point.
+A trial continued after an interruption says at which epoch(s) it resumed, next to its status.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
     lines.append("|---" * (5 + len(tuned)) + "|")
     for trial in summary["trials"]:
         mark = " (best)" if best and trial["trial"] == best["trial"] else ""
-        status = trial["status"] + (f": {trial['error']}" if trial["error"] else "")
+        status = trial["status"] + _resumed(trial) + (f": {trial['error']}" if trial["error"] else "")
         values = [_fmt(trial["hyperparameters"].get(name)) for name in tuned]
         lines.append(f"| {trial['trial']}{mark} | {status.replace('|', '/')} | {_fmt(trial['value'])} | "
                      f"{trial['epochs']} | {_fmt(trial['seconds'])} | " + " | ".join(values) + " |")
@@ -54,7 +55,7 @@ def html(summary: Mapping[str, Any]) -> str:
     rows = []
     for trial in summary["trials"]:
         is_best = bool(best and trial["trial"] == best["trial"])
-        status = esc(trial["status"]) + (f": {esc(trial['error'])}" if trial["error"] else "")
+        status = esc(trial["status"] + _resumed(trial)) + (f": {esc(trial['error'])}" if trial["error"] else "")
         cells = "".join(f"<td>{esc(_fmt(trial['hyperparameters'].get(name)))}</td>" for name in tuned)
         row_class = ' class="best"' if is_best else ""
         mark = " &#9733; best" if is_best else ""
@@ -149,6 +150,14 @@ def _plot(summary: Mapping[str, Any], x_name: str, rng: search_space.ParameterRa
                    'no trial reported a value</text>')
     svg.append("</svg>")
     return f"<figure>{''.join(svg)}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def _resumed(trial: Mapping[str, Any]) -> str:
+    """Text such as ' (resumed at epoch 3)' for a trial continued from its backup after an interruption."""
+    epochs = trial.get("resumed_at_epochs") or []
+    if not epochs:
+        return ""
+    return f" (resumed at epoch{'s' if len(epochs) > 1 else ''} {', '.join(str(e) for e in epochs)})"
 
 
 def _span(low: float, high: float) -> tuple[float, float]:

@@ -12,12 +12,15 @@ from trainer.tuning import ObjectJournal, TuningError
 RANGES = {"learning_rate": {"min": 0.0001, "max": 0.1, "scaling": "Logarithmic"}, "optimizer": ["adam", "sgd"]}
 
 
-def fake_training(fail_when=None, curve=None):
+def fake_training(fail_when=None, curve=None, backups=None):
     """A stand-in for trainer.training.train with the same contract: epochs through the callbacks, a result.
 
     The objective is a fixed function of the hyperparameters, so what the search does with it can be checked.
+    ``backups``, a list, collects the backup_dir of every call.
     """
-    def train(hp, dataset_dir, model_dir, *, jit_compile=False, callbacks=()):
+    def train(hp, dataset_dir, model_dir, *, jit_compile=False, callbacks=(), backup_dir=None):
+        if backups is not None:
+            backups.append(backup_dir)
         if fail_when and fail_when(hp):
             raise RuntimeError(f"out of memory at batch_size {hp.batch_size}")
         value = 0.0
@@ -128,11 +131,17 @@ def test_a_retried_lane_skips_finished_trials_and_records_the_interrupted_one(tm
     tuning.create_study(config, str(tmp_path))
     tuning.run_trial(str(tmp_path), 0, "unused", train_fn=fake_training())
     study, _ = tuning.open_study(str(tmp_path), 0)
-    study.ask().set_user_attr("slot", 1)  # slot 1 started, then its pod was killed
-    tuning.run_lane(str(tmp_path), 0, "unused", train_fn=fake_training())
+    # Slot 1 started, then its pod was killed before the trial had its hyperparameters: nothing to continue.
+    study.ask().set_user_attr("slot", 1)
+    backups = []
+    tuning.run_lane(str(tmp_path), 0, "unused", train_fn=fake_training(backups=backups))
     trials = tuning.summarize(str(tmp_path))["trials"]
     assert [(t["slot"], t["status"]) for t in trials] == [(0, "completed"), (1, "failed"), (1, "completed")]
     assert trials[1]["error"].startswith("interrupted")
+    assert trials[1]["hyperparameters"] == {} and trials[2]["hyperparameters"]
+    # The new trial trains with a backup of its own, never the interrupted trial's.
+    assert backups == [tuning.trial_backup_uri(str(tmp_path), 1, trials[2]["trial"])]
+    assert not trials[2]["resumed_at_epochs"]
 
 
 def test_the_journal_keeps_every_batch_of_concurrent_writers(tmp_path):

@@ -1,0 +1,139 @@
+"""A preempted tuning lane continues its interrupted trial from the trial's last per-epoch backup.
+
+Real training (small_cnn on 16-pixel images, a few dozen of them). The first attempt of a lane runs in
+a subprocess that dies (os._exit, like a preempted node) right after its first epoch was backed up and
+reported; the retry runs the lane again, as KFP retries the task with the same inputs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import keras
+import pytest
+
+from tests.unit.test_data import write_dataset
+from trainer import storage, tuning, tuning_report
+from trainer.training import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXED = {"model": "small_cnn", "weights": "none", "image_size": 16, "batch_size": 8, "early_stopping": True,
+         "early_stopping_patience": 10}
+
+FIRST_ATTEMPT = textwrap.dedent("""
+    import os, sys
+    import keras
+    from trainer import tuning
+    from trainer.training import train
+
+    class Preempted(keras.callbacks.Callback):
+        # After the callbacks the lane passes (the objective is reported) and the epoch's backup.
+        def on_epoch_end(self, epoch, logs=None):
+            os._exit(137)  # the node goes away; nothing after this runs
+
+    def train_until_preempted(*args, callbacks=(), **kwargs):
+        return train(*args, callbacks=[*callbacks, Preempted()], **kwargs)
+
+    tuning.run_lane(sys.argv[1], 0, sys.argv[2], train_fn=train_until_preempted)
+""")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("tuning-resume") / "dataset",
+                         counts={"train": 16, "validation": 8})
+
+
+def new_study(folder, epochs, max_trials=1):
+    config = tuning.make_config({"optimizer": ["adam", "sgd"], "learning_rate": {"min": 0.001, "max": 0.05}},
+                                {**FIXED, "epochs": epochs}, strategy="Random", max_trials=max_trials,
+                                parallel_trials=1, early_stopping_type="Off")
+    tuning.create_study(config, str(folder))
+    return str(folder)
+
+
+class EpochSpy(keras.callbacks.Callback):
+    """Records the epochs (1-based) that training runs, and what the backup folder holds after each."""
+
+    def __init__(self, backup_dir):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self.epochs = []
+        self.backed_up = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch + 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.backed_up.append(storage.list_files(self.backup_dir) if self.backup_dir else [])
+
+
+def spying_train(spies):
+    def train_fn(*args, callbacks=(), **kwargs):
+        spy = EpochSpy(kwargs.get("backup_dir"))
+        spies.append(spy)
+        return train(*args, callbacks=[*callbacks, spy], **kwargs)
+    return train_fn
+
+
+def test_a_preempted_lane_continues_its_trial_from_the_last_epoch(tmp_path, dataset):
+    study_uri = new_study(tmp_path / "study", epochs=3)
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = subprocess.run([sys.executable, "-c", FIRST_ATTEMPT, study_uri, dataset], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 137, first.stderr[-3000:]
+    study, _ = tuning.open_study(study_uri)
+    [killed] = study.get_trials()
+    assert killed.state == tuning.TrialState.RUNNING and list(killed.intermediate_values) == [1]
+    hyperparameters = killed.user_attrs["hyperparameters"]
+
+    spies = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [record] = tuning.run_lane(study_uri, 0, dataset, train_fn=spying_train(spies))
+    assert not [w for w in caught if "already reported" in str(w.message)]
+    [spy] = spies
+    assert spy.epochs == [2, 3]  # epoch 1 came from the backup
+    summary = tuning.summarize(study_uri)
+    [trial] = summary["trials"]
+    assert (trial["trial"], trial["status"], trial["epochs"]) == (killed.number, "completed", 3)
+    assert trial["hyperparameters"] == hyperparameters == record["hyperparameters"]
+    assert trial["error"] is None
+    assert trial["resumed_at_epochs"] == [2]
+    # The pruner sees every epoch: the one reported before the interruption and the two after it.
+    assert sorted(trial["intermediate"]) == ["1", "2", "3"]
+    assert trial["intermediate"]["1"] == killed.intermediate_values[1]
+    assert "| completed (resumed at epoch 2) |" in tuning_report.markdown(summary)
+    assert not os.path.exists(tuning.trial_backup_uri(study_uri, 0, killed.number))
+
+
+def test_finished_trials_leave_no_backup_behind(tmp_path, dataset):
+    # Two trials: the first completes; the second fails during its second epoch (say, out of memory).
+    study_uri = new_study(tmp_path / "study", epochs=2, max_trials=2)
+    spies = []
+    real = spying_train(spies)
+
+    class OutOfMemory(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("out of memory")
+
+    def train_fn(*args, callbacks=(), **kwargs):
+        extra = [OutOfMemory()] if len(spies) == 1 else []
+        return real(*args, callbacks=[*callbacks, *extra], **kwargs)
+
+    records = tuning.run_lane(study_uri, 0, dataset, train_fn=train_fn)
+    assert [(r["status"], r["epochs"]) for r in records] == [("completed", 2), ("failed", 1)]
+    assert records[1]["error"] == "RuntimeError: out of memory"
+    for spy, record in zip(spies, records, strict=True):
+        # Each trial was backed up after every epoch it ran, in a folder of its own ...
+        assert spy.backup_dir == tuning.trial_backup_uri(study_uri, record["slot"], record["trial"])
+        assert all("latest.weights.h5" in names for names in spy.backed_up) and spy.backed_up
+        # ... which is gone now that the trial is over, whether it completed or failed.
+        assert not os.path.exists(spy.backup_dir)
+    assert not [name for name in storage.list_files(study_uri) if "/backup/" in name]
+    summary = json.loads(json.dumps(tuning.summarize(study_uri)))
+    assert [t["resumed_at_epochs"] for t in summary["trials"]] == [[], []]
