@@ -140,7 +140,7 @@ def test_a_retried_lane_skips_finished_trials_and_records_the_interrupted_one(tm
     assert trials[1]["error"].startswith("interrupted")
     assert trials[1]["hyperparameters"] == {} and trials[2]["hyperparameters"]
     # The new trial trains with a backup of its own, never the interrupted trial's.
-    assert backups == [tuning.trial_backup_uri(str(tmp_path), 1, trials[2]["trial"])]
+    assert backups == [str(tmp_path / "trials" / "1" / "backup" / str(trials[2]["trial"]))]
     assert not trials[2]["resumed_at_epochs"]
 
 

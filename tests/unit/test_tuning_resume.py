@@ -5,7 +5,6 @@ a subprocess that dies (os._exit, like a preempted node) right after its first e
 reported; the retry runs the lane again, as KFP retries the task with the same inputs.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from tests.unit.test_data import write_dataset
 from trainer import storage, tuning, tuning_report
+from trainer.errors import StorageError
 from trainer.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,12 +107,21 @@ def test_a_preempted_lane_continues_its_trial_from_the_last_epoch(tmp_path, data
     assert sorted(trial["intermediate"]) == ["1", "2", "3"]
     assert trial["intermediate"]["1"] == killed.intermediate_values[1]
     assert "| completed (resumed at epoch 2) |" in tuning_report.markdown(summary)
-    assert not os.path.exists(tuning.trial_backup_uri(study_uri, 0, killed.number))
+    assert not os.path.exists(os.path.join(study_uri, "trials", "0", "backup", str(killed.number)))
 
 
-def test_finished_trials_leave_no_backup_behind(tmp_path, dataset):
+def files_below(uri):
+    try:
+        return storage.list_files(uri)
+    except StorageError:  # a folder or gs:// prefix that does not exist (any more)
+        return []
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_finished_trials_leave_no_backup_behind(tmp_path, dataset, where, request):
     # Two trials: the first completes; the second fails during its second epoch (say, out of memory).
-    study_uri = new_study(tmp_path / "study", epochs=2, max_trials=2)
+    folder = f"gs://{request.getfixturevalue('gcs_bucket')}/study" if where == "gcs" else str(tmp_path / "study")
+    study_uri = new_study(folder, epochs=2, max_trials=2)
     spies = []
     real = spying_train(spies)
 
@@ -130,10 +139,9 @@ def test_finished_trials_leave_no_backup_behind(tmp_path, dataset):
     assert records[1]["error"] == "RuntimeError: out of memory"
     for spy, record in zip(spies, records, strict=True):
         # Each trial was backed up after every epoch it ran, in a folder of its own ...
-        assert spy.backup_dir == tuning.trial_backup_uri(study_uri, record["slot"], record["trial"])
-        assert all("latest.weights.h5" in names for names in spy.backed_up) and spy.backed_up
+        assert spy.backed_up and all("latest.weights.h5" in names for names in spy.backed_up), spy.backed_up
+        assert spy.backup_dir == storage.join(study_uri, "trials", str(record["slot"]), "backup", str(record["trial"]))
         # ... which is gone now that the trial is over, whether it completed or failed.
-        assert not os.path.exists(spy.backup_dir)
+        assert files_below(spy.backup_dir) == []
     assert not [name for name in storage.list_files(study_uri) if "/backup/" in name]
-    summary = json.loads(json.dumps(tuning.summarize(study_uri)))
-    assert [t["resumed_at_epochs"] for t in summary["trials"]] == [[], []]
+    assert [t["resumed_at_epochs"] for t in tuning.summarize(study_uri)["trials"]] == [[], []]
