@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import keras
@@ -145,3 +146,43 @@ def test_finished_trials_leave_no_backup_behind(tmp_path, dataset, where, reques
         assert files_below(spy.backup_dir) == []
     assert not [name for name in storage.list_files(study_uri) if "/backup/" in name]
     assert [t["resumed_at_epochs"] for t in tuning.summarize(study_uri)["trials"]] == [[], []]
+
+
+def test_the_pruner_judges_a_continued_trial_with_the_epochs_it_reported_before(tmp_path):
+    # Three trials reach 0.9 at every epoch; slot 3's trial reported 0.1 at epoch 1 and was then killed.
+    from tests.unit.test_tuning import RANGES, fake_training
+
+    config = tuning.make_config(RANGES, {"epochs": 3}, strategy="Random", max_trials=4, parallel_trials=1)
+    study_uri = str(tmp_path)
+    tuning.create_study(config, study_uri)
+    for slot in range(3):
+        tuning.run_trial(study_uri, slot, "unused", train_fn=fake_training(curve=lambda hp, epoch: 0.9))
+    study, config = tuning.open_study(study_uri, 3)
+    killed = study.ask()
+    killed.set_user_attr("slot", 3)
+    killed.set_user_attr("hyperparameters", config.space.suggest(killed))
+    killed.report(0.1, 1)
+    calls = []
+
+    def resumed_training(hp, dataset_dir, model_dir, *, jit_compile=False, callbacks=(), backup_dir=None):
+        # What trainer.training.train does with a backup of epoch 1: it runs epochs 2 and 3 only.
+        calls.append((hp.optimizer, hp.learning_rate, backup_dir))
+        network = types.SimpleNamespace(stop_training=False)
+        for callback in callbacks:
+            callback.set_model(network)
+        for epoch in (1, 2):
+            for callback in callbacks:
+                callback.on_epoch_begin(epoch)
+                callback.on_epoch_end(epoch, {"val_accuracy": 0.1, "val_loss": 0.9})
+            if network.stop_training:
+                break
+        return {"epochs_completed": epoch + 1, "validation_metrics": {"accuracy": 0.1, "loss": 0.9}}
+
+    tuning.run_lane(study_uri, 0, "unused", train_fn=resumed_training)
+    trials = tuning.summarize(study_uri)["trials"]
+    assert len(trials) == 4
+    trial = trials[3]
+    assert (trial["trial"], trial["status"], trial["epochs"]) == (killed.number, "stopped early", 2)
+    assert calls == [(killed.params["optimizer"], killed.params["learning_rate"],
+                      str(tmp_path / "trials" / "3" / "backup" / str(killed.number)))]
+    assert trial["intermediate"] == {"1": 0.1, "2": 0.1} and trial["resumed_at_epochs"] == [2]
