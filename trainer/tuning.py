@@ -524,24 +524,28 @@ def _take_over_interrupted(study: optuna.Study, slot: int) -> optuna.trial.Froze
     chosen = resumable[-1] if resumable else None
     for frozen in running:
         if frozen is not chosen:
-            study._storage.set_trial_user_attr(frozen._trial_id, "error", "interrupted (the pod was preempted or "
-                                               "killed before the trial had its hyperparameters); the slot "
-                                               "was retried as a new trial")
+            why = ("another trial of this slot was continued" if "hyperparameters" in frozen.user_attrs
+                   else "the slot was retried as a new trial, since it was killed before it had its "
+                   "hyperparameters")
+            study._storage.set_trial_user_attr(frozen._trial_id, "error",
+                                               f"interrupted (the pod was preempted or killed); {why}")
             study.tell(frozen.number, state=TrialState.FAIL)
     return chosen
 
 
 def _remove_backup(backup_uri: str) -> None:
     """Remove a finished trial's backup folder (model weights of its last and best epochs)."""
+    if not storage.is_gcs(backup_uri):
+        shutil.rmtree(backup_uri, ignore_errors=True)
+        return
     try:
-        if storage.is_gcs(backup_uri):
-            for name in storage.list_files(backup_uri):
-                storage.delete(storage.join(backup_uri, name))
-        else:
-            shutil.rmtree(backup_uri, ignore_errors=True)
+        names = storage.list_files(backup_uri)
     except StorageError:
-        pass  # nothing was backed up (a gs:// prefix without objects)
-    except Exception as err:  # noqa: BLE001 - a leftover backup costs space, not the search
+        return  # nothing there: training removed it, or nothing was backed up
+    try:
+        for name in names:
+            storage.delete(storage.join(backup_uri, name))
+    except StorageError as err:  # a leftover backup costs space, not the search
         log.warning("Could not remove the trial backup %s: %s", backup_uri, err)
 
 
