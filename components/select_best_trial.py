@@ -47,7 +47,6 @@ def select_best_trial(
             if os.path.exists(os.path.join(tuning.path, name)):
                 shutil.copyfile(os.path.join(tuning.path, name), target)
     best = summary["best"]
-    metrics.log_metric(summary["objective"].replace(":", "_"), float(best["value"]))
     metrics.log_metric("best_trial", best["trial"])
     for name, value in tuning_lib.trial_metrics(summary["trials"], summary["direction"]).items():
         metrics.log_metric(name, value)

@@ -13,8 +13,9 @@ def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], ji
 
     Lanes run side by side, parallel_trials of them, each on its own GPU(s). A trial's model goes to the
     study folder (trials/<slot>/model). A trial that fails (a bad combination, out of memory) is recorded
-    in the study with its reason and the lane goes on; a lane killed by preemption is retried and skips
-    the trials it already finished.
+    in the study with its reason and the lane goes on; a lane killed by preemption is retried, skips
+    the trials it already finished and continues the interrupted one from its last per-epoch backup
+    (trials/<slot>/backup/<trial number>).
 
     Args:
         study: The setup step's study artifact; its metadata names the study folder.

@@ -152,8 +152,8 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             trials = tuning_trials(study=setup.outputs["study"], lane=lane, dataset=conversion.outputs["dataset"],
                                    jit_compile=jit_compile, gpus=accelerator_count)
             trials.set_caching_options(False)
-            # Retries cover node preemption; the retried lane skips the trials it finished and records the
-            # interrupted one.
+            # Retries cover node preemption; the retried lane skips the trials it finished and continues the
+            # interrupted one from its last per-epoch backup.
             trials.set_display_name("Trials").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
             trials.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
             settings.apply(trials, "train")

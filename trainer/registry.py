@@ -37,7 +37,7 @@ from typing import Any
 from trainer import data, evaluation, prediction, storage
 from trainer.errors import HyperparameterError, ModelError, StorageError
 from trainer.hyperparameters import EVAL_METRICS
-from trainer.layout import (  # noqa: F401  (BLESSING_FILE, CLAIMS_DIR: re-exported for the push component)
+from trainer.layout import (
     BLESSING_FILE,
     CLAIMS_DIR,
     HISTORY_FILE,

@@ -51,9 +51,10 @@ validation.json (schema_version 1)::
 Paths are relative to data_uri, POSIX style; lists are sorted by path. Width and height are those
 after EXIF orientation.
 
-The fingerprint exists for pipeline caching. The validation step is never cached (the folder behind
-a URI can change), and hands the fingerprint to the conversion step as a parameter: KFP's cache key
-includes every input value, so new content under the same URI can never reuse an old conversion.
+The fingerprint exists for pipeline caching. The validation step is cached on the content fingerprint
+that the look-at-data step takes (``trainer.fingerprint``), and hands its fingerprint to the conversion
+step as a parameter: KFP's cache key includes every input value, so new content under the same URI can
+never reuse an old validation or conversion.
 
 report.md is the plain summary; report.html (``render_html_report``) is the same summary for the
 Kubeflow UI, with a few thumbnails per class and of the rejected files, all inlined in the page.

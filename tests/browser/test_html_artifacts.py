@@ -22,6 +22,7 @@ from tests.support.datasets import make_image_folder
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
     """name -> HTML file of each report imgclf writes, from one real run on three classes of pictures."""
+    require_browser()  # before the training and the search, which are only worth it with a browser
     from trainer import conversion, evaluation, training, tuning, validation
     from trainer.hyperparameters import Hyperparameters
 

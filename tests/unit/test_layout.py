@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from trainer import conversion, data, export, layout, prediction, registry, storage
+from trainer import conversion, data, export, layout, prediction, storage
 from trainer import model as model_lib
 from trainer.errors import DataError
 
@@ -60,7 +60,6 @@ def test_every_module_uses_the_same_names():
     assert data.MANIFEST_FILE is conversion.MANIFEST_FILE is layout.MANIFEST_FILE
     assert data.LABEL_MAP_FILE is export.LABEL_MAP_FILE is layout.LABEL_MAP_FILE
     assert export.KERAS_MODEL_FILE is prediction.KERAS_MODEL_FILE is model_lib.KERAS_MODEL_FILE
-    assert registry.BLESSING_FILE is layout.BLESSING_FILE
     assert data.read_manifest is layout.read_manifest
     assert sorted(conversion.FEATURES) == sorted(data.FEATURES) == sorted(layout.RECORD_FEATURES)
     assert layout.SHARD_PATTERN.match(layout.shard_name(3, 12)) and layout.version_name(7) == "000007"
