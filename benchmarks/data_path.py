@@ -7,8 +7,10 @@ Both start from the same synthetic photo-like JPEGs (``synthetic.write_photos``:
 
 * plain: one Python process running the loop of TensorFlow's TFRecord tutorial, single-threaded: read
   a file, decode it with ``tf.io.decode_image`` to check it, write an Example with the original bytes.
-* ours: the two steps the pipeline runs, each as its own process, as the pipeline's components run
-  them: ``python -m trainer validate-data`` (with its Markdown and HTML reports), then
+* ours: the three steps the pipeline runs before training, each as its own process, making the calls
+  the pipeline's components make: look-at-data (``fingerprint.look_at_data``: every file's SHA-256 on
+  a volume), validate-data (``fingerprint.validate_unchanged``: validation with its Markdown and HTML
+  reports, then the second look that makes sure nothing changed meanwhile), then
   ``python -m trainer convert`` (split, shuffled, sharded, every file's SHA-256 checked).
 
 Each is timed from the moment its process is started to the moment the last one exits, so Python's
@@ -44,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain import plain_loop  # noqa: E402
 from synthetic import write_photos  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer.resources import available_cores  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.5
 
@@ -76,12 +81,21 @@ def run_plain(data: Path, work: Path, log: Path) -> float:
     return seconds
 
 
+# What the look-at-data and validate-data components call (components/look_at_data.py, validate_data.py).
+LOOK = ("import sys; from trainer.fingerprint import look_at_data; "
+        "open(sys.argv[2], 'w').write(look_at_data(sys.argv[1]).fingerprint)")
+VALIDATE = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
+            "from trainer.fingerprint import validate_unchanged; "
+            "validate_unchanged(sys.argv[1], sys.argv[2], open(sys.argv[3]).read())")
+
+
 def run_ours(data: Path, work: Path, log: Path) -> float:
-    validation, dataset = work / "validation", work / "dataset"
+    validation, dataset, look = work / "validation", work / "dataset", work / "fingerprint.txt"
     for folder in (validation, dataset):
         shutil.rmtree(folder, ignore_errors=True)
     seconds = timed([
-        [sys.executable, "-m", "trainer", "validate-data", "--data", str(data), "--output", str(validation)],
+        [sys.executable, "-c", LOOK, str(data), str(look)],
+        [sys.executable, "-c", VALIDATE, str(data), str(validation), str(look)],
         [sys.executable, "-m", "trainer", "convert", "--data", str(data), "--validation",
          str(validation / "validation.json"), "--output", str(dataset)],
     ], log)
@@ -92,10 +106,9 @@ def run_ours(data: Path, work: Path, log: Path) -> float:
 
 def validation_rates(data: Path, work: Path, images: int) -> dict[str, float]:
     """Steady images/s of validation alone (in this process, imports done) with 1 worker and one per core."""
-    sys.path.insert(0, str(ROOT))
     from trainer import validation
 
-    cores = getattr(validation, "available_cores", lambda: len(os.sched_getaffinity(0)))()  # older code: none
+    cores = available_cores()
     rates = {}
     validation.validate_dataset(str(data), str(work / "warm"), workers=cores, html_report=False)  # page cache
     for workers in sorted({1, cores}):
@@ -131,7 +144,7 @@ def main() -> None:
             print(f"plain loop, 1 process:                    {args.images / plain[-1]:7.0f} images/s "
                   f"({plain[-1]:.1f} s)", flush=True)
             ours.append(run_ours(data, work, log))
-            print(f"ours, validate-data + convert processes:  {args.images / ours[-1]:7.0f} images/s "
+            print(f"ours, look + validate + convert processes: {args.images / ours[-1]:6.0f} images/s "
                   f"({ours[-1]:.1f} s)", flush=True)
         best_plain, best_ours = min(plain), min(ours)
         summary = {
@@ -139,7 +152,7 @@ def main() -> None:
             "plain_images_per_second": round(args.images / best_plain, 1),
             "ours_images_per_second": round(args.images / best_ours, 1),
             "plain_seconds": round(best_plain, 2), "ours_seconds": round(best_ours, 2),
-            "images": args.images, "runs": args.repeat, "cores": len(os.sched_getaffinity(0)),
+            "images": args.images, "runs": args.repeat, "cores": available_cores(),
             "target_speedup": TARGET,
         }
         if not args.no_scaling:
