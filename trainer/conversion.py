@@ -262,7 +262,7 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
       random_seed: seeds the split and the record order.
       num_shards: shards per split (fewer if a split has fewer images); None picks
         ``default_num_shards`` per split.
-      workers: threads reading and checking files (default ``validation.default_workers()``).
+      workers: threads reading and checking files (default ``validation.default_workers(data_uri)``).
       data_fingerprint: the fingerprint the validation step returned, when the caller has it (the
         pipeline passes it so that KFP's cache key changes with the data); it must be that of
         ``validation_json``. Recorded in the manifest as ``data_fingerprint``.
@@ -275,7 +275,7 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
       ValueError: a parameter is out of range.
     """
     _check_parameters(validation_split_ratio, test_split_ratio, random_seed, num_shards)
-    workers = workers or default_workers()
+    workers = workers or default_workers(data_uri)
     validation = load_validation(validation_json)
     if validation["fatal"]:
         raise DataError(f"{validation_json} reports fatal problems; fix the data set and re-run validation:\n"

@@ -10,7 +10,7 @@ stated in ``trainer/layout.py``::
 Records hold each image file's original bytes (see ``trainer/conversion.py`` for the decision), so
 one data set serves every model size. The input pipeline decodes them with ``images.decode_tensor``
 and resizes them with ``images.resize_image`` -- the functions the serving signature uses, with the
-model's image size and interpolation -- in parallel (``num_parallel_calls=AUTOTUNE``, order kept, so
+model's image size and interpolation -- several at a time (twice as many as cores, order kept, so
 seeded runs repeat). Records carry the EXIF orientation serving would find in their bytes, so
 training does not search for it, and a split conversion recorded as upright JPEGs only is decoded
 without control flow (``images.decode_upright_jpeg_tensor``): the same pixels, a fifth less work per
@@ -45,7 +45,7 @@ from typing import Any
 
 from trainer import images, resources, storage
 from trainer.errors import DataError, StorageError
-from trainer.images import tf  # imported on first use: conversion reads this module's constants only
+from trainer.images import tf  # imported on first use (trainer.images)
 from trainer.layout import (  # noqa: F401  (re-exported: the data set's contract, read through this module)
     FEATURE_ENCODED,
     FEATURE_FORMAT,
@@ -97,7 +97,7 @@ SHUFFLE_BUFFER_BYTES = 256 << 20
 # (64 MiB held back the first batch by about 0.1 s: a tenth of a 2,000-photo epoch).
 RECORD_SHUFFLE_BYTES = 2 << 20
 
-# Where gs:// data sets are copied; one subdirectory per URI.
+# Where gs:// data sets are copied; one subdirectory per manifest content.
 CACHE_DIR_ENV = "IMGCLF_CACHE_DIR"
 _COMPLETE_MARKER = ".imgclf-complete"
 
@@ -203,7 +203,7 @@ def read_split(dataset_dir: str, split: str, *, image_size: int, interpolation: 
     _check_resize(image_size, interpolation)
     local = local_dataset_dir(dataset_dir, (split,))
     return _within_cpu_quota(_records(local, split, shuffle_files=False, seed=None,
-                                      then=_decoder(image_size, interpolation)))
+                                      then=_decoder(image_size, interpolation, local, split)))
 
 
 def read_examples(dataset_dir: str, split: str, indices: set[int] | list[int], *, image_size: int,
@@ -218,7 +218,7 @@ def read_examples(dataset_dir: str, split: str, indices: set[int] | list[int], *
         return found
     local = local_dataset_dir(dataset_dir, (split,))
     wanted = tf.constant(sorted(set(indices)), tf.int64)
-    decode = _decoder(image_size, interpolation)
+    decode = _decoder(image_size, interpolation, local, split)
     records = _records(local, split, shuffle_files=False, seed=None).enumerate()
     chosen = records.filter(lambda index, record: tf.reduce_any(tf.equal(index, wanted)))
     pixels = chosen.map(lambda index, record: (index, *decode(record[0], record[1], tf.constant(0, tf.int64))),
@@ -263,7 +263,7 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
     if seed is None and shuffled:
         seed = int.from_bytes(os.urandom(4), "little")
     dataset = _records(local, split, shuffle_files=shuffled, seed=seed,
-                       then=_decoder(image_size, interpolation, upright_jpegs=_upright_jpegs(local, split)),
+                       then=_decoder(image_size, interpolation, local, split),
                        record_buffer=_record_buffer(local, split, count) if shuffled else 0)
     image_bytes = image_size * image_size * 3
     dataset, where = _cache(dataset, f"{local}/{split}", count, image_size, cache_bytes, read_ahead=not shuffled)
@@ -432,16 +432,19 @@ def _upright_jpegs(local_dir: str, split: str) -> bool:
     return isinstance(formats, dict) and formats.get("png") == 0 and info.get("turned") == 0
 
 
-def _decoder(image_size: int, interpolation: str, upright_jpegs: bool = False) -> Callable[
+def _decoder(image_size: int, interpolation: str, local_dir: str, split: str) -> Callable[
         [tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """``(encoded, label, orientation)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's decode
     and resize (the record's orientation, when known, spares the search of the bytes for it: the same
-    value serving finds, see ``images.decode_tensor``). ``upright_jpegs``: every record is a JPEG of
-    orientation 1, decoded by ``images.decode_upright_jpeg_tensor`` (the same pixels, without control flow).
+    value serving finds, see ``images.decode_tensor``). When conversion recorded ``split`` of the data
+    set in ``local_dir`` as upright JPEGs only, every record is decoded by
+    ``images.decode_upright_jpeg_tensor`` (the same pixels, without control flow).
 
     Run inside ``_records``' parallel map, deterministic (the order of the records is kept), so a
     seeded run repeats.
     """
+    upright_jpegs = _upright_jpegs(local_dir, split)
+
     def decode(encoded: tf.Tensor, label: tf.Tensor, orientation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         decoded = (images.decode_upright_jpeg_tensor(encoded) if upright_jpegs
                    else images.decode_tensor(encoded, orientation))

@@ -31,6 +31,7 @@ import tensorflow as tf
 from trainer import calibration, data, gallery, model_card, prediction, storage, tflite
 from trainer.errors import DataError, HyperparameterError, ModelError
 from trainer.hyperparameters import BINARY_ONLY_METRICS, EVAL_METRICS
+from trainer.model_card import markdown_cell as _cell
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.md"
 HTML_REPORT_FILE = "report.html"
 MODEL_CARD_FILE = "model_card.md"
-# TFLite files are checked against the Keras model on the split: these are the bounds the export
-# promises (probabilities of the float file, top-1 agreement of the quantised one).
+# The bounds the TFLite export promises against the Keras model (largest difference of the float
+# file's probabilities, top-1 agreement of the quantised one); the evaluation report shows the
+# measured figures and tests/unit/test_tflite.py holds the export to these.
 TFLITE_FLOAT_TOLERANCE = 1e-3
 TFLITE_QUANTIZED_MIN_AGREEMENT = 0.99
 TOP_K = 5  # Top-5 accuracy is reported when there are more than 5 classes (otherwise it is always 1).
@@ -555,11 +557,6 @@ def _tflite_lines(result: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {name} | {_TFLITE_NAMES.get(name, '')} | {row['size_bytes'] / 1e6:.2f} MB | "
                      f"{row['max_abs_difference']:.2e} | {row['top1_agreement']:.2%} |")
     return lines
-
-
-def _cell(text: str) -> str:
-    """Class names are folder names: keep characters that Markdown tables treat specially literal."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ How the content is seen, per kind of location:
   unchanged bucket lists the same fingerprint every time.
 * a local path or mounted volume: each file's name, size and SHA-256 of its bytes. Hashing reads
   the files once at disk speed (about 1 GB/s of SHA-256 per core), far cheaper than validation's
-  decoding of every image (about 2 ms each); modification times are not used because a copy or
+  decoding of every image (about 1 ms each); modification times are not used because a copy or
   restore changes them without changing content, and a same-second rewrite may keep them.
 
 Every listed file counts, hidden ones included (validation decides what is data): adding or editing

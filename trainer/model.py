@@ -104,7 +104,9 @@ def build_model(hp: Hyperparameters, num_classes: int) -> keras.Model:
     backbone.trainable = not hp.train_only_top_layer
     if backbone_batch_norm_frozen(hp):
         freeze_batch_norm(backbone)
-    # A frozen backbone runs entirely in inference mode; training=False states that in the graph.
+    # training=False asks for inference mode, but in Keras 3 fit's training flag reaches the backbone's
+    # layers all the same: what freezes a frozen backbone's batch normalisation is trainable=False
+    # (freeze_batch_norm), and dropout inside a frozen backbone (EfficientNet's) still runs in fit.
     x = backbone(x, training=False) if hp.train_only_top_layer else backbone(x)
     dropout, dense = build_head(hp, num_classes)
     outputs = dense(dropout(x))

@@ -47,7 +47,7 @@ def _data(manifest: Mapping[str, Any], labels: list[str]) -> list[str]:
              "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for label in labels:
         counts = [str(splits[s].get("class_counts", {}).get(label, "?")) for s in names]
-        lines.append(f"| {_cell(label)} | " + " | ".join(counts) + " |")
+        lines.append(f"| {markdown_cell(label)} | " + " | ".join(counts) + " |")
     totals = [str(splits[s].get("count", "?")) for s in names]
     lines += ["| **all** | " + " | ".join(totals) + " |", ""]
     return lines
@@ -95,11 +95,12 @@ def _weak_classes(result: Mapping[str, Any]) -> list[str]:
     lines += ["| class | F1 | recall | most often taken for |", "|---|---:|---:|---|"]
     for f1, label in weak[:WEAK_CLASSES]:
         pair = confused.get(label)
-        taken = f"{_cell(pair['predicted'])} ({pair['count']} images)" if pair else "-"
-        lines.append(f"| {_cell(label)} | {f1:.4f} | {per_class[label]['recall']:.4f} | {taken} |")
+        taken = f"{markdown_cell(pair['predicted'])} ({pair['count']} images)" if pair else "-"
+        lines.append(f"| {markdown_cell(label)} | {f1:.4f} | {per_class[label]['recall']:.4f} | {taken} |")
     return lines + ["", f"(F1 more than {WEAK_F1_MARGIN} below the average of {mean_f1:.4f}; from the "
                     "confusion matrix of the evaluation.)", ""]
 
 
-def _cell(text: str) -> str:
+def markdown_cell(text: str) -> str:
+    """Class names are folder names: keep characters that Markdown tables treat specially literal."""
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")

@@ -154,8 +154,10 @@ def read_bytes_if_exists(uri: str) -> bytes | None:
 def create_if_absent(uri: str, data: bytes) -> bool:
     """Write ``data`` to ``uri`` only if nothing is there yet; False (and nothing written) if something is.
 
-    Of several writers racing for one name exactly one gets True: locally through ``O_CREAT | O_EXCL``
-    on a temporary name hard-linked into place, on GCS through the precondition ``ifGenerationMatch=0``.
+    Of several writers racing for one name at most one gets True: locally through ``link()``, which
+    refuses an existing name (the content is written under a temporary name first), on GCS through the
+    precondition ``ifGenerationMatch=0``. A retried upload whose first attempt did land also answers
+    False, so a caller that must know whether the object is its own compares the content.
     """
     if is_gcs(uri):
         missing = f"bucket {_split(uri)[0]!r} does not exist (HTTP 404 writing {uri}): create it or fix the URI"

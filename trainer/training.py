@@ -437,10 +437,8 @@ class _EpochRecorder(keras.callbacks.Callback):
         self.path = storage.join(backup_dir, HISTORY_BACKUP_FILE) if backup_dir else None
         self.epochs: dict[int, dict[str, float]] = {}
         self._first_epoch_seen = False
-        saved = None
-        if self.path:
-            with contextlib.suppress(StorageError):  # no backup yet: a fresh run
-                saved = storage.read_bytes(self.path)
+        # None: no backup yet, a fresh run (any other read error raises rather than lose the epochs).
+        saved = storage.read_bytes_if_exists(self.path) if self.path else None
         if saved is not None:
             self.epochs = {int(k): v for k, v in json.loads(saved).items()}
             log.info("Resuming: %d epoch(s) were completed before the interruption", len(self.epochs))
@@ -569,10 +567,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             storage.delete(storage.join(self.state_path.rsplit("/", 1)[0], name))
 
     def _read_state(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(storage.read_bytes(self.state_path))
-        except StorageError:
-            return None  # no backup yet: a fresh run
+        raw = storage.read_bytes_if_exists(self.state_path)  # None: no backup yet, a fresh run
+        return None if raw is None else json.loads(raw)
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         folder = self.state_path.rsplit("/", 1)[0]
