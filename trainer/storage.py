@@ -207,6 +207,27 @@ def delete(uri: str) -> bool:
     return True
 
 
+def delete_tree(root: str) -> int:
+    """Remove every file or object below ``root`` (a local folder with the folder itself); returns how
+    many files went, 0 when nothing was there. Other failures raise StorageError."""
+    if is_gcs(root):
+        bucket, key = _split(root)
+        prefix = key.strip("/") + "/" if key.strip("/") else ""
+        with _gcs_errors(f"{_GS}{bucket}/{prefix}", "listing", f"bucket {bucket!r} does not exist"):
+            names = [blob.name for blob in _client().list_blobs(bucket, prefix=prefix, retry=_RETRY,
+                                                                fields="items(name),nextPageToken")]
+        for name in names:
+            delete(f"{_GS}{bucket}/{name}")
+        return len(names)
+    path = _local(root)
+    if not os.path.isdir(path):
+        return 0
+    count = sum(len(files) for _, _, files in os.walk(path))
+    with _local_errors(root, "delete"):
+        shutil.rmtree(path)
+    return count
+
+
 def download_file(uri: str, local_path: str) -> None:
     """Copy one file or object to ``local_path``; on failure nothing is left at ``local_path``."""
     with _atomic_file(_local(local_path)) as out:

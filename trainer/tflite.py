@@ -39,13 +39,19 @@ QUANTIZATION_FILES = {"none": None, "dynamic_range": DYNAMIC_RANGE_FILE}
 
 
 def convert(model: keras.Model, *, binary: bool, quantization: str = "none") -> bytes:
-    """The TFLite flatbuffer of ``model`` (float32 0-255 pixels in, probabilities [N, K] out).
+    """The TFLite flatbuffer of ``model`` (float32 0-255 pixels in, probabilities [N, K] out)."""
+    return _convert(model, binary=binary, quantizations=(quantization,))[quantization]
+
+
+def _convert(model: keras.Model, *, binary: bool, quantizations: tuple[str, ...]) -> dict[str, bytes]:
+    """``{quantization: flatbuffer}`` for each of ``quantizations``, from one export of the model.
 
     The model goes through a SavedModel with a pixels-in endpoint: converting a Keras 3 model from a
     concrete function can leave its weights as unfrozen resource variables (the file then answers NaN).
     """
-    if quantization not in QUANTIZATION_FILES:
-        raise ValueError(f"tflite quantization must be one of {', '.join(QUANTIZATION_FILES)}, got {quantization!r}")
+    unknown = [q for q in quantizations if q not in QUANTIZATION_FILES]
+    if unknown:
+        raise ValueError(f"tflite quantization must be one of {', '.join(QUANTIZATION_FILES)}, got {unknown[0]!r}")
     size = model.input_shape[1]
 
     def serve(image):
@@ -54,28 +60,31 @@ def convert(model: keras.Model, *, binary: bool, quantization: str = "none") -> 
             probabilities = tf.concat([1.0 - probabilities, probabilities], axis=-1)
         return {"probabilities": probabilities}
 
+    flatbuffers = {}
     with tempfile.TemporaryDirectory(prefix="imgclf-tflite-") as tmp:
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint(name="serve", fn=serve,
                              input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="image")])
         archive.write_out(tmp, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serve"])
-        if quantization == "dynamic_range":
-            # No representative data set: weights become int8, activations stay float (dynamic range).
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        return converter.convert()
+        for quantization in quantizations:
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serve"])
+            if quantization == "dynamic_range":
+                # No representative data set: weights become int8, activations stay float (dynamic range).
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            flatbuffers[quantization] = converter.convert()
+    return flatbuffers
 
 
 def write(model: keras.Model, directory: str, *, binary: bool, quantization: str = "none") -> list[str]:
-    """Write model.tflite (and the quantised file ``quantization`` asks for) into a local directory."""
+    """Write model.tflite (and the quantised file ``quantization`` asks for) into a local directory,
+    converting both from one export of the model."""
+    kinds = ("none",) if quantization == "none" else ("none", quantization)
     written = []
-    for kind, name in (("none", FLOAT_FILE), (quantization, QUANTIZATION_FILES.get(quantization))):
-        if name is None or (kind == "none" and written):
-            continue
-        path = os.path.join(directory, name)
+    for kind, content in _convert(model, binary=binary, quantizations=kinds).items():
+        path = os.path.join(directory, QUANTIZATION_FILES[kind] or FLOAT_FILE)
         with open(path, "wb") as handle:
-            handle.write(convert(model, binary=binary, quantization=kind))
+            handle.write(content)
         written.append(path)
     log.info("Wrote %s", ", ".join(os.path.basename(p) for p in written))
     return written

@@ -31,7 +31,6 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import io
@@ -490,9 +489,10 @@ class StorageBackupAndRestore(keras.callbacks.BackupAndRestore):
         super().on_train_end(logs)
         if self.remote:
             # Everything in the backup folder (also the history and early stopping's state) served this run.
-            with contextlib.suppress(StorageError):
-                for name in storage.list_files(self.remote):
-                    storage.delete(storage.join(self.remote, name))
+            try:
+                storage.delete_tree(self.remote)
+            except StorageError as err:  # a leftover backup costs space, not the finished training
+                log.warning("Could not remove the backup %s: %s", self.remote, err)
 
 
 def tensorboard_callbacks(tensorboard_dir: str) -> list[keras.callbacks.Callback]:

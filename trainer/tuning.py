@@ -39,7 +39,6 @@ import itertools
 import json
 import logging
 import secrets
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -535,16 +534,8 @@ def _take_over_interrupted(study: optuna.Study, slot: int) -> optuna.trial.Froze
 
 def _remove_backup(backup_uri: str) -> None:
     """Remove a finished trial's backup folder (model weights of its last and best epochs)."""
-    if not storage.is_gcs(backup_uri):
-        shutil.rmtree(backup_uri, ignore_errors=True)
-        return
     try:
-        names = storage.list_files(backup_uri)
-    except StorageError:
-        return  # nothing there: training removed it, or nothing was backed up
-    try:
-        for name in names:
-            storage.delete(storage.join(backup_uri, name))
+        storage.delete_tree(backup_uri)
     except StorageError as err:  # a leftover backup costs space, not the search
         log.warning("Could not remove the trial backup %s: %s", backup_uri, err)
 

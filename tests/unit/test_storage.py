@@ -117,6 +117,14 @@ def test_list_files_lists_everything_relative_and_sorted(sample_root):
     assert storage.list_files(sample_root + "/") == sorted(SAMPLE)
 
 
+def test_delete_tree_removes_everything_below_a_folder_and_nothing_beside_it(base):
+    for name in ("backup/1/weights.h5", "backup/1/sub/state.json", "backup/10/keep.json"):
+        storage.write_bytes(storage.join(base, name), b"x")
+    assert storage.delete_tree(storage.join(base, "backup/1")) == 2
+    assert storage.delete_tree(storage.join(base, "backup/1")) == 0  # nothing there any more
+    assert storage.list_files(storage.join(base, "backup")) == ["10/keep.json"]
+
+
 def test_list_files_gcs_prefix_does_not_match_siblings(gcs_bucket, tmp_path):
     folder = make_folder(
         tmp_path / "f", {"data/x.jpg": b"1", "data2/y.jpg": b"2", "data.txt": b"3", "data_$folder$": b""}
