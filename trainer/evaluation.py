@@ -31,6 +31,7 @@ import tensorflow as tf
 from trainer import calibration, data, gallery, model_card, prediction, storage, tflite
 from trainer.errors import DataError, HyperparameterError, ModelError
 from trainer.hyperparameters import BINARY_ONLY_METRICS, EVAL_METRICS
+from trainer.layout import KERAS_MODEL_FILE
 from trainer.model_card import markdown_cell as _cell
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
         loaded, dataset_dir, split, batch_size or loaded.hyperparameters.batch_size, lite_models)
     if y_true.size == 0:
         raise _empty_split(split, dataset_dir)
+    _check_finite(probabilities, storage.join(model_dir, KERAS_MODEL_FILE), split, dataset_dir)
+    for name, lite in lite_probabilities.items():
+        _check_finite(lite, storage.join(model_dir, name), split, dataset_dir)
 
     result = build_evaluation(y_true, probabilities, loaded.labels, binary=loaded.binary,
                               threshold=threshold, eval_metric=metric, split=split)
@@ -113,12 +117,24 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
                                             total_mistakes=int(np.sum(y_pred != y_true)))
     card = model_card.model_card(result, loaded.hyperparameters, data.read_manifest(dataset_dir), model_dir)
 
-    _write(output_dir, EVALUATION_FILE, json.dumps(result, indent=2) + "\n")
+    _write(output_dir, EVALUATION_FILE, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _write(output_dir, REPORT_FILE, markdown_report(result))
     _write(output_dir, MODEL_CARD_FILE, card)
     _write(output_dir, HTML_REPORT_FILE, html_report(result, gallery_fragment, card))
     log.info("%s on the %s split (%d images): %.4f", metric, split, result["count"], result["eval_value"])
     return result
+
+
+def _check_finite(probabilities: np.ndarray, model_file: str, split: str, dataset_dir: str) -> None:
+    """ModelError when a model answers NaN or infinity: no metric of such answers means anything (NaN
+    compares false, so it would pass as a confident prediction), and JSON cannot hold them."""
+    bad = ~np.isfinite(probabilities).all(axis=1)
+    if bad.any():
+        raise ModelError(
+            f"{model_file} answers non-finite probabilities (NaN or infinity) for {int(bad.sum())} of {bad.size} "
+            f"images of the {split!r} split of {dataset_dir} (the first at index {int(np.argmax(bad))}); such a "
+            "model cannot be evaluated or blessed: its training diverged or its weights are corrupt (see the "
+            "loss in history.json); train again, e.g. with a lower learning_rate")
 
 
 def _empty_split(split: str, dataset_dir: str) -> DataError:
@@ -241,6 +257,8 @@ def build_evaluation(y_true: np.ndarray, probabilities: np.ndarray, labels: Sequ
     classes = len(labels)
     if probabilities.shape != (y_true.size, classes):
         raise ValueError(f"probabilities must be [{y_true.size}, {classes}], got {list(probabilities.shape)}")
+    if not np.isfinite(probabilities).all():
+        raise ValueError("probabilities must be finite: no metric of NaN or infinity means anything")
 
     y_pred = predicted_classes(probabilities, binary=binary, threshold=threshold)
     matrix = np.bincount(y_true * classes + y_pred, minlength=classes * classes).reshape(classes, classes)
@@ -345,7 +363,9 @@ def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> dict[str, Any] | None:
     true_positives, false_positives, thresholds = _cumulative_counts(y_true, scores)
     # Drop points on a straight segment between their neighbours: they add nothing to the curve.
     # Done before (0, 0) is added, as scikit-learn's roc_curve does, so the points match its own.
-    keep = np.r_[True, np.logical_or(np.diff(false_positives, 2), np.diff(true_positives, 2)), True]
+    # One distinct score (a constant model) gives one point, which is kept: the curve is the diagonal.
+    inner = np.logical_or(np.diff(false_positives, 2), np.diff(true_positives, 2))
+    keep = np.r_[True, inner, True][:true_positives.size]
     fpr = np.r_[0.0, false_positives[keep] / negatives]
     tpr = np.r_[0.0, true_positives[keep] / positives]
     thresholds = np.r_[np.nextafter(thresholds[0], np.inf), thresholds[keep]]

@@ -33,12 +33,13 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from trainer import images, tflite
+from trainer import images, storage, tflite
 from trainer.hyperparameters import Hyperparameters, write_resolved
 from trainer.layout import (  # noqa: F401  (re-exported: the model folder's contract)
     HISTORY_FILE,
     HYPERPARAMETERS_FILE,
     KERAS_MODEL_FILE,
+    MODEL_FILES,
     SAVED_MODEL_DIR,
 )
 from trainer.layout import MODEL_LABEL_MAP_FILE as LABEL_MAP_FILE
@@ -59,15 +60,30 @@ def export_model(model: keras.Model, model_dir: str, *, hp: Hyperparameters, lab
     names to its output index.
     """
     _check_outputs(model, hp, label_map)
-    if model_dir.startswith("gs://"):
-        from trainer import storage  # Only needed for gs:// outputs.
-
+    if storage.is_gcs(model_dir):
         with tempfile.TemporaryDirectory(prefix="imgclf-export-") as local:
             _write(model, local, hp, label_map, history)
-            storage.upload_tree(local, model_dir)
+            written = storage.upload_tree(local, model_dir)
+        # After the upload, so the folder holds a whole model throughout: what this export did not write.
+        for name in _owned(storage.list_files(model_dir)):
+            if name not in written:
+                storage.delete(storage.join(model_dir, name))
     else:
-        _write(model, model_dir, hp, label_map, history)
+        directory = storage.local_path(model_dir)
+        if os.path.isdir(directory):
+            for name in _owned(storage.list_files(directory)):
+                os.remove(os.path.join(directory, *name.split("/")))
+            # A SavedModel left by an earlier export could keep files (or empty folders) the new one lacks.
+            shutil.rmtree(os.path.join(directory, SAVED_MODEL_DIR), ignore_errors=True)
+        _write(model, directory, hp, label_map, history)
     log.info("Exported the model to %s", model_dir)
+
+
+def _owned(names: Sequence[str]) -> list[str]:
+    """The names of a model folder's listing that export writes: every file of an earlier export, so
+    none survives beside the new one (a model_dynamic_range.tflite the new run does not make, a
+    variables shard of a differently sharded SavedModel). Other files are not export's to remove."""
+    return [name for name in names if name in MODEL_FILES or name.startswith(f"{SAVED_MODEL_DIR}/")]
 
 
 def _write(model: keras.Model, directory: str, hp: Hyperparameters, label_map: Mapping[str, int],
@@ -75,8 +91,6 @@ def _write(model: keras.Model, directory: str, hp: Hyperparameters, label_map: M
     os.makedirs(directory, exist_ok=True)
     model.save(os.path.join(directory, KERAS_MODEL_FILE))
     saved_model = os.path.join(directory, SAVED_MODEL_DIR)
-    # A SavedModel left by an earlier export could keep files the new one does not overwrite.
-    shutil.rmtree(saved_model, ignore_errors=True)
     write_saved_model(model, saved_model, image_size=hp.input_size,
                       interpolation=hp.image_resize_interpolation, binary=hp.binary_mode)
     ordered = dict(sorted(label_map.items(), key=lambda item: item[1]))

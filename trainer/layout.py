@@ -13,22 +13,49 @@ Data set folder (written by ``trainer.conversion``, read by ``trainer.data``)::
 Model folder (written by ``trainer.export``, read by prediction, evaluation and the registry)::
 
     MODEL/model.keras, MODEL/saved_model/, MODEL/class_label_to_prediction_index.json,
-    MODEL/hyperparameters.yaml, MODEL/history.json
+    MODEL/hyperparameters.yaml, MODEL/history.json, MODEL/model.tflite [, MODEL/model_dynamic_range.tflite]
+
+Export owns these names (``MODEL_FILES`` and ``SAVED_MODEL_DIR``): a new export replaces all of them,
+so no file of an earlier export survives beside it; other files in the folder are left alone.
 
 Registry (``trainer.registry``)::
 
-    REGISTRY/000001/ ...                          a model folder plus blessing.json, written last
+    REGISTRY/000001/saved_model.pb, variables/, assets/, fingerprint.pb   the SavedModel, at the top
+    REGISTRY/000001/model.keras, class_label_to_prediction_index.json, hyperparameters.yaml, history.json,
+                    model.tflite [, model_dynamic_range.tflite]          the rest of the model folder
+    REGISTRY/000001/blessing.json                 the push's record (with ``model_digest``), written last
     REGISTRY/.claims/000001                       the claim of a version number, created only if absent
+
+A version folder IS the SavedModel, so REGISTRY is a TF Serving ``--model_base_path`` and a KServe
+``storageUri`` as it is: TF Serving takes every child whose name parses as an int64 as a version and
+loads it as a SavedModel (``<base>/<version>/saved_model.pb``; "000001" is version 1), ignores the
+other files of a version, and skips ``.claims`` (not a number). A version pushed by imgclf before
+2026-12-03 holds its SavedModel one level down (``000001/saved_model/``) as a model folder does; it is
+still read everywhere (``saved_model_dir`` resolves the SavedModel of either), only not served by TF
+Serving from the base path.
+
+Push order: every SavedModel file but ``saved_model.pb`` (variables/, assets/, fingerprint.pb), then
+``saved_model.pb``, which TF Serving takes as the sign that a version is ready (TFX's Pusher writes it
+last too), then the other files, then ``blessing.json``: a server watching REGISTRY never loads a
+partial SavedModel, and a version without ``blessing.json`` is an interrupted push.
+
+Registry version or model folder: a folder is a registry version when its name is a version number
+and its parent holds its claim (``.claims/<name>``; every push claims the number before it writes a
+file). Readers (prediction, batch prediction, the gate's baseline, incremental training) refuse a
+registry version without ``blessing.json`` (``check_not_interrupted``); any other folder, such as a
+training run's output, has no blessing and needs none. A numbered folder without a claim (copied by
+hand) is read as a model folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
 from trainer import storage
-from trainer.errors import DataError, StorageError
+from trainer.errors import DataError, ModelError, StorageError
 
 # --- the data set folder ----------------------------------------------------------------------------
 
@@ -148,6 +175,9 @@ def invalidate_manifest(dataset_dir: str) -> None:
 KERAS_MODEL_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
 SAVED_MODEL_PROTO = "saved_model.pb"
+# What TensorFlow's SavedModel format puts at the top of its folder (tf.saved_model.save).
+SAVED_MODEL_PARTS = (SAVED_MODEL_PROTO, "saved_model.pbtxt", "fingerprint.pb", "variables", "assets",
+                     "assets.extra")
 HYPERPARAMETERS_FILE = "hyperparameters.yaml"
 HISTORY_FILE = "history.json"
 # The on-device models (trainer.tflite): float always, dynamic-range quantised on request.
@@ -155,14 +185,82 @@ TFLITE_FILE = "model.tflite"
 TFLITE_DYNAMIC_RANGE_FILE = "model_dynamic_range.tflite"
 # The model folder's label map has the data set's name and content.
 MODEL_LABEL_MAP_FILE = LABEL_MAP_FILE
+# The files of a model folder besides its SavedModel: required first, then those written when they apply.
+MODEL_REQUIRED_FILES = (KERAS_MODEL_FILE, MODEL_LABEL_MAP_FILE, HYPERPARAMETERS_FILE)
+MODEL_FILES = MODEL_REQUIRED_FILES + (HISTORY_FILE, TFLITE_FILE, TFLITE_DYNAMIC_RANGE_FILE)
+
+
+def saved_model_dir(model_dir: str) -> str:
+    """The folder that holds the SavedModel of a model folder or registry version (local or gs://).
+
+    That is ``model_dir`` itself when ``saved_model.pb`` is at its top (a registry version), else its
+    ``saved_model/`` (a training run's model folder, or a version pushed before 2026-12-03).
+
+    Raises:
+      ModelError: neither holds a ``saved_model.pb``, or the folder cannot be listed.
+    """
+    try:
+        names = set(storage.list_files(model_dir))
+    except StorageError as err:
+        raise ModelError(f"cannot read the model folder {model_dir}: {err}") from None
+    if SAVED_MODEL_PROTO in names:
+        return model_dir
+    if f"{SAVED_MODEL_DIR}/{SAVED_MODEL_PROTO}" in names:
+        return storage.join(model_dir, SAVED_MODEL_DIR)
+    raise ModelError(f"{model_dir} holds no SavedModel: neither {SAVED_MODEL_PROTO} nor {SAVED_MODEL_DIR}/"
+                     f"{SAVED_MODEL_PROTO} is there; pass a model folder written by imgclf training or a "
+                     "registry version")
+
 
 # --- the registry -----------------------------------------------------------------------------------
 
 BLESSING_FILE = "blessing.json"
 CLAIMS_DIR = ".claims"
 VERSION_DIGITS = 6
+# A version folder's name: digits (zero-padded by push; unpadded names written by hand count too).
+VERSION_NAME = re.compile(r"[0-9]+")
 
 
 def version_name(number: int) -> str:
     """The folder name of registry version ``number``: zero-padded, so names sort in version order."""
     return f"{number:0{VERSION_DIGITS}d}"
+
+
+def is_registry_version(model_dir: str) -> bool:
+    """Whether ``model_dir`` is a registry version: a version number whose claim its parent holds."""
+    parent, name = _parent_and_name(model_dir)
+    if not VERSION_NAME.fullmatch(name):
+        return False
+    claim = storage.join(parent, CLAIMS_DIR, name)
+    if not storage.is_gcs(claim):
+        # A file, or a folder (.claims/<version>/<token>) as the first imgclf pushes claimed a number.
+        return os.path.exists(storage.local_path(claim))
+    if storage.read_bytes_if_exists(claim) is not None:
+        return True
+    try:
+        return bool(storage.list_files(claim))
+    except StorageError:
+        return False  # no claim of either form
+
+
+def check_not_interrupted(model_dir: str) -> None:
+    """ModelError when ``model_dir`` is a registry version whose push did not finish (no blessing.json).
+
+    Costs no request for a folder whose name is not a version number, one for a finished version.
+    """
+    if not VERSION_NAME.fullmatch(_parent_and_name(model_dir)[1]):
+        return
+    if storage.read_bytes_if_exists(storage.join(model_dir, BLESSING_FILE)) is not None:
+        return
+    if is_registry_version(model_dir):
+        raise ModelError(f"{model_dir} is a registry version without {BLESSING_FILE}: its push was interrupted, "
+                         "so its files may be incomplete; use another version (the push writes a new one when "
+                         "it is run again)")
+
+
+def _parent_and_name(folder: str) -> tuple[str, str]:
+    if storage.is_gcs(folder):
+        parent, _, name = folder.rstrip("/").rpartition("/")
+        return parent, name
+    path = os.path.normpath(storage.local_path(folder))
+    return os.path.dirname(path) or os.curdir, os.path.basename(path)

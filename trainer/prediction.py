@@ -23,11 +23,11 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from trainer import images, storage, tflite
+from trainer import images, layout, storage, tflite
 from trainer import model as model_lib
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError
 from trainer.hyperparameters import Hyperparameters
-from trainer.layout import HYPERPARAMETERS_FILE, KERAS_MODEL_FILE, SAVED_MODEL_DIR
+from trainer.layout import HYPERPARAMETERS_FILE, KERAS_MODEL_FILE
 from trainer.layout import MODEL_LABEL_MAP_FILE as LABEL_MAP_FILE
 
 SERVING_SIGNATURE = "serving_default"
@@ -132,7 +132,12 @@ def load_tflite_model(model_dir: str, file_name: str) -> tflite.TfliteModel:
 
 
 def read_labels(model_dir: str) -> tuple[str, ...]:
-    """Class names in prediction-index order from the model's ``class_label_to_prediction_index.json``."""
+    """Class names in prediction-index order from the model's ``class_label_to_prediction_index.json``.
+
+    Every reader of a model folder starts here (``load_model`` does), so this is where a registry
+    version whose push was interrupted is refused (``layout.check_not_interrupted``).
+    """
+    layout.check_not_interrupted(model_dir)
     path = storage.join(model_dir, LABEL_MAP_FILE)
     try:
         mapping = json.loads(storage.read_bytes(path))
@@ -277,16 +282,19 @@ def batch_predict(model_dir: str, data_uri: str, output_path: str, *, batch_size
 # ---------------------------------------------------------------------------------------------
 
 def serve_saved_model(model_dir: str, image_bytes_list: list[bytes]) -> np.ndarray:
-    """Call ``saved_model/``'s serving signature on encoded images; float32 probabilities [N, K].
+    """Call the model's SavedModel serving signature on encoded images; float32 probabilities [N, K].
 
-    This is what a TF Serving or Vertex AI endpoint runs, so comparing it with ``predict`` checks
-    that the exported pre-processing matches the training pre-processing.
+    ``model_dir`` is a model folder (its ``saved_model/``) or a registry version (the SavedModel
+    itself), see ``layout.saved_model_dir``. This is what a TF Serving or Vertex AI endpoint runs, so
+    comparing it with ``predict`` checks that the exported pre-processing matches the training
+    pre-processing.
     """
-    path = storage.join(model_dir, SAVED_MODEL_DIR)
+    layout.check_not_interrupted(model_dir)
+    path = layout.saved_model_dir(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         local = path
         if storage.is_gcs(path):
-            local = os.path.join(tmp, SAVED_MODEL_DIR)
+            local = os.path.join(tmp, "model")
             storage.download_tree(path, local)
         try:
             loaded = tf.saved_model.load(local)

@@ -5,18 +5,11 @@ Blessing: a run's model is blessed when its ``eval_metric`` on the test split re
 evaluated here on the same split of the same data set. Every ``eval_metric`` is higher-is-better,
 and ties bless: a retrained model as good as the one in production may replace it.
 
-Registry layout (``registry_uri`` is a gs:// URI or a local / mounted path)::
-
-    registry_uri/000001/                  one folder per pushed model, numbered 1, 2, 3... (zero-padded,
-                                            so names sort in version order); never overwritten
-    registry_uri/000001/saved_model/      the serving SavedModel (what KServe / TF Serving load)
-    registry_uri/000001/model.keras, class_label_to_prediction_index.json, hyperparameters.yaml,
-                        history.json      the rest of the training run's model folder
-    registry_uri/000001/blessing.json     why the model was pushed: the gate's decision, the source
-                                            model, the version and the time; written last, so a
-                                            version folder without it is an interrupted push
-    registry_uri/.claims/000001           the reservation of a version number, created only if absent
-                                            (see ``_claim_version``)
+Registry: ``registry_uri`` (a gs:// URI or a local / mounted path) holds one folder per pushed model,
+numbered 1, 2, 3... (``000001/``, zero-padded so names sort in version order) and never overwritten.
+Each version folder is the serving SavedModel with the rest of the model folder and ``blessing.json``
+beside it, so ``registry_uri`` is a TF Serving ``--model_base_path`` / KServe ``storageUri`` as it is;
+``trainer.layout`` states the layout, the order push writes it in, and why.
 
 A version folder is a complete imgclf model folder: it can be the ``baseline_model_uri`` of the
 next run, the ``initial_model_uri`` of incremental training, or the model of ``imgclf predict``.
@@ -24,12 +17,13 @@ next run, the ``initial_model_uri`` of incremental training, or the model of ``i
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import json
 import logging
 import math
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -40,14 +34,12 @@ from trainer.hyperparameters import EVAL_METRICS
 from trainer.layout import (
     BLESSING_FILE,
     CLAIMS_DIR,
-    HISTORY_FILE,
-    HYPERPARAMETERS_FILE,
-    KERAS_MODEL_FILE,
-    MODEL_LABEL_MAP_FILE,
+    MODEL_FILES,
+    MODEL_REQUIRED_FILES,
     SAVED_MODEL_DIR,
+    SAVED_MODEL_PARTS,
     SAVED_MODEL_PROTO,
-    TFLITE_DYNAMIC_RANGE_FILE,
-    TFLITE_FILE,
+    VERSION_NAME,
     version_name,
 )
 
@@ -56,13 +48,8 @@ log = logging.getLogger(__name__)
 BASELINE_EVALUATION_DIR = "baseline"
 # Each attempt loses a race against another push; more than a few in a row means something is wrong.
 MAX_CLAIM_ATTEMPTS = 10
-
-# What a registry version holds: the model folder's files (history.json and the TFLite files only if
-# training wrote them).
-_REQUIRED_FILES = (KERAS_MODEL_FILE, MODEL_LABEL_MAP_FILE, HYPERPARAMETERS_FILE,
-                   f"{SAVED_MODEL_DIR}/{SAVED_MODEL_PROTO}")
-_OPTIONAL_FILES = (HISTORY_FILE, TFLITE_FILE, TFLITE_DYNAMIC_RANGE_FILE)
-_VERSION = re.compile(r"[0-9]+")
+# The record of a push (in blessing.json) that says which model the version holds.
+MODEL_DIGEST_KEY = "model_digest"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,16 +218,19 @@ def push_model(model_dir: str, registry_uri: str, *, metadata: Mapping[str, Any]
     """Copy the model folder into a new version folder of the registry; returns its URI.
 
     Args:
-      model_dir: a training run's model folder (local path or gs:// URI).
+      model_dir: a training run's model folder, or a registry version (local path or gs:// URI).
       registry_uri: the registry's root (gs:// URI or local / mounted path); created by the first push.
       metadata: why the model is pushed, usually ``decide_blessing``'s decision; it is written,
-        with the version, the source model and the time, to the version's ``blessing.json``.
+        with the version, the source model, the model's content digest and the time, to the
+        version's ``blessing.json``.
 
     The version is one more than the highest version (or reservation) in the registry. An existing
     version is never written to: when another push takes the number first, the next one is used.
-    When the newest pushed version already holds this model (``metadata["model_uri"]``, else
-    ``model_dir``), as after a scheduled run reused from the cache or a retried push, that version's
-    URI is returned and nothing is written.
+    The files go in the order ``trainer.layout`` states (the SavedModel's ``saved_model.pb`` after its
+    other files, ``blessing.json`` last), so a server watching the registry never loads half a version.
+    When the newest pushed version already holds this model (the same ``model_digest``: the same
+    files with the same content, wherever they are), as after a scheduled run reused from the cache
+    or a retried push, that version's URI is returned and nothing is written.
 
     Raises:
       ModelError: ``metadata`` says the model was not blessed, or ``model_dir`` lacks a file.
@@ -253,38 +243,91 @@ def push_model(model_dir: str, registry_uri: str, *, metadata: Mapping[str, Any]
         # The pipeline only runs the push for blessed models; this keeps a mis-wired one from pushing.
         raise ModelError(f"refusing to push {model_dir}: {metadata.get('reason') or 'it was not blessed'}; only "
                          "blessed models go to the registry")
-    files = _model_files(model_dir)
+    files = version_files(model_dir)
+    digest = model_digest(model_dir, files)
     source = str(metadata.get("model_uri") or model_dir)
     names = _list_registry(registry_uri)
     newest = _newest_pushed_version(registry_uri, names)
-    if newest is not None and newest[1].get("model_uri") == source:
+    if newest is not None and newest[1].get(MODEL_DIGEST_KEY) == digest:
         # A cached run on unchanged data (its model is the one pushed last time) or a retried push whose
         # first attempt finished: the registry already serves this model, so no duplicate version.
         uri = storage.join(registry_uri, newest[0])
-        log.info("%s is already the registry's newest version %s; nothing pushed", source, uri)
+        log.info("%s (%s) is already the registry's newest version %s; nothing pushed", source, digest, uri)
         return uri
-    claim = _json({"model_uri": source, "claimed_at": _now()})
+    claim = _json({"model_uri": source, MODEL_DIGEST_KEY: digest, "claimed_at": _now()})
     version = _claim_version(registry_uri, claim, names)
     target = storage.join(registry_uri, version)
     log.info("Pushing %s to %s (%d files)", model_dir, target, len(files))
     _copy_files(model_dir, files, target)
-    record = {"model_uri": source, **metadata, "version": version, "version_uri": target, "pushed_at": _now()}
+    record = {"model_uri": source, **metadata, MODEL_DIGEST_KEY: digest, "version": version,
+              "version_uri": target, "pushed_at": _now()}
     storage.write_bytes(storage.join(target, BLESSING_FILE), _json(record))
     log.info("Pushed version %s: %s", version, target)
     return target
 
 
-def _model_files(model_dir: str) -> list[str]:
-    """The files of the model folder that a registry version holds; ModelError if one is missing."""
+def version_files(model_dir: str) -> dict[str, str]:
+    """``{name in the version: name in model_dir}`` for every file a registry version holds, in push order.
+
+    ``model_dir`` is a training run's model folder (its ``saved_model/`` goes to the version's top) or
+    a registry version of either layout. Only the model's own files: anything else in the folder
+    (notes, stray temporary files, an earlier blessing.json) stays out.
+
+    Raises:
+      ModelError: a required file is missing.
+      StorageError: ``model_dir`` cannot be listed.
+    """
     listed = storage.list_files(model_dir)
-    missing = [name for name in _REQUIRED_FILES if name not in listed]
+    nested = f"{SAVED_MODEL_DIR}/{SAVED_MODEL_PROTO}"
+    if nested in listed:
+        prefix = f"{SAVED_MODEL_DIR}/"
+        saved_model = {name[len(prefix):]: name for name in listed if name.startswith(prefix)}
+    else:
+        saved_model = {name: name for name in listed if name.split("/")[0] in SAVED_MODEL_PARTS}
+    missing = [name for name in MODEL_REQUIRED_FILES if name not in listed]
+    if SAVED_MODEL_PROTO not in saved_model:
+        missing.append(nested)
     if missing:
         raise ModelError(f"{model_dir} is not a complete imgclf model folder: {', '.join(missing)} missing; "
                          "push the folder that training wrote")
-    saved_model = [name for name in listed if name.startswith(f"{SAVED_MODEL_DIR}/")]
-    wanted = set(_REQUIRED_FILES) | set(saved_model) | {name for name in _OPTIONAL_FILES if name in listed}
-    # Only the model's own files: anything else in the folder (notes, stray temporary files) stays out.
-    return sorted(storage.safe_relative_path(name) for name in wanted)
+    others = {name: name for name in MODEL_FILES if name in listed}
+    files = {storage.safe_relative_path(target): source for target, source in {**saved_model, **others}.items()}
+
+    def order(name: str) -> tuple[int, str]:
+        if name == SAVED_MODEL_PROTO:
+            return 1, name
+        return (0 if name in saved_model else 2), name
+
+    return {name: files[name] for name in sorted(files, key=order)}
+
+
+def model_digest(model_dir: str, files: Mapping[str, str] | None = None) -> str:
+    """The content digest of the model a push would copy from ``model_dir``: "sha256:<hex>".
+
+    SHA-256 over each file's name in the version, size and MD5, so a training folder and the
+    version pushed from it have one digest, and a different model written to the same path has
+    another. On gs:// the MD5s come from the listing (no download); a composite object, which has
+    none, is read.
+    """
+    files = version_files(model_dir) if files is None else files
+    details = {entry["path"]: entry for entry in storage.list_object_details(model_dir)}
+    lines = []
+    for target, source in files.items():
+        checksum = details[source].get("md5") or _md5(storage.join(model_dir, source))
+        lines.append(f"{target}\t{details[source]['size']}\t{checksum}\n")
+    return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def _md5(uri: str) -> str:
+    """The file's MD5 as GCS states it (base64 of the digest)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    if storage.is_gcs(uri):
+        digest.update(storage.read_bytes(uri))
+    else:
+        with open(storage.local_path(uri), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return base64.b64encode(digest.digest()).decode("ascii")
 
 
 def _list_registry(registry_uri: str) -> list[str]:
@@ -301,7 +344,7 @@ def _newest_pushed_version(registry_uri: str, names: Iterable[str]) -> tuple[str
     """The highest version whose push finished (its blessing.json is written last), with that record."""
     finished = sorted((int(name.split("/")[0]), name.split("/")[0]) for name in names
                       if name.count("/") == 1 and name.endswith("/" + BLESSING_FILE)
-                      and _VERSION.fullmatch(name.split("/")[0]))
+                      and VERSION_NAME.fullmatch(name.split("/")[0]))
     if not finished:
         return None
     version = finished[-1][1]
@@ -356,21 +399,22 @@ def _highest_version(names: Iterable[str]) -> int:
             number = parts[0]
         else:
             continue
-        if _VERSION.fullmatch(number):
+        if VERSION_NAME.fullmatch(number):
             highest = max(highest, int(number))
     return highest
 
 
-def _copy_files(source: str, names: Sequence[str], target: str) -> None:
+def _copy_files(source: str, files: Mapping[str, str], target: str) -> None:
+    """Copy ``{name in target: name in source}`` one file after another, in the mapping's order."""
     if not storage.is_gcs(source):
-        for name in names:
-            storage.upload_file(storage.join(source, name), storage.join(target, name))
+        for name, origin in files.items():
+            storage.upload_file(storage.join(source, origin), storage.join(target, name))
         return
     # trainer.storage copies between a local file and a URI, so gs:// to gs:// goes through a local copy.
     with tempfile.TemporaryDirectory(prefix="imgclf-push-") as scratch:
-        for name in names:
+        for name, origin in files.items():
             local = os.path.join(scratch, *name.split("/"))
-            storage.download_file(storage.join(source, name), local)
+            storage.download_file(storage.join(source, origin), local)
             storage.upload_file(local, storage.join(target, name))
             os.unlink(local)  # One file on local disk at a time: the model may be larger than it.
 

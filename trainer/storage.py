@@ -50,6 +50,11 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *(p.strip("/") for p in parts if p.strip("/")))
 
 
+def local_path(path: str) -> str:
+    """A local path given as file:///x or /x, as /x (what ``os`` functions take)."""
+    return _local(path)
+
+
 def safe_relative_path(rel: str) -> str:
     """Return ``rel`` as a normalised relative POSIX path, or raise if it could land outside its folder."""
     problem = None

@@ -265,6 +265,7 @@ def choose_strategy() -> tf.distribute.Strategy:
 
 def load_initial_model(initial_model_dir: str, label_map: Mapping[str, int], dataset_dir: str) -> keras.Model:
     """The earlier model to continue from, after checking it was trained on the same classes."""
+    layout.check_not_interrupted(initial_model_dir)
     path = storage.join(initial_model_dir, layout.MODEL_LABEL_MAP_FILE)
     try:
         earlier = json.loads(storage.read_bytes(path))

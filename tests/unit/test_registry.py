@@ -6,14 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from kfp import dsl
+from PIL import Image
 
 from components.gate import bless_model
 from components.push_model import push_model as push_component
 from pipelines.cli import main as imgclf
 from tests.support.datasets import make_image_folder
 from tests.support.gcs import emulator_client, upload_folder
-from trainer import conversion, data, evaluation, export, registry, storage, validation
+from trainer import conversion, data, evaluation, export, layout, prediction, registry, storage, training, validation
 from trainer import model as model_lib
 from trainer.errors import HyperparameterError, ModelError, StorageError
 from trainer.hyperparameters import Hyperparameters
@@ -24,20 +26,28 @@ MODEL_FILES = ["class_label_to_prediction_index.json", "history.json", "hyperpar
                "model.tflite",
                "saved_model/fingerprint.pb", "saved_model/saved_model.pb",
                "saved_model/variables/variables.data-00000-of-00001", "saved_model/variables/variables.index"]
+# A version holds the same files, its SavedModel at the top (a TF Serving model base path's version).
+VERSION_OF = {name: name.removeprefix("saved_model/") for name in MODEL_FILES}
+SAVED_MODEL_FILES = ["fingerprint.pb", "variables/variables.data-00000-of-00001", "variables/variables.index"]
 
 
-def constant_model_dir(path, labels, favourite):
+def constant_model_dir(path, labels, favourite, *, binary=False, bias_value=4.0):
     """A real small_cnn model folder (as training exports it) that predicts ``favourite`` for every image.
 
     With a zero kernel the head's softmax depends only on its bias, so the model's accuracy on any
     split is exactly the share of ``favourite`` there: known values to gate on, without training.
+    In binary mode every image gets the same score, sigmoid(``bias_value``) (NaN for a NaN bias).
     """
-    hp = Hyperparameters(model="small_cnn", weights="none", image_size=SIZE, augmentation=False)
+    hp = Hyperparameters(model="small_cnn", weights="none", image_size=SIZE, augmentation=False,
+                         binary_mode=binary, eval_metric="auc" if binary else "accuracy")
     model = model_lib.build_model(hp, len(labels))
     dense = model_lib.head_dense(model)
     kernel, bias = dense.get_weights()
-    bias[:] = -4.0
-    bias[labels.index(favourite)] = 4.0
+    if binary:
+        bias[:] = bias_value
+    else:
+        bias[:] = -bias_value
+        bias[labels.index(favourite)] = bias_value
     dense.set_weights([np.zeros_like(kernel), bias])
     export.export_model(model, str(path), hp=hp, label_map={label: i for i, label in enumerate(labels)},
                         history={"loss": [0.7, 0.6], "accuracy": [0.5, 0.6]})
@@ -178,12 +188,13 @@ def test_blessed_model_is_pushed_and_an_unblessed_one_is_not(world, tmp_path):
 
     assert uri == str(registry_dir / "000001")
     version = tree(registry_dir / "000001")
-    assert sorted(version) == sorted(MODEL_FILES + ["blessing.json"])
-    assert {name: version[name] for name in MODEL_FILES} == tree(Path(world["cats"]))
+    assert sorted(version) == sorted([*VERSION_OF.values(), "blessing.json"])
+    assert {name: version[VERSION_OF[name]] for name in MODEL_FILES} == tree(Path(world["cats"]))
     record = json.loads(version["blessing.json"])
     assert record["reason"] == "blessed: accuracy 0.9600 >= threshold 0.9500"
     assert (record["version"], record["version_uri"], record["model_uri"]) == ("000001", uri, "gs://runs/1/model")
     assert record["pushed_at"].endswith("+00:00")
+    assert record["model_digest"] == registry.model_digest(world["cats"]) == registry.model_digest(uri)
 
     not_blessed = registry.decide_blessing("accuracy", 0.91, min_eval_value=0.95, dataset_dir=world["dataset"])
     before = tree(registry_dir)
@@ -218,6 +229,14 @@ def test_the_pipeline_components_gate_then_push(world, tmp_path):
         push_component.python_func(trained_model=dsl.Model(uri=world["cats"]), registry_uri=registry_dir,
                                    blessing=blessing)
     assert sorted(os.listdir(registry_dir)) == [".claims", "000001"]
+
+    # The path a TF Serving model base path implies: <registry>/<version>/saved_model.pb, as it is.
+    signature = tf.saved_model.load(uri).signatures[export.SERVING_SIGNATURE]
+    image = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(image)
+    served = signature(**{export.SERVING_INPUT: tf.constant([image.read_bytes()])})[export.SERVING_OUTPUT].numpy()
+    [answer] = prediction.predict(uri, [str(image)])
+    np.testing.assert_allclose(served[0], answer["probabilities"], atol=1e-5)
 
 
 def test_versions_follow_the_highest_and_never_overwrite(world, tmp_path):
@@ -309,7 +328,7 @@ def test_push_to_gcs_and_use_a_version_as_the_next_baseline(world, gcs_bucket, t
 
     assert (first, second) == (f"{registry_uri}/000001", f"{registry_uri}/000002")
     names = {blob.name for blob in emulator_client().list_blobs(gcs_bucket, prefix="models/pets/000001/")}
-    assert names == {f"models/pets/000001/{name}" for name in MODEL_FILES + ["blessing.json"]}
+    assert names == {f"models/pets/000001/{name}" for name in [*VERSION_OF.values(), "blessing.json"]}
     assert storage.read_bytes(f"{first}/model.keras") == Path(world["cats"], "model.keras").read_bytes()
     assert json.loads(storage.read_bytes(f"{first}/blessing.json"))["model_uri"] == source
 
@@ -317,6 +336,14 @@ def test_push_to_gcs_and_use_a_version_as_the_next_baseline(world, gcs_bucket, t
     value = run_value(world, "cats", tmp_path)
     gated = registry.decide_blessing("accuracy", value, baseline_model_uri=first, dataset_dir=world["dataset"])
     assert gated["blessed"] is True and gated["baseline_value"] == value
+
+    # The digest from the listing's MD5s is the one computed from the local files.
+    assert registry.model_digest(first) == registry.model_digest(world["cats"]) == registry.model_digest(source)
+    # A version whose push stopped before its blessing.json is refused on gs:// too.
+    assert layout.is_registry_version(second) and not layout.is_registry_version(source)
+    storage.delete(f"{second}/blessing.json")
+    with pytest.raises(ModelError, match=r"000002 is a registry version without blessing\.json"):
+        prediction.read_labels(second)
 
 
 def test_push_to_a_missing_bucket_says_so(world, gcs_emulator):
@@ -356,3 +383,155 @@ def test_concurrent_pushes_get_distinct_versions(world, tmp_path, monkeypatch, r
     for uri, name in zip(uris, ("cats", "dogs"), strict=True):
         assert json.loads(storage.read_bytes(storage.join(uri, "blessing.json")))["reason"] == name
         assert storage.read_bytes(storage.join(uri, "model.keras")) == Path(world[name], "model.keras").read_bytes()
+
+
+# --- a version is a model base path, written in an order a watching server can follow ---------------------
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_version_is_written_saved_model_first_and_blessing_last(world, tmp_path, monkeypatch, request, where):
+    """TF Serving loads a version once its saved_model.pb is there (tensorflow_serving's file-system storage
+    path source polls the base path), so every other SavedModel file must land before it."""
+    registry_uri = (str(tmp_path / "registry") if where == "local"
+                    else f"gs://{request.getfixturevalue('gcs_bucket')}/registry")
+    written = []
+    upload_file, write_bytes = storage.upload_file, storage.write_bytes
+
+    def record(write):
+        def wrapper(*args):
+            target = args[-1] if write is upload_file else args[0]
+            if "/000001/" in target:
+                written.append(target.split("/000001/")[1])
+            return write(*args)
+        return wrapper
+
+    monkeypatch.setattr(storage, "upload_file", record(upload_file))
+    monkeypatch.setattr(storage, "write_bytes", record(write_bytes))
+    registry.push_model(world["cats"], registry_uri, metadata={})
+
+    assert sorted(written) == sorted([*VERSION_OF.values(), "blessing.json"])
+    proto = written.index("saved_model.pb")
+    assert sorted(written[:proto]) == SAVED_MODEL_FILES
+    assert written[-1] == "blessing.json"
+
+
+def test_every_numbered_child_of_the_registry_is_a_saved_model(world, tmp_path):
+    """TF Serving's rule for a model base path: each child whose name parses as an int64 is a version and
+    must itself be a SavedModel; other children (.claims) are skipped."""
+    registry_dir = tmp_path / "registry"
+    for name in ("cats", "dogs"):
+        registry.push_model(world[name], str(registry_dir), metadata={})
+    versions = [child for child in registry_dir.iterdir() if child.name.isdigit()]
+    assert [child.name for child in sorted(versions)] == ["000001", "000002"]
+    for version in versions:
+        assert (version / "saved_model.pb").is_file() and (version / "variables" / "variables.index").is_file()
+        assert layout.saved_model_dir(str(version)) == str(version)
+        assert "serving_default" in tf.saved_model.load(str(version)).signatures
+    assert layout.saved_model_dir(world["cats"]) == os.path.join(world["cats"], "saved_model")
+
+
+def copy_tree(source, target):
+    for name, content in tree(Path(source)).items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(content)
+    return str(target)
+
+
+def test_already_pushed_is_decided_by_the_models_content_not_its_path(world, tmp_path):
+    """A run that writes another model to the same folder (same model_uri) is pushed; the same model
+    from another folder is recognised as the newest version."""
+    registry_dir = str(tmp_path / "registry")
+    run = tmp_path / "runs" / "model"
+    copy_tree(world["cats"], run)
+    first = registry.push_model(str(run), registry_dir, metadata={"model_uri": "gs://runs/model"})
+
+    for name in MODEL_FILES:
+        (run / name).unlink()
+    copy_tree(world["dogs"], run)  # A different model at the same path.
+    second = registry.push_model(str(run), registry_dir, metadata={"model_uri": "gs://runs/model"})
+    assert [Path(uri).name for uri in (first, second)] == ["000001", "000002"]
+    assert Path(second, "model.keras").read_bytes() == Path(world["dogs"], "model.keras").read_bytes()
+
+    # The same model elsewhere, even the version itself: the newest version already holds it.
+    assert registry.push_model(world["dogs"], registry_dir, metadata={"model_uri": "gs://other/model"}) == second
+    assert registry.push_model(second, registry_dir, metadata={}) == second
+    assert sorted(os.listdir(registry_dir)) == [".claims", "000001", "000002"]
+
+
+# --- readers: an interrupted push is refused, old versions still read --------------------------------------
+
+
+def interrupted_version(world, registry_dir):
+    """A version whose push stopped before blessing.json: claimed, files copied, no record."""
+    uri = registry.push_model(world["cats"], str(registry_dir), metadata={})
+    os.remove(os.path.join(uri, "blessing.json"))
+    return uri
+
+
+def test_readers_refuse_an_interrupted_push_but_read_a_training_folder(world, tmp_path):
+    uri = interrupted_version(world, tmp_path / "registry")
+    image = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    label_map = data.read_label_map(world["dataset"])
+    interrupted = rf"{uri} is a registry version without blessing\.json: its push was interrupted"
+    readers = {
+        "predict": lambda model: prediction.predict(model, [str(image)]),
+        "batch-predict": lambda model: prediction.batch_predict(model, str(tmp_path), str(tmp_path / "out.jsonl")),
+        "serve": lambda model: prediction.serve_saved_model(model, [image.read_bytes()]),
+        "baseline": lambda model: registry.decide_blessing("accuracy", 0.5, baseline_model_uri=model,
+                                                           dataset_dir=world["dataset"]),
+        "initial model": lambda model: training.load_initial_model(model, label_map, world["dataset"]),
+    }
+    for read in readers.values():
+        with pytest.raises(ModelError, match=interrupted):
+            read(uri)
+    # A training run's folder has no blessing.json and needs none; nor does a numbered folder nobody claimed.
+    unclaimed = copy_tree(world["cats"], tmp_path / "runs" / "000001")
+    for model in (world["cats"], unclaimed):
+        assert not layout.is_registry_version(model)
+        for read in readers.values():
+            read(model)
+    assert layout.is_registry_version(uri)
+
+
+def test_versions_pushed_with_the_saved_model_one_level_down_still_work(world, tmp_path):
+    """The layout pushed before 2026-12-03: 000001/saved_model/ beside the rest, claimed and blessed."""
+    registry_dir = tmp_path / "registry"
+    old = copy_tree(world["cats"], registry_dir / "000001")
+    (registry_dir / "000001" / "blessing.json").write_text(json.dumps({"model_uri": world["cats"]}))
+    (registry_dir / ".claims").mkdir()
+    (registry_dir / ".claims" / "000001").write_text("{}")
+    assert layout.is_registry_version(old) and layout.saved_model_dir(old) == os.path.join(old, "saved_model")
+
+    image = tmp_path / "picture.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
+    [answer] = prediction.predict(old, [str(image)])
+    np.testing.assert_allclose(prediction.serve_saved_model(old, [image.read_bytes()])[0],
+                               answer["probabilities"], atol=1e-5)
+    value = run_value(world, "cats", tmp_path)
+    assert registry.decide_blessing("accuracy", value, baseline_model_uri=old,
+                                    dataset_dir=world["dataset"])["baseline_value"] == value
+    training.load_initial_model(old, data.read_label_map(world["dataset"]), world["dataset"])
+    # Pushed on (e.g. to another registry), it becomes a version of today's layout with the same digest.
+    copied = registry.push_model(old, str(tmp_path / "other"), metadata={})
+    assert (Path(copied) / "saved_model.pb").is_file() and not (Path(copied) / "saved_model").exists()
+    assert registry.model_digest(copied) == registry.model_digest(old) == registry.model_digest(world["cats"])
+
+
+# --- the gate on degenerate models -----------------------------------------------------------------------
+
+
+def test_a_constant_binary_baseline_has_auc_one_half_and_prc_the_positive_share(world, tmp_path):
+    constant = constant_model_dir(tmp_path / "constant", ["cats", "dogs"], "dogs", binary=True, bias_value=0.3)
+    auc = registry.decide_blessing("auc", 0.6, baseline_model_uri=constant, dataset_dir=world["dataset"])
+    assert auc["baseline_value"] == 0.5 and auc["blessed"] is True
+    prc = registry.decide_blessing("prc", 0.6, baseline_model_uri=constant, dataset_dir=world["dataset"])
+    assert prc["baseline_value"] == pytest.approx(1 - world["cats_share"])  # dogs, index 1, are the positives
+
+
+def test_a_baseline_that_answers_nan_is_refused_not_compared(world, tmp_path):
+    broken = constant_model_dir(tmp_path / "nan", ["cats", "dogs"], "dogs", binary=True, bias_value=np.nan)
+    with pytest.raises(ModelError, match=r"cannot be compared with this run: .*model\.keras answers non-finite"):
+        registry.decide_blessing("auc", 0.6, baseline_model_uri=broken, dataset_dir=world["dataset"],
+                                 output_dir=str(tmp_path / "blessing"))
+    assert not (tmp_path / "blessing" / "blessing.json").exists()
