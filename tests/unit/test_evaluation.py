@@ -330,3 +330,30 @@ def test_training_curves_have_one_chart_per_metric_and_no_external_resources():
 
 def test_training_curves_of_an_empty_history():
     assert "No per-epoch history" in evaluation.training_curves_html({})
+
+
+def test_constant_binary_scores_give_auc_one_half_and_prc_the_positive_share():
+    """A model that answers the same score for every image (one distinct threshold) ranks nothing."""
+    y_true = np.array([1, 0, 0, 1, 0, 0, 1, 0])
+    score = np.full(y_true.size, 0.37)
+    result = evaluation.build_evaluation(y_true, np.c_[1 - score, score], ["neg", "pos"], binary=True,
+                                         eval_metric="auc")
+    assert result["eval_value"] == result["metrics"]["auc"] == skm.roc_auc_score(y_true, score) == 0.5
+    assert result["metrics"]["prc"] == pytest.approx(skm.average_precision_score(y_true, score)) == 3 / 8
+    assert (result["roc"]["fpr"], result["roc"]["tpr"]) == ([0.0, 1.0], [0.0, 1.0])
+    json.dumps(result, allow_nan=False)
+
+
+def test_a_model_that_answers_non_finite_probabilities_is_refused(binary_case, tmp_path):
+    """NaN compares false everywhere: once it passed as predictions (AUC 0.52, ECE 0.0) and as invalid JSON."""
+    _, _, dataset_dir, _ = binary_case
+    model = red_minus_green_model()
+    model.layers[-1].set_weights([np.array([[0.03], [-0.03], [0.0]], np.float32), np.full(1, np.nan, np.float32)])
+    model_dir = save_model_dir(tmp_path / "model", model, ("cat", "dog"), binary_mode=True, eval_metric="auc")
+    with pytest.raises(ModelError, match=r"model\.keras answers non-finite probabilities \(NaN or infinity\) for "
+                                         r"60 of 60 images of the 'test' split"):
+        evaluation.evaluate(model_dir, dataset_dir, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="must be finite"):
+        evaluation.build_evaluation(np.array([0, 1]), np.array([[0.0, np.inf], [0.5, 0.5]]), ["a", "b"],
+                                    binary=True)

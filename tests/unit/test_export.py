@@ -175,22 +175,31 @@ def test_label_map_that_does_not_fit_the_model_is_an_error(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_gcs_model_dir_is_written_locally_then_uploaded(monkeypatch, tmp_path):
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_an_export_replaces_every_file_of_an_earlier_one(where, tmp_path, request):
+    """An earlier run's quantised TFLite file and a variables shard of a differently sharded SavedModel
+    must not survive a new export into the same folder: evaluation, predict and push would take them."""
+    from tests.support.gcs import emulator_client
     from trainer import storage
 
-    uploads = []
+    model_dir = str(tmp_path / "model") if where == "local" else f"gs://{request.getfixturevalue('gcs_bucket')}/model"
+    stale = ["model_dynamic_range.tflite", "saved_model/variables/variables.data-00000-of-00002",
+             "saved_model/assets/old_vocabulary.txt"]
+    for name in [*stale, "notes.txt"]:
+        storage.write_bytes(storage.join(model_dir, name), b"from an earlier export")
+    hp = Hyperparameters(model="small_cnn", weights="none", image_size=16)  # no quantised file this time
+    export.export_model(model_lib.build_model(hp, 3), model_dir, hp=hp, label_map=LABELS, history={})
 
-    def upload_tree(local_dir, root):
-        uploads.append((root, sorted(os.listdir(local_dir))))
-        return []
-
-    monkeypatch.setattr(storage, "upload_tree", upload_tree)
-    hp = Hyperparameters(model="small_cnn", weights="none", image_size=16)
-    model = model_lib.build_model(hp, 3)
-    export.export_model(model, "gs://bucket/run/model", hp=hp, label_map=LABELS, history={})
-    assert uploads == [("gs://bucket/run/model", ["class_label_to_prediction_index.json", "history.json",
-                                                  "hyperparameters.yaml", "model.keras", "model.tflite",
-                                                  "saved_model"])]
+    listed = storage.list_files(model_dir)
+    assert not set(stale) & set(listed)
+    assert sorted(listed) == sorted([
+        "class_label_to_prediction_index.json", "history.json", "hyperparameters.yaml", "model.keras",
+        "model.tflite", "notes.txt",  # notes.txt is not export's: it stays
+        "saved_model/fingerprint.pb", "saved_model/saved_model.pb",
+        "saved_model/variables/variables.data-00000-of-00001", "saved_model/variables/variables.index"])
+    if where == "gcs":  # what the bucket holds, not what trainer.storage says
+        names = {blob.name for blob in emulator_client().list_blobs(model_dir.split("/")[2], prefix="model/")}
+        assert names == {f"model/{name}" for name in listed}
 
 
 # --- EXIF orientation ----------------------------------------------------------------------------------
