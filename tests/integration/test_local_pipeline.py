@@ -57,7 +57,9 @@ def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path):
     assert summary["blessed"] is True, summary["blessing"]
     version = registry / "000001"
     assert json.loads((version / "blessing.json").read_text())["blessed"] is True
-    assert (version / "saved_model").is_dir() and (version / "class_label_to_prediction_index.json").is_file()
+    # The version is the SavedModel (a TF Serving base path's version), with the model folder's files beside it.
+    assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
+    assert (version / "class_label_to_prediction_index.json").is_file()
     [predictions] = list((tmp_path / "run" / "artifacts").glob("*/batch-predict/predictions"))
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(lines) == 36 and all(abs(sum(line["probabilities"]) - 1) < 1e-5 for line in lines)

@@ -46,7 +46,7 @@ def test_tune_runs_parallel_trials_survives_a_failing_one_and_releases_the_best(
     evaluation = tuning["evaluation"]
     assert evaluation["eval_metric"] == "accuracy" and 0.0 <= evaluation["eval_value"] <= 1.0
     assert evaluation["blessed"] is True
-    assert (registry / "000001" / "saved_model").is_dir()
+    assert (registry / "000001" / "saved_model.pb").is_file()
     assert yaml.safe_load((registry / "000001" / "hyperparameters.yaml").read_text())["image_size"] == 32
     page = open(tuning["report_html"], encoding="utf-8").read()
     assert page.count("<svg") == 2 and "small_cnn needs at least 16 pixels" in page
