@@ -55,6 +55,9 @@ def export_model(model: keras.Model, model_dir: str, *, hp: Hyperparameters, lab
                  history: Mapping[str, Sequence[float]]) -> None:
     """Write every file of the model directory (a local path or gs:// URI); errors propagate.
 
+    The files an earlier export left there (``layout.MODEL_FILES`` and ``saved_model/``) are replaced
+    or removed, so the folder holds this model only; other files are left alone.
+
     ``model`` must take float32 [B, S, S, 3] (0-255, S = ``hp.input_size``) and return K
     probabilities, or one sigmoid output in binary mode; ``label_map`` maps each of the K class
     names to its output index.
