@@ -59,7 +59,7 @@ def test_train_step_asks_for_a_gpu(spec):
     accelerator = train_exec["resources"]["accelerator"]
     assert accelerator["resourceType"] == "nvidia.com/gpu"
     assert "accelerator_count" in accelerator["resourceCount"]
-    assert spec["root"]["inputDefinitions"]["parameters"]["accelerator_count"]["defaultValue"] == 1
+    assert spec["root"]["inputDefinitions"]["parameters"]["accelerator_count"]["defaultValue"] == "1"
     for name, executor in executors.items():
         if name != "exec-train":
             assert "accelerator" not in executor["container"].get("resources", {}), name
