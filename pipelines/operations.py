@@ -320,7 +320,9 @@ def _read_package(path: str) -> _Package:
     if not isinstance(info, dict) or not info.get("name"):
         raise OperationError(f"{path} is not a compiled KFP pipeline (no pipelineInfo.name); compile it with "
                              "'imgclf compile'")
-    return _Package(info["name"], info.get("description", ""), hashlib.sha256(data).hexdigest())
+    # The tuning pipeline shares the main one's name (its cache scope) and is told apart by its display name.
+    return _Package(info.get("displayName") or info["name"], info.get("description", ""),
+                    hashlib.sha256(data).hexdigest())
 
 
 def default_version_name(package_sha256: str, now: datetime.datetime | None = None) -> str:
