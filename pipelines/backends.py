@@ -8,11 +8,11 @@ tier (``tests/conformance``) encodes the same facts per release and checks the c
 - GPU count from the run form: ``backend/src/v2/driver/driver.go`` ``initPodSpecPatch`` reads
   ``accelerator.resourceCount`` (resolved by ``resolvePodSpecInputRuntimeParameter`` with
   ``GetStringValue()``, so the pipeline parameter must be a string) from 2.4.0; up to 2.3.0 only the
-  numeric ``accelerator.count``, which the SDK fills only for a constant. Worse, the 2.2.0 API server
-  parses the PipelineSpec strictly (``backend/src/apiserver/template/v2_template.go``,
-  ``protojson.Unmarshal``) with ``api`` pinned at 58ce09e (kfp-pipeline-spec 0.2.2), which has none of
-  the string resource fields (``resourceCount``, ``resourceCpuRequest``, ...): a pipeline carrying them
-  is refused at upload. So for 2.2.0 the GPU count is fixed when compiling (``--gpus``).
+  numeric ``accelerator.count``, which the SDK fills only for a constant. Worse, the 2.2.0 driver
+  parses each task's container spec strictly (``backend/src/v2/cmd/driver/main.go``,
+  ``jsonpb.UnmarshalString``) with ``api`` pinned at 58ce09e (kfp-pipeline-spec 0.2.2), which has none
+  of the string resource fields (``resourceCount``, ``resourceCpuRequest``, ...): every task carrying
+  them fails before its pod starts. So for 2.2.0 the GPU count is fixed when compiling (``--gpus``).
 - Display names: up to 2.5.0 the driver records a task under ``taskInfo.name`` but looks producers up
   by task key (``driver.go``: ``ecfg.TaskName = opts.Task.GetTaskInfo().GetName()``; kfp #11173), so
   a consumer of a renamed task fails; fixed in 2.14.0. Below 2.14.0 no task gets a display name (the

@@ -2,9 +2,10 @@
 compiled pipeline as that release's API server and driver do, refusing unknown fields.
 
 stdin: {"pipeline_spec": {...}, "platform_spec": {...} or null}; stdout: a JSON list of problems.
-The API server parses the PipelineSpec with protojson (``backend/src/apiserver/template/v2_template.go``);
-the driver parses each task's Kubernetes config with jsonpb (``backend/src/v2/cmd/driver/main.go``); both
-refuse a field their generated code does not know.
+The API server parses the PipelineSpec with protojson (``backend/src/apiserver/template/v2_template.go``),
+where the executors are a free-form Struct; the driver parses each task's container spec and Kubernetes
+config with jsonpb (``backend/src/v2/cmd/driver/main.go``); all refuse a field their generated code does
+not know.
 """
 
 import importlib.util
@@ -30,6 +31,12 @@ try:
     json_format.ParseDict(document["pipeline_spec"], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
 except json_format.ParseError as err:
     problems.append(f"PipelineSpec: {err}")
+for name, executor in sorted(document["pipeline_spec"].get("deploymentSpec", {}).get("executors", {}).items()):
+    try:
+        json_format.ParseDict(executor, pipeline_spec_pb2.PipelineDeploymentConfig.ExecutorSpec(),
+                              ignore_unknown_fields=False)
+    except json_format.ParseError as err:
+        problems.append(f"executor {name} (the driver's --container): {err}")
 platform = document.get("platform_spec") or {}
 executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
 for name, config in sorted(executors.items()):
