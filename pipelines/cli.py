@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--gcs-secret", default="", metavar="SECRET",
                          help="Kubernetes secret with a service-account key.json mounted by every step "
                               "(leave out with Workload Identity)")
-    cluster.add_argument("--shm-size", metavar="SIZE", help="size of /dev/shm for the training pod (default 16Gi; none before "
-                                                                "--min-backend 2.4.1)")
+    cluster.add_argument("--shm-size", metavar="SIZE",
+                         help="size of /dev/shm for the training pod (default 16Gi; none for --min-backend 2.2.0)")
     cluster.add_argument("--resources", action="append", default=[], metavar="STEP=CPU,MEMORY",
                          help="CPU and memory request of a step (validate, convert, train, evaluate)")
     cluster.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",

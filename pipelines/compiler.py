@@ -1,4 +1,4 @@
-"""Compiles the pipeline to YAML for the oldest KFP backend it must run on, optionally for a user's own image registry."""
+"""Compiles the pipelines to YAML for the oldest KFP backend they must run on, optionally for another image."""
 
 from __future__ import annotations
 
