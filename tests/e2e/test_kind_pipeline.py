@@ -231,11 +231,21 @@ def test_tuning_pipeline_runs_on_kind_and_writes_every_artifact(tmp_path):
                              pipeline=image_classification_tuning)
 
 
+def kubectl_json(*args: str) -> dict[str, Any]:
+    done = subprocess.run(["kubectl", *args, "-o", "json"], capture_output=True, text=True, check=True, timeout=60)
+    return json.loads(done.stdout)
+
+
 def run_pods(run_id: str) -> list[dict[str, Any]]:
-    """The run's pods, as kubectl reports them (KFP labels every pod of a run with pipeline/runid)."""
-    listed = subprocess.run(["kubectl", "get", "pods", "-A", "-l", f"pipeline/runid={run_id}", "-o", "json"],
-                            capture_output=True, text=True, check=True, timeout=60)
-    return json.loads(listed.stdout)["items"]
+    """The run's pods: KFP labels the run's Argo Workflow with pipeline/runid, Argo labels its pods with the
+    workflow's name (workflows.argoproj.io/workflow)."""
+    workflows = kubectl_json("get", "workflows.argoproj.io", "-A", "-l", f"pipeline/runid={run_id}")["items"]
+    pods = []
+    for workflow in workflows:
+        meta = workflow["metadata"]
+        pods += kubectl_json("get", "pods", "-n", meta["namespace"], "-l",
+                             f"workflows.argoproj.io/workflow={meta['name']}")["items"]
+    return pods
 
 
 def test_a_gpu_run_asks_kubernetes_for_the_gpu(tmp_path):
