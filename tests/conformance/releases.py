@@ -56,6 +56,10 @@ RELEASES = (
                                      "googleapis-common-protos==1.76.0")),
 )
 
+# Kubeflow 1.8's backend, not supported: kept to show why (its schema, api 758c91f and kubernetes_platform bd9f74e).
+UNSUPPORTED = Release("2.0.3", "1.8", ("kfp-pipeline-spec==0.2.1", "kfp-kubernetes==0.0.1", "protobuf==3.20.3",
+                                       "googleapis-common-protos==1.59.1"))
+
 
 # --- Schemas ------------------------------------------------------------------------------------------------
 
@@ -231,3 +235,23 @@ def gpu_limits(spec: Mapping[str, Any], executor: str, form: Mapping[str, Any], 
     else:
         count = str(int(accelerator["count"])) if int(accelerator.get("count", 0)) > 0 else ""
     return {kind: count} if kind and count else {}
+
+
+def cache_identity(spec: Mapping[str, Any], task: str) -> dict[str, Any]:
+    """What a root task's cache lookup depends on, apart from the run's values: the scope
+    (``"pipeline/" + pipelineInfo.name``, ``backend/src/v2/driver/cache.go``) and the key's parts
+    (``backend/src/v2/cacheutils/cache.go`` ``GenerateCacheKey``: input parameter values and artifact
+    names, output artifact and parameter specs, command and arguments, image), here as the YAML states
+    them: where each input comes from (with its default) and the component's definitions."""
+    task_spec = spec["root"]["dag"]["tasks"][task]
+    component = spec["components"][task_spec["componentRef"]["name"]]
+    container = spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+    root_inputs = spec["root"]["inputDefinitions"]["parameters"]
+    sources = {}
+    for name, value in task_spec.get("inputs", {}).get("parameters", {}).items():
+        root_name = value.get("componentInputParameter")
+        sources[name] = (root_name, root_inputs[root_name].get("defaultValue")) if root_name else value
+    return {"scope": f"pipeline/{spec['pipelineInfo']['name']}", "image": container["image"],
+            "cmd_args": [*container.get("command", []), *container.get("args", [])],
+            "inputs": sources, "input_artifacts": task_spec.get("inputs", {}).get("artifacts", {}),
+            "definitions": {key: component.get(key) for key in ("inputDefinitions", "outputDefinitions")}}

@@ -136,3 +136,22 @@ def test_the_rules_catch_what_they_are_for():
     assert "cannot find producer task" in releases.renamed_producers(spec, old)[0]
     assert "invalid dependency for-loop-1" in releases.loop_dependencies(spec, old)[0]
     assert "pipeline_job_uuid" in releases.literal_placeholders(spec, old)[0]
+
+
+@pytest.mark.parametrize("task", ["validate-data", "convert-to-tfrecords"])
+def test_prepared_data_is_shared_by_both_pipelines(task):
+    """A tuning run and a training run on the same content find each other's validation and conversion in
+    the cache: same cache scope, same key parts (see releases.cache_identity), on every release."""
+    main, _ = releases.load(COMMITTED["main"])
+    tuning, _ = releases.load(COMMITTED["tuning"])
+    assert main["root"]["dag"]["tasks"][task]["cachingOptions"] == {"enableCache": True}
+    mine, theirs = releases.cache_identity(main, task), releases.cache_identity(tuning, task)
+    assert mine == theirs, {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
+
+
+def test_kubeflow_1_8_is_not_supported(tmp_path):
+    """2.0.3's driver knows neither CPU/memory requests (api at 758c91f) nor tolerations (kubernetes_platform
+    at bd9f74e), which training needs on GPU nodes: even the 2.2.0 YAML fails there, as the README says."""
+    path = compile_pipeline(str(tmp_path / "main.yaml"), settings=ClusterSettings.from_options(min_backend="2.2.0"))
+    problems = "\n".join(releases.strict_parse(releases.UNSUPPORTED, path))
+    assert 'no field named "cpuRequest"' in problems and 'no field named "tolerations"' in problems, problems
