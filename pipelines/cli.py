@@ -18,7 +18,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     try:
         settings = ClusterSettings.from_options(
             node_selector=args.gpu_node_selector, tolerations=args.gpu_toleration, gcs_secret=args.gcs_secret,
-            shm_size=args.shm_size, resources=args.resources, env=args.env)
+            shm_size=args.shm_size, resources=args.resources, env=args.env, min_backend=args.min_backend,
+            gpus=args.gpus)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return trainer_cli.EXIT_USAGE
@@ -128,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--tuning-output", help="where to write the tuning pipeline (default: the committed "
                                              "pipelines/image_classification_tuning.yaml, unless --output is given)")
     cmd.add_argument("--image", help="component image to use instead of the project's, e.g. registry.example/imgclf:1")
+    from pipelines.backends import BACKENDS, DEFAULT_BACKEND
+
+    cmd.add_argument("--min-backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
+                     help="oldest Kubeflow Pipelines backend the YAML must run on (default %(default)s, what the "
+                          "committed YAMLs target): 2.2.0 (Kubeflow 1.9) fixes the GPU count at compile time "
+                          "and has no /dev/shm mount; 2.14.0 adds the steps' display names; see the README")
+    cmd.add_argument("--gpus", type=int, metavar="N",
+                     help="with --min-backend 2.2.0: the GPUs of training and of each tuning lane (default 1); "
+                          "that backend cannot read the run form's accelerator_count")
     cluster = cmd.add_argument_group("cluster settings (see README)")
     cluster.add_argument("--gpu-node-selector", action="append", default=[], metavar="LABEL=VALUE",
                          help="node label the training pod requires, e.g. cloud.google.com/gke-accelerator=nvidia-l4")
@@ -136,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--gcs-secret", default="", metavar="SECRET",
                          help="Kubernetes secret with a service-account key.json mounted by every step "
                               "(leave out with Workload Identity)")
-    cluster.add_argument("--shm-size", metavar="SIZE", help="size of /dev/shm for the training pod (default 16Gi)")
+    cluster.add_argument("--shm-size", metavar="SIZE",
+                         help="size of /dev/shm for the training pod (default 16Gi; none for --min-backend 2.2.0)")
     cluster.add_argument("--resources", action="append", default=[], metavar="STEP=CPU,MEMORY",
                          help="CPU and memory request of a step (validate, convert, train, evaluate)")
     cluster.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",

@@ -1,13 +1,14 @@
-"""Compiles the pipeline to YAML, optionally for a user's own image registry."""
+"""Compiles the pipelines to YAML for the oldest KFP backend they must run on, optionally for another image."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 
-from kfp import compiler
+from kfp.compiler import pipeline_spec_builder
 
 from components._image import IMAGE
+from pipelines.backends import fit_to_backend
 from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import build_pipeline
 
@@ -20,13 +21,20 @@ def compile_pipeline(output_path: str = COMPILED_PIPELINE, image: str | None = N
                      settings: ClusterSettings | None = None, builder=build_pipeline) -> str:
     """Write the compiled pipeline to ``output_path``.
 
-    ``image`` replaces the project's image everywhere; ``settings`` fits the pipeline to a cluster
-    (the committed YAML uses the defaults). ``builder`` builds the pipeline: the main one by default.
+    ``image`` replaces the project's image everywhere; ``settings`` fits the pipeline to a cluster and
+    to the oldest backend it must run on (the committed YAML uses the defaults). ``builder`` builds the
+    pipeline: the main one by default. What the SDK always writes but that backend's strict parse refuses
+    is taken out (``pipelines.backends.fit_to_backend``).
     """
+    settings = settings or ClusterSettings()
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    pipeline = builder(settings)
+    spec, platform = pipeline.pipeline_spec, pipeline.platform_spec
+    fit_to_backend(spec, platform, settings.backend)
     with tempfile.TemporaryDirectory() as scratch:
         compiled = os.path.join(scratch, "pipeline.yaml")
-        compiler.Compiler().compile(builder(settings), compiled)
+        pipeline_spec_builder.write_pipeline_spec_to_file(pipeline_spec=spec, pipeline_description=pipeline.description,
+                                                          platform_spec=platform, package_path=compiled)
         with open(compiled, encoding="utf-8") as handle:
             text = handle.read()
     if image and image != IMAGE:

@@ -10,8 +10,10 @@ from pipelines._steps import prepare_data, release
 from pipelines.cluster import ClusterSettings
 from trainer.hyperparameters import DEFAULTS, FIELDS
 
+# Also the tuning pipeline's pipelineInfo.name: the backend's cache is scoped to this name
+# (backend/src/v2/driver cache lookups filter on "pipeline/<name>"), so sharing it lets a tuning run and a
+# training run on the same content validate and convert it once.
 PIPELINE_NAME = "image-classification"
-ACCELERATOR_TYPE = "nvidia.com/gpu"
 
 
 class Outputs(NamedTuple):
@@ -68,7 +70,7 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         class_weight: str = DEFAULTS["class_weight"],
         tflite_quantization: str = DEFAULTS["tflite_quantization"],
         max_rejected_fraction: float = 0.01,
-        accelerator_count: int = 1,
+        accelerator_count: str = settings.gpu_count_default,
         initial_model_uri: str = "",
         checkpoint_root: str = "",
         jit_compile: bool = False,
@@ -87,7 +89,7 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         Args:
             data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
             max_rejected_fraction: Largest share of unusable image files the run tolerates.
-            accelerator_count: GPUs for the training step (0 runs it on CPUs).
+            accelerator_count: GPUs for the training step, as text ("0": CPUs only); KFP reads it from 2.4.0.
             initial_model_uri: An earlier imgclf model to continue training from (incremental training).
             checkpoint_root: gs:// path or mounted volume for training backups that survive preemption.
             jit_compile: Compile the training step with XLA.
@@ -109,11 +111,12 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
 
         training = train(dataset=conversion.outputs["dataset"], initial_model_uri=initial_model_uri,
                          backup_root=checkpoint_root, jit_compile=jit_compile, **hyperparameters)
-        # Retries cover node preemption; the step resumes from its last backup (see checkpoint_root). The
-        # backup is found through the model output's URI, which every retry of the task shares.
-        training.set_display_name("Train").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
-        training.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
-        settings.apply(training, "train")
+        # Retries cover preemption; the step resumes from its last backup (see checkpoint_root). The backup
+        # is found through the model output's URI, which every retry of the task shares. The backend retries
+        # it from 2.4.1 (a root task); see the README for a node that disappears (Argo's retryPolicy).
+        training.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
+        settings.request_gpus(training, accelerator_count)
+        settings.apply(training, "train", display_name="Train")
 
         released = release(training.outputs["trained_model"], conversion.outputs["dataset"], eval_metric=eval_metric,
                            min_eval_value=min_eval_value, baseline_model_uri=baseline_model_uri,

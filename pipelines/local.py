@@ -139,7 +139,7 @@ def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: st
         local.init(runner=_docker_runner(data_uri, pipeline_root), pipeline_root=pipeline_root, **caching)
     else:
         raise ValueError(f"unknown runner {runner!r}; use 'subprocess' or 'docker'")
-    arguments = {"data_uri": data_uri, **hp.to_dict(), "accelerator_count": 0, **(pipeline_args or {})}
+    arguments = {"data_uri": data_uri, **hp.to_dict(), "accelerator_count": "0", **(pipeline_args or {})}
     summary: dict[str, Any] = {"data_uri": data_uri, "hyperparameters": hp.to_dict(), "cache_dir": cache_dir}
     earlier_runs = set(os.listdir(pipeline_root))
     task, hits = execute(pipeline, arguments, summary)

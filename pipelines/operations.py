@@ -149,6 +149,11 @@ def _coerce_setting(name: str, kind: type, value: Any) -> Any:
             return value
         raise ValueError(f"{name}: got {text if text is not None else value!r}, expected a JSON "
                          f"{'list' if kind is list else 'object'}")
+    if name == "accelerator_count" and kind is str and not isinstance(value, bool):
+        # The backend's driver reads the GPU count as text and sets no limit at all for a number.
+        from pipelines.backends import parse_gpu_count
+
+        return str(parse_gpu_count(text if text is not None else value))
     if kind is str and text is not None:
         if name == "data_uri" and not text:
             raise ValueError("data_uri: got '', expected a gs:// URI or a mounted path of the class folders")
@@ -315,7 +320,9 @@ def _read_package(path: str) -> _Package:
     if not isinstance(info, dict) or not info.get("name"):
         raise OperationError(f"{path} is not a compiled KFP pipeline (no pipelineInfo.name); compile it with "
                              "'imgclf compile'")
-    return _Package(info["name"], info.get("description", ""), hashlib.sha256(data).hexdigest())
+    # The tuning pipeline shares the main one's name (its cache scope) and is told apart by its display name.
+    return _Package(info.get("displayName") or info["name"], info.get("description", ""),
+                    hashlib.sha256(data).hexdigest())
 
 
 def default_version_name(package_sha256: str, now: datetime.datetime | None = None) -> str:

@@ -2,30 +2,38 @@
 
 Designed for the open-source KFP v2 backend as well as kfp.local and Vertex: no ``dsl.Collected``
 (whose fan-in the open-source driver has supported only in part). The trials share an Optuna study
-in a folder every step can reach (gs:// or a volume), so nothing has to be gathered from the loop:
-the select step runs ``.after()`` the loop and reads the study. A loop's ``parallelism`` is fixed when
-the pipeline is compiled (``iteratorPolicy.parallelismLimit``, one Argo template setting), while
-``parallel_trials`` is a run-time setting, so trials run in lanes: one loop over ``parallel_trials``
-lanes, without a limit, iterating over the setup step's list output (as the backend's driver and
-kfp.local both support), each lane one GPU task running its trials one after another. (A nested loop,
-one task per trial, is what kfp.local 2.17 cannot run: its inner iterations do not see the pipeline's
-parameters.)
+in a folder every step can reach (gs:// or a volume), so nothing has to be gathered from the loop.
+A loop's ``parallelism`` is fixed when the pipeline is compiled (``iteratorPolicy.parallelismLimit``),
+while ``parallel_trials`` is a run-time setting, so trials run in lanes: one loop over ``parallel_trials``
+lanes, without a limit, iterating over the setup step's list output, each lane one GPU task running its
+trials one after another. (A nested loop, one task per trial, is what kfp.local 2.17 cannot run: its
+inner iterations do not see the pipeline's parameters.)
+
+The loop sits inside a sub-pipeline (``trial_lanes``), and the select step runs ``.after()`` that
+sub-pipeline's task: backends up to 2.3.0 name no Argo task after a loop ("invalid dependency
+for-loop-1", kfp #10050; 2.4.0 names it ``for-loop-N-loop``), while a dependency on a sub-DAG task is
+an ordinary one on every backend (``backend/src/v2/compiler/argocompiler/dag.go``).
+
+The pipeline's ``pipelineInfo.name`` is the main pipeline's (the backend scopes its cache to it), so the
+look, validation and conversion of a tuning run are reused by a training run on the same content and
+the reverse; its display name, ``image-classification-tuning``, is the name it is uploaded under.
 """
 
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Model
+from kfp.dsl import Artifact, Dataset, Input, Model
 
 from components.select_best_trial import select_best_trial
 from components.tuning_setup import tuning_setup
 from components.tuning_trials import tuning_trials
 from pipelines._steps import prepare_data, release
 from pipelines.cluster import ClusterSettings
-from pipelines.image_classification import ACCELERATOR_TYPE
+from pipelines.image_classification import PIPELINE_NAME as CACHE_SCOPE
 from trainer.hyperparameters import DEFAULTS, FIELDS
 from trainer.tuning import DEFAULT_OBJECTIVE
 
+# The name it is uploaded and shown under (pipelineInfo.displayName); its cache scope is CACHE_SCOPE.
 PIPELINE_NAME = "image-classification-tuning"
 # The run form's tuning settings, with their defaults (the hyperparameters follow the schema).
 TUNING_DEFAULTS = {"ranges": "", "objective": DEFAULT_OBJECTIVE, "strategy": "Bayesian", "max_trials": 10,
@@ -49,7 +57,20 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
     """The tuning pipeline, fitted to a cluster by ``settings`` (as the main pipeline)."""
     settings = settings or ClusterSettings()
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=(
+    @dsl.pipeline(name="trial-lanes", description="The lanes of trials, side by side: one GPU task each.")
+    def trial_lanes(lanes: list[int], study: Input[Artifact], dataset: Input[Dataset], jit_compile: bool,
+                    accelerator_count: str):
+        with dsl.ParallelFor(lanes, name="lanes") as lane:
+            trials = tuning_trials(study=study, lane=lane, dataset=dataset, jit_compile=jit_compile,
+                                   gpus=accelerator_count)
+            trials.set_caching_options(False)
+            # Retries cover preemption; the retried lane skips the trials it finished and continues the
+            # interrupted one from its last per-epoch backup. Backends retry tasks inside a loop from 2.14.0.
+            trials.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
+            settings.request_gpus(trials, accelerator_count)
+            settings.apply(trials, "train", display_name="Trial lane")
+
+    @dsl.pipeline(name=CACHE_SCOPE, display_name=PIPELINE_NAME, description=(
         "SageMaker's automatic model tuning for the Image Classification - TensorFlow algorithm on Kubeflow: "
         "a Bayesian, Random, Grid or Hyperband search over its hyperparameters with parallel GPU trials, "
         "and the best model evaluated, gated and pushed as by the main pipeline."))
@@ -96,7 +117,7 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         class_weight: str = DEFAULTS["class_weight"],
         tflite_quantization: str = DEFAULTS["tflite_quantization"],
         max_rejected_fraction: float = 0.01,
-        accelerator_count: int = 1,
+        accelerator_count: str = settings.gpu_count_default,
         jit_compile: bool = False,
         min_eval_value: float = 0.0,
         baseline_model_uri: str = "",
@@ -122,7 +143,7 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             study_root: gs:// path or volume mounted by every step for the shared study (needed when the
                 pipeline root is not on GCS, e.g. the default MinIO).
             max_rejected_fraction: Largest share of unusable image files the run tolerates.
-            accelerator_count: GPUs for each lane of trials (0 runs trials on CPUs).
+            accelerator_count: GPUs for each lane of trials, as text ("0": CPUs only); KFP reads it from 2.4.0.
             jit_compile: Compile the training step with XLA.
             min_eval_value: The best model is blessed only when eval_metric reaches this value (0: none).
             baseline_model_uri: An earlier model the best one must not fall below on eval_metric.
@@ -140,28 +161,24 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
                             random_seed=random_seed, settings=settings)
         validation, conversion = data.validation, data.conversion
 
+        # Backends before 2.5.0 pass the run-id placeholder as literal text; the setup step then names the study.
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER if settings.backend.pipeline_job_id else ""
         setup = tuning_setup(ranges=ranges, objective=objective, strategy=strategy, max_trials=max_trials,
                              parallel_trials=parallel_trials, early_stopping_type=early_stopping_type,
-                             study_root=study_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **hyperparameters)
+                             study_root=study_root, run_id=run_id, **hyperparameters)
         # The study is state shared by the trials: every run makes its own.
         setup.set_caching_options(False)
-        setup.set_display_name("Set up the search")
-        settings.apply(setup, "push")
+        settings.apply(setup, "push", display_name="Set up the search")
 
-        with dsl.ParallelFor(setup.outputs["Output"], name="lanes") as lane:
-            trials = tuning_trials(study=setup.outputs["study"], lane=lane, dataset=conversion.outputs["dataset"],
-                                   jit_compile=jit_compile, gpus=accelerator_count)
-            trials.set_caching_options(False)
-            # Retries cover node preemption; the retried lane skips the trials it finished and continues the
-            # interrupted one from its last per-epoch backup.
-            trials.set_display_name("Trials").set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
-            trials.set_accelerator_type(ACCELERATOR_TYPE).set_accelerator_limit(accelerator_count)
-            settings.apply(trials, "train")
+        lanes = trial_lanes(lanes=setup.outputs["Output"], study=setup.outputs["study"],
+                            dataset=conversion.outputs["dataset"], jit_compile=jit_compile,
+                            accelerator_count=accelerator_count)
+        if settings.backend.display_names:
+            lanes.set_display_name("Trials")
 
-        best = select_best_trial(study=setup.outputs["study"]).after(trials)
+        best = select_best_trial(study=setup.outputs["study"]).after(lanes)
         best.set_caching_options(False)
-        best.set_display_name("Select the best trial")
-        settings.apply(best, "push")
+        settings.apply(best, "push", display_name="Select the best trial")
 
         released = release(best.outputs["best_model"], conversion.outputs["dataset"], eval_metric=eval_metric,
                            min_eval_value=min_eval_value, baseline_model_uri=baseline_model_uri,

@@ -35,7 +35,7 @@ def run_tuning_local(data_uri: str, output_dir: str, arguments: dict[str, Any]) 
         compile_tuning_pipeline(os.path.join(output_dir, "pipeline.yaml")))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
     summary: dict[str, Any] = {"data_uri": data_uri}
-    task, _ = execute(pipeline, {"data_uri": data_uri, "accelerator_count": 0, **arguments}, summary)
+    task, _ = execute(pipeline, {"data_uri": data_uri, "accelerator_count": "0", **arguments}, summary)
     if task is None:
         _copy_reports(pipeline_root, output_dir, summary)
     else:

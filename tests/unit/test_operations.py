@@ -82,7 +82,7 @@ def test_submit_sends_every_resolved_hyperparameter_with_its_type(kfp_api, tmp_p
     body = create.json
     expected = {**hps.Hyperparameters(epochs=2, train_only_top_layer=True, learning_rate=0.01,
                                       batch_size=16).to_dict(),
-                "data_uri": "gs://bucket/images", "accelerator_count": 0, "jit_compile": True}
+                "data_uri": "gs://bucket/images", "accelerator_count": "0", "jit_compile": True}
     sent = body["runtime_config"]["parameters"]
     assert sent == expected
     for name, value in sent.items():
@@ -116,10 +116,11 @@ def test_submit_an_uploaded_pipeline_runs_its_newest_version(kfp_api, capsys):
 @pytest.mark.parametrize(("assignment", "problem"), [
     ("learning_rte=0.1", "learning_rte: unknown pipeline parameter; did you mean 'learning_rate'?"),
     ("acelerator_count=0", "acelerator_count: unknown pipeline parameter; did you mean 'accelerator_count'?"),
-    ("accelerator_count=two", "accelerator_count: got 'two', expected an integer"),
+    ("accelerator_count=two", "accelerator_count: got 'two', expected a whole number of GPUs such as '1'"),
     ("epochs=0", "epochs: got '0', expected an integer in [1, 100000]"),
     ("max_rejected_fraction=2", "max_rejected_fraction: got '2', expected a number in [0, 1]"),
-    ("accelerator_count=-1", "accelerator_count: got '-1', expected 0 (CPU only) or a number of GPUs"),
+    ("accelerator_count=-1", "accelerator_count: got '-1', expected a whole number of GPUs such as '1'"),
+    ("accelerator_count=1.5", "accelerator_count: got '1.5', expected a whole number of GPUs such as '1'"),
 ])
 def test_submit_refuses_a_bad_parameter_before_any_request(kfp_api, capsys, assignment, problem):
     assert imgclf("submit", "--host", kfp_api.url, "--set", "data_uri=gs://bucket/images",
@@ -188,7 +189,7 @@ def test_schedule_refuses_what_kfp_would_misread_before_any_request(kfp_api, cap
 
 def test_pipeline_settings_come_from_the_pipeline_signature():
     settings = operations.pipeline_settings()
-    documented = {"data_uri": str, "max_rejected_fraction": float, "accelerator_count": int,
+    documented = {"data_uri": str, "max_rejected_fraction": float, "accelerator_count": str,
                   "initial_model_uri": str, "checkpoint_root": str, "jit_compile": bool}
     assert documented.items() <= settings.items()
     assert not set(settings) & set(hps.FIELDS), "hyperparameters go through the schema, not as settings"
@@ -199,7 +200,7 @@ def test_parameter_file_may_hold_settings_and_sagemaker_strings(tmp_path):
     params.write_text(yaml.safe_dump({"data_uri": "/mnt/data", "accelerator_count": "2", "augmentation": "True",
                                       "checkpoint_root": "gs://b/ckpt"}))
     resolved = operations.pipeline_parameters(operations.load_parameters([str(params)], ["augmentation=False"]))
-    assert (resolved["accelerator_count"], resolved["augmentation"]) == (2, False)
+    assert (resolved["accelerator_count"], resolved["augmentation"]) == ("2", False)
     assert (resolved["data_uri"], resolved["checkpoint_root"]) == ("/mnt/data", "gs://b/ckpt")
 
 

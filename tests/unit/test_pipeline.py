@@ -7,6 +7,7 @@ import yaml
 
 from components.train import train
 from pipelines import compiler
+from pipelines.cli import main as imgclf
 from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import image_classification
 from trainer import hyperparameters as hps
@@ -59,7 +60,7 @@ def test_train_step_asks_for_a_gpu(spec):
     accelerator = train_exec["resources"]["accelerator"]
     assert accelerator["resourceType"] == "nvidia.com/gpu"
     assert "accelerator_count" in accelerator["resourceCount"]
-    assert spec["root"]["inputDefinitions"]["parameters"]["accelerator_count"]["defaultValue"] == 1
+    assert spec["root"]["inputDefinitions"]["parameters"]["accelerator_count"]["defaultValue"] == "1"
     for name, executor in executors.items():
         if name != "exec-train":
             assert "accelerator" not in executor["container"].get("resources", {}), name
@@ -155,7 +156,22 @@ def test_cluster_settings_from_compile_options(tmp_path):
     ({"resources": ["training=8,32G"]}, "--resources 'training=8,32G': expected STEP=CPU,MEMORY"),
     ({"tolerations": ["nvidia.com/gpu"]}, "toleration 'nvidia.com/gpu': expected KEY[=VALUE]:EFFECT"),
     ({"env": ["NOVALUE"]}, "--env 'NOVALUE': expected NAME=VALUE"),
+    ({"min_backend": "2.3.0"}, "--min-backend '2.3.0': expected one of 2.2.0, 2.4.1, 2.5.0, 2.14.0"),
+    ({"gpus": 2}, "--gpus 2: backend 2.4.1 takes the GPU count from the run form"),
+    ({"min_backend": "2.2.0", "gpus": -1}, "--gpus -1: expected 0"),
+    ({"min_backend": "2.2.0", "shm_size": "8Gi"}, "--shm-size 8Gi: backend 2.2.0 cannot mount /dev/shm"),
 ])
 def test_bad_cluster_options_are_named(options, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ClusterSettings.from_options(**options)
+
+
+def test_compile_for_kfp_2_2_0_fixes_the_gpu_count(tmp_path):
+    """2.2.0 reads only a numeric accelerator count and refuses the string resource fields (pipelines/backends.py)."""
+    assert imgclf(["compile", "--min-backend", "2.2.0", "--gpus", "2", "--output", str(tmp_path / "p.yaml")]) == 0
+    spec, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"] == {"count": "2", "type": "nvidia.com/gpu"}
+    assert set(resources) == {"accelerator", "cpuRequest", "memoryRequest"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["accelerator_count"]["defaultValue"] == "2"
+    assert "emptyDirMounts" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]

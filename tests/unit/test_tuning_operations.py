@@ -36,7 +36,7 @@ def test_submit_tuning_sends_the_search_and_every_hyperparameter(kfp_api, tmp_pa
     assert json.loads(sent["ranges"]) == RANGES
     assert (sent["max_trials"], sent["parallel_trials"], sent["strategy"]) == (8, 4, "Random")
     assert {k: sent[k] for k in hps.FIELDS} == hps.Hyperparameters(epochs=5).to_dict()
-    assert create.json["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "image-classification-tuning"
+    assert create.json["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["displayName"] == "image-classification-tuning"
 
 
 @pytest.mark.parametrize(("assignments", "problem"), [
