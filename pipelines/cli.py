@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--strategy", help="Bayesian (default), Random, Grid or Hyperband")
     cmd.add_argument("--max-trials", type=int, help="trials in all (default 10)")
     cmd.add_argument("--parallel-trials", type=int, help="trials at a time (default 2)")
-    cmd.add_argument("--early-stopping-type", help="Auto (default): stop trials clearly worse than the others "
+    cmd.add_argument("--early-stopping-type", help="Auto (default): stop trials worse than the median of the others "
                                                    "at the same epoch; Off")
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_tune)

@@ -7,9 +7,9 @@ How a search runs (the tuning pipeline, ``imgclf tune``, or by hand):
    hyperparameters) and the study's journal.
 2. Each trial (``run_trial``, one per slot ``0 .. n_trials-1``, any number at once, on any machine that
    sees the folder; ``run_lane`` runs one lane's slots one after another) asks the study for
-   hyperparameters, trains on the converted data set, reports the
-   objective after every epoch (so a trial clearly worse than the others at the same epoch is stopped:
-   pruned), and tells the study its result. A trial that fails is recorded with its reason and the
+   hyperparameters, trains on the converted data set, reports the objective after every epoch (so a
+   trial worse than the others at the same epoch is stopped, pruned: see ``early_stopping_type``
+   below), and tells the study its result. A trial that fails is recorded with its reason and the
    search goes on. The trial's model is written to ``trials/<slot>/model``; its training state is
    backed up after every epoch to ``trials/<slot>/backup/<trial number>`` and removed when it ends.
    A slot retried after its pod was killed (preempted) continues the trial that was running there,
@@ -456,8 +456,8 @@ class _Pruning:
                     self.known.add(epoch + 1)
                 self.reported = epoch + 1
                 if trial.should_prune():
-                    log.info("Trial %d pruned after epoch %d: %s %.4f is clearly worse than the other trials "
-                             "at this epoch", trial.number, epoch + 1, key, float(value))
+                    log.info("Trial %d stopped after epoch %d: %s %.4f is worse than the other trials at this "
+                             "epoch", trial.number, epoch + 1, key, float(value))
                     self.pruned = True
                     self.model.stop_training = True
 

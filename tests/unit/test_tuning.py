@@ -159,7 +159,8 @@ def test_a_trial_whose_objective_is_not_a_number_fails_with_the_reason_everywher
     tuning.create_study(config, str(tmp_path))
     records = tuning.run_lane(str(tmp_path), 0, "unused",
                               train_fn=fake_training(curve=by_trial([0.5, float("nan"), 0.9], [0.5, 0.6, 0.7])))
-    reason = "validation accuracy is nan after epoch 2: training diverged; try a lower learning_rate or another optimizer"
+    reason = ("validation accuracy is nan after epoch 2: training diverged; try a lower learning_rate or another "
+              "optimizer")
     # The lane's record (and so its metrics), the study's summary and tuning.json agree.
     assert [(r["status"], r["error"], r["value"], r["epochs"]) for r in records] == [
         ("failed", reason, None, 2), ("completed", None, pytest.approx(0.7), 3)]

@@ -98,7 +98,8 @@ def test_every_export_is_accepted_by_katib_or_refused_saying_why():
         lows = {p["name"]: (p["feasibleSpace"].get("min") or p["feasibleSpace"]["list"][0]) for p in doc["spec"][
             "parameters"]}
         args = trial_command(doc, {katib._trial_parameter(name): value for name, value in lows.items()})
-        hps.Hyperparameters.resolve(assignments=[a for a, flag in zip(args[1:], args) if flag == "--set"])
+        sets = [a for a, flag in zip(args[1:], args[:-1], strict=True) if flag == "--set"]
+        hps.Hyperparameters.resolve(assignments=sets)
         written[key] = doc
     assert {key[0] for key in written} == set(tuning.STRATEGIES)
     assert len(written) > 1000 and len(refused) > 1000
