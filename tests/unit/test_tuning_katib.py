@@ -275,3 +275,19 @@ def test_the_trial_command_runs_and_katib_reads_the_exported_epochs_value_last(t
     assert float(katib_rules.latest(records, "validation-accuracy")) == accuracy[-1][1] == accuracy[-2][1]
     assert len(katib_rules.early_stopping_reads(output, "validation-accuracy", filters)) == 3
     assert (tmp_path / "model" / "model.keras").is_file()
+
+
+def test_katib_experiment_says_what_katib_searches_otherwise_and_refuses_what_it_would_refuse(tmp_path, capsys):
+    ranges = tmp_path / "ranges.yaml"
+    ranges.write_text("momentum: {min: 0.0, max: 0.99, scaling: ReverseLogarithmic}\noptimizer: [sgd, nesterov]\n")
+    out = tmp_path / "experiment.yaml"
+    assert imgclf(["katib-experiment", "--dataset", "gs://b/d", "--output", str(out), "--ranges", str(ranges)]) == 0
+    assert "note: momentum: Katib has no reverse-logarithmic scale; this range is searched uniformly" in (
+        capsys.readouterr().err)
+    out.unlink()
+    assert imgclf(["katib-experiment", "--dataset", "gs://b/d", "--output", str(out), "--strategy", "Hyperband",
+                   "--ranges", str(ranges), "--set", "epochs=9", "--max-trials", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "  - parallel_trials: Katib's hyperband starts 9 trials at once for epochs 9" in err
+    assert "  - momentum: Katib's hyperband samples every range uniformly" in err
+    assert not out.exists()
