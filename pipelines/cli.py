@@ -107,12 +107,15 @@ def _cmd_katib_experiment(args: argparse.Namespace) -> int:
     from trainer import katib, search_space, tuning
 
     given = hps.merge_sources(args.params, args.assignments)
-    space = search_space.load_ranges_file(args.ranges) if args.ranges else search_space.default_space()
+    # Without --ranges: the recommended ranges less the hyperparameters given a value.
+    ranges = search_space.load_ranges_file(args.ranges).to_sagemaker() if args.ranges else ""
     settings = {name: getattr(args, name) for name in ("objective", "strategy", "max_trials", "parallel_trials",
                                                       "early_stopping_type") if getattr(args, name) is not None}
-    config = tuning.make_config(space.to_sagemaker(), given, fixed_given=given, **settings)
+    config = tuning.make_config(ranges, given, fixed_given=given, **settings)
     manifest = katib.experiment_manifest(config, args.dataset, name=args.name, namespace=args.namespace,
                                          image=args.image or IMAGE, gpus=args.gpus)
+    for note in katib.notes(config):
+        print(f"note: {note}", file=sys.stderr)
     with open(args.output, "w", encoding="utf-8") as handle:
         yaml.safe_dump(manifest, handle, sort_keys=False)
     print(f"Katib Experiment {args.name!r} written to {args.output}: {config.strategy} "
@@ -181,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--strategy", help="Bayesian (default), Random, Grid or Hyperband")
     cmd.add_argument("--max-trials", type=int, help="trials in all (default 10)")
     cmd.add_argument("--parallel-trials", type=int, help="trials at a time (default 2)")
-    cmd.add_argument("--early-stopping-type", help="Auto (default): stop trials clearly worse than the others "
+    cmd.add_argument("--early-stopping-type", help="Auto (default): stop trials worse than the median of the others "
                                                    "at the same epoch; Off")
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_tune)

@@ -25,6 +25,7 @@ import yaml
 from pipelines.compiler import COMPILED_PIPELINE, COMPILED_TUNING_PIPELINE
 from pipelines.image_classification import image_classification
 from trainer import hyperparameters as hps
+from trainer import search_space
 from trainer.errors import HyperparameterError, ImgclfError
 
 # The KFP SDK's own variable for the API address, so one setting serves imgclf and plain SDK scripts.
@@ -116,24 +117,30 @@ def pipeline_parameters(values: Mapping[str, Any], pipeline: Any = None) -> dict
     except HyperparameterError as err:
         problems.extend(err.problems)
     if "ranges" in settings and (resolved or not hyperparameters):
-        problems.extend(_search_problems(hyperparameters, {**pipeline_defaults(pipeline), **chosen}))
+        search = {**pipeline_defaults(pipeline), **chosen}
+        try:
+            config = _search_config(hyperparameters, search)
+        except HyperparameterError as err:
+            problems.extend(err.problems)
+        else:
+            given = {hps.ALIASES.get(name, name) for name in hyperparameters}
+            if not str(search["ranges"]).strip() and given & set(search_space.default_space().names):
+                # The run gets every hyperparameter, so its setup step cannot tell which ones were given:
+                # send the recommended ranges less those, as checked here.
+                chosen["ranges"] = config.space.to_json()
     if problems:
         raise ParameterError(problems)
     return {**resolved, **chosen}
 
 
-def _search_problems(hyperparameters: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
-    """What is wrong with a tuning run's search, one line each (nothing when it is fine)."""
+def _search_config(hyperparameters: Mapping[str, Any], settings: Mapping[str, Any]) -> Any:
+    """A tuning run's search, checked (HyperparameterError lists every problem, one line each)."""
     from trainer import tuning
 
-    try:
-        tuning.make_config(settings["ranges"], hyperparameters, objective=settings["objective"],
-                           strategy=settings["strategy"], max_trials=settings["max_trials"],
-                           parallel_trials=settings["parallel_trials"],
-                           early_stopping_type=settings["early_stopping_type"], fixed_given=hyperparameters)
-    except HyperparameterError as err:
-        return err.problems
-    return []
+    return tuning.make_config(settings["ranges"], hyperparameters, objective=settings["objective"],
+                              strategy=settings["strategy"], max_trials=settings["max_trials"],
+                              parallel_trials=settings["parallel_trials"],
+                              early_stopping_type=settings["early_stopping_type"], fixed_given=hyperparameters)
 
 
 def _coerce_setting(name: str, kind: type, value: Any) -> Any:

@@ -287,6 +287,10 @@ def coerce(field: dataclasses.Field, value: Any) -> Any:
         if not math.isfinite(number):
             raise bad()
         return number
+    if isinstance(value, bool) and str(value) in (field.metadata["choices"] or ()):
+        # YAML reads an unquoted True/False as a boolean; for a text field whose values are 'True'/'False'
+        # (reinitialize_top_layer) it means that text.
+        return str(value)
     if not isinstance(value, str):
         raise bad()
     return value.strip()

@@ -102,5 +102,8 @@ def _weak_classes(result: Mapping[str, Any]) -> list[str]:
 
 
 def markdown_cell(text: str) -> str:
-    """Class names are folder names: keep characters that Markdown tables treat specially literal."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Text as one Markdown table cell: '|' and '\\' kept literal, line breaks of any kind made spaces.
+
+    Class names are folder names; a trial's error may be a multi-line exception message.
+    """
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").splitlines())

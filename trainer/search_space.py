@@ -154,9 +154,18 @@ class SearchSpace:
         return json.dumps(self.to_sagemaker())
 
 
-def default_space() -> SearchSpace:
-    """The reference's recommended ranges."""
-    return parse_ranges(RECOMMENDED_RANGES)
+def default_space(without: Iterable[str] = ()) -> SearchSpace:
+    """The reference's recommended ranges, less the hyperparameters named in ``without`` (given fixed values).
+
+    A value the user fixed is kept in every trial, never searched over; RangeError when that leaves
+    nothing to search.
+    """
+    kept = {hps.ALIASES.get(name, name) for name in without}
+    ranges = {key: [r for r in entries if r["Name"] not in kept] for key, entries in RECOMMENDED_RANGES.items()}
+    if not any(ranges.values()):
+        raise RangeError(["ranges: none given, and every hyperparameter of the recommended ranges has a fixed "
+                          "value; give the ranges to search"])
+    return parse_ranges(ranges)
 
 
 def parse_ranges(data: Any, *, source: str = "ranges", fixed: Iterable[str] = ()) -> SearchSpace:
@@ -198,9 +207,9 @@ def parse_ranges(data: Any, *, source: str = "ranges", fixed: Iterable[str] = ()
 
 
 def load_ranges(text: str, *, source: str = "ranges", fixed: Iterable[str] = ()) -> SearchSpace:
-    """Parse ranges from JSON or YAML text; empty text gives the default (recommended) space."""
+    """Parse ranges from JSON or YAML text; empty text gives the recommended ranges less those in ``fixed``."""
     if not text or not text.strip():
-        return default_space()
+        return default_space(without=fixed)
     try:
         data = yaml.safe_load(text)  # JSON is YAML too
     except yaml.YAMLError as err:

@@ -7,9 +7,9 @@ How a search runs (the tuning pipeline, ``imgclf tune``, or by hand):
    hyperparameters) and the study's journal.
 2. Each trial (``run_trial``, one per slot ``0 .. n_trials-1``, any number at once, on any machine that
    sees the folder; ``run_lane`` runs one lane's slots one after another) asks the study for
-   hyperparameters, trains on the converted data set, reports the
-   objective after every epoch (so a trial clearly worse than the others at the same epoch is stopped:
-   pruned), and tells the study its result. A trial that fails is recorded with its reason and the
+   hyperparameters, trains on the converted data set, reports the objective after every epoch (so a
+   trial worse than the others at the same epoch is stopped, pruned: see ``early_stopping_type``
+   below), and tells the study its result. A trial that fails is recorded with its reason and the
    search goes on. The trial's model is written to ``trials/<slot>/model``; its training state is
    backed up after every epoch to ``trials/<slot>/backup/<trial number>`` and removed when it ends.
    A slot retried after its pod was killed (preempted) continues the trial that was running there,
@@ -24,10 +24,15 @@ file or object, claimed with create-if-absent, so concurrent trials on GCS or a 
 overwrite each other, without a database or a lock server.
 
 Strategies (SageMaker's names): Bayesian = Optuna's TPE (``constant_liar`` so parallel trials spread
-out), Random, Grid (categorical ranges only, as SageMaker), Hyperband = TPE with Optuna's Hyperband
-pruner over the epochs. ``early_stopping_type`` Auto (SageMaker's ``TrainingJobEarlyStoppingType``)
-prunes a trial whose objective at an epoch is in the worst quarter of the other trials at that epoch
-(after 3 trials have reported it); Off never prunes except under Hyperband, whose strategy it is.
+out), Random, Grid (categorical ranges only, as SageMaker; every point of the grid once, so max_trials
+must cover it), Hyperband = TPE with Optuna's Hyperband pruner over the epochs (its budget is the fixed
+``epochs``, which it therefore takes as one value, not a range). ``early_stopping_type`` Auto
+(SageMaker's ``TrainingJobEarlyStoppingType``, with SageMaker's rule: ``MedianRulePruner``) stops a
+trial whose objective at an epoch is worse than the median of the other trials' running averages up to
+that epoch, from epoch 2 on and once 3 other trials have reported that epoch; Off never stops one
+except under Hyperband, whose strategy it is. A trial whose objective becomes NaN or infinite stops at
+once and is recorded as failed, with the reason. Without ranges the recommended ones are searched,
+less every hyperparameter given a value.
 Each trial's sampler is seeded with ``random_seed`` and its slot, so a search is repeatable when its
 trials run one at a time, and parallel trials never draw the same values from the same seed.
 """
@@ -38,7 +43,9 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import secrets
+import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -72,10 +79,10 @@ JOURNAL_DIR = "journal"
 TRIALS_DIR = "trials"
 MODEL_DIR = "model"
 BACKUP_DIR = "backup"
-# Auto early stopping keeps trials in this top percentile at each epoch, i.e. prunes the worst quarter ...
-PRUNE_PERCENTILE = 75.0
-# ... once this many trials have reported that epoch.
-PRUNE_STARTUP_TRIALS = 3
+# Auto early stopping judges a trial from the epoch after these (its warm-up) ...
+PRUNE_WARMUP_EPOCHS = 1
+# ... once at least this many other trials have reported that epoch.
+PRUNE_MIN_TRIALS = 3
 
 
 class TuningError(ImgclfError):
@@ -146,6 +153,11 @@ def make_config(ranges: str | Mapping[str, Any] | search_space.SearchSpace | Non
     ``fixed_given`` names those the user set explicitly, which must not also be ranged.
     """
     problems: list[str] = []
+    hp = None
+    try:
+        hp = hps.Hyperparameters.from_mapping(fixed)
+    except HyperparameterError as err:
+        problems.extend(err.problems)
     space = None
     try:
         if isinstance(ranges, search_space.SearchSpace):
@@ -154,12 +166,11 @@ def make_config(ranges: str | Mapping[str, Any] | search_space.SearchSpace | Non
         elif isinstance(ranges, Mapping):
             space = search_space.parse_ranges(ranges, fixed=fixed_given)
         else:
-            space = search_space.load_ranges(ranges or "", fixed=fixed_given)
-    except HyperparameterError as err:
-        problems.extend(err.problems)
-    hp = None
-    try:
-        hp = hps.Hyperparameters.from_mapping(fixed)
+            # Without ranges, the recommended ones less every hyperparameter given a value: those named in
+            # fixed_given and, where the caller cannot tell (a pipeline step gets every value), those whose
+            # value is not the default.
+            changed = [] if hp is None else [k for k, v in hp.to_dict().items() if v != hps.DEFAULTS[k]]
+            space = search_space.load_ranges(ranges or "", fixed=[*fixed_given, *changed])
     except HyperparameterError as err:
         problems.extend(err.problems)
     problems.extend(_setting_problems(objective, strategy, max_trials, parallel_trials, early_stopping_type,
@@ -186,6 +197,15 @@ def _setting_problems(objective: str, strategy: str, max_trials: Any, parallel_t
             problems.append(f"strategy: Grid takes only categorical ranges (as SageMaker), but {', '.join(numeric)} "
                             f"{'is' if len(numeric) == 1 else 'are'} ranged; give them as lists of values or use "
                             "Bayesian or Random")
+        elif isinstance(max_trials, int) and 0 < max_trials < space.grid_size():
+            sizes = " x ".join(f"{len(r.values)} {r.name}" for r in space.ranges)
+            problems.append(f"max_trials: Grid tries every point of its grid, {space.grid_size()} here ({sizes}), "
+                            f"but max_trials is {max_trials}; raise max_trials to {space.grid_size()} or give fewer "
+                            "values")
+    elif strategy == "Hyperband" and space is not None and "epochs" in space.names:
+        problems.append("epochs: Hyperband gives each trial its epochs itself (from 1 up to the fixed epochs, its "
+                        "largest budget), so epochs cannot be ranged; give epochs one value (e.g. --set epochs=27) "
+                        "or use Bayesian or Random")
     for name, value in (("max_trials", max_trials), ("parallel_trials", parallel_trials)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{name}: got {value!r}, expected a whole number of at least 1")
@@ -319,13 +339,44 @@ class _SlotGridSampler(optuna.samplers.BaseSampler):
         return point[self._names.index(param_name)]
 
 
+class MedianRulePruner(optuna.pruners.BasePruner):
+    """Auto early stopping: SageMaker's median rule for ``TrainingJobEarlyStoppingType`` Auto.
+
+    After epoch e, take the running average of the objective over epochs 1..e of every other trial
+    that has reported epoch e (finished, stopped or still running), and the median of those averages;
+    a trial whose objective at epoch e is worse than that median (lower when maximizing, higher when
+    minimizing) is stopped. Never at an epoch up to ``warmup_epochs``, nor before ``min_trials`` other
+    trials have reported the epoch. Only finite values count (a trial never reports a NaN: it fails).
+    """
+
+    def __init__(self, warmup_epochs: int = PRUNE_WARMUP_EPOCHS, min_trials: int = PRUNE_MIN_TRIALS):
+        self.warmup_epochs = warmup_epochs
+        self.min_trials = min_trials
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        epoch = trial.last_step
+        if epoch is None or epoch <= self.warmup_epochs:
+            return False
+        value = trial.intermediate_values[epoch]
+        averages = []
+        for other in study.get_trials(deepcopy=False):
+            if other.number == trial.number or epoch not in other.intermediate_values:
+                continue
+            values = [v for e, v in other.intermediate_values.items() if e <= epoch and math.isfinite(v)]
+            if values:
+                averages.append(sum(values) / len(values))
+        if len(averages) < self.min_trials:
+            return False
+        median = statistics.median(averages)
+        return value < median if study.direction == optuna.study.StudyDirection.MAXIMIZE else value > median
+
+
 def make_pruner(config: TuningConfig) -> optuna.pruners.BasePruner:
     if config.strategy == "Hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(config.fixed.epochs, 1),
                                               reduction_factor=3)
     if config.early_stopping_type == "Auto":
-        return optuna.pruners.PercentilePruner(PRUNE_PERCENTILE, n_startup_trials=PRUNE_STARTUP_TRIALS,
-                                               n_warmup_steps=0)
+        return MedianRulePruner()
     return optuna.pruners.NopPruner()
 
 
@@ -373,6 +424,7 @@ class _Pruning:
             def __init__(self):
                 super().__init__()
                 self.pruned = False
+                self.diverged: str | None = None
                 self.known = set(reported)
                 self.reported = max(self.known, default=0)
                 self.resumed = None if resumed is None else list(resumed)
@@ -394,17 +446,28 @@ class _Pruning:
                 value = (logs or {}).get(key)
                 if value is None:
                     return
+                if not math.isfinite(float(value)):
+                    # Nothing to compare or continue: the trial fails with the reason (no NaN is reported).
+                    self.diverged = diverged_reason(key.removeprefix("val_"), float(value), epoch + 1)
+                    self.model.stop_training = True
+                    return
                 if epoch + 1 not in self.known:
                     trial.report(float(value), epoch + 1)
                     self.known.add(epoch + 1)
                 self.reported = epoch + 1
                 if trial.should_prune():
-                    log.info("Trial %d pruned after epoch %d: %s %.4f is clearly worse than the other trials "
-                             "at this epoch", trial.number, epoch + 1, key, float(value))
+                    log.info("Trial %d stopped after epoch %d: %s %.4f is worse than the other trials at this "
+                             "epoch", trial.number, epoch + 1, key, float(value))
                     self.pruned = True
                     self.model.stop_training = True
 
         return Callback()
+
+
+def diverged_reason(metric: str, value: float, epoch: int) -> str:
+    """Why a trial whose objective (``metric``, e.g. accuracy) is not a number failed: one line for the reports."""
+    return (f"validation {metric} is {value} after epoch {epoch}: training diverged; try a lower learning_rate "
+            "or another optimizer")
 
 
 def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool = False,
@@ -452,7 +515,10 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
                           backup_dir=backup_uri)
         epochs = result["epochs_completed"]
         value = result["validation_metrics"].get(config.metric)
-        if pruning.pruned and epochs < hp.epochs:
+        if pruning.diverged or (value is not None and not math.isfinite(value)):
+            error = pruning.diverged or diverged_reason(config.metric, value, epochs)
+            value = None
+        elif pruning.pruned and epochs < hp.epochs:
             state = TrialState.PRUNED
         elif value is None:
             error = f"training reported no validation {config.metric}"

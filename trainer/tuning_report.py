@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trainer import search_space
+from trainer.model_card import markdown_cell
 
 _WIDTH, _HEIGHT, _PAD = 440, 260, 48
 _COLOURS = {"completed": "#1f77b4", "stopped early": "#ff7f0e", "best": "#d62728"}
@@ -38,8 +39,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     for trial in summary["trials"]:
         mark = " (best)" if best and trial["trial"] == best["trial"] else ""
         status = trial["status"] + _resumed(trial) + (f": {trial['error']}" if trial["error"] else "")
-        values = [_fmt(trial["hyperparameters"].get(name)) for name in tuned]
-        lines.append(f"| {trial['trial']}{mark} | {status.replace('|', '/')} | {_fmt(trial['value'])} | "
+        values = [markdown_cell(_fmt(trial["hyperparameters"].get(name))) for name in tuned]
+        lines.append(f"| {trial['trial']}{mark} | {markdown_cell(status)} | {_fmt(trial['value'])} | "
                      f"{trial['epochs']} | {_fmt(trial['seconds'])} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,7 @@
 """The search itself: seeded samplers, the shared journal under concurrent writers, failed and stopped trials."""
 
 import json
+import re
 import threading
 import types
 
@@ -110,20 +111,78 @@ def test_when_every_trial_fails_the_search_fails_listing_the_reasons(tmp_path):
     assert summary["best"] is None
 
 
-def test_trials_clearly_worse_at_an_epoch_are_stopped_and_recorded(tmp_path):
-    # Later trials are far worse at epoch 1 than the first three: Auto early stopping stops them there.
-    calls = []
+def by_trial(*curves):
+    """A curve for fake_training: the n-th trial to train reports curves[n] (its objective at epochs 1, 2, ...)."""
+    started = []
 
     def curve(hp, epoch):
-        calls.append(hp.learning_rate)
-        return 0.9 if len({*calls}) <= 3 else 0.1
+        if epoch == 0:
+            started.append(hp)
+        return curves[len(started) - 1][epoch]
+    return curve
 
+
+def test_trials_clearly_worse_at_an_epoch_are_stopped_and_recorded(tmp_path):
+    # Later trials are far worse than the first three: Auto early stopping stops them after the warm-up epoch.
     summary = run_search(tmp_path, strategy="Random", max_trials=5, parallel_trials=1, fixed={"epochs": 4},
-                         train_fn=fake_training(curve=curve))
-    stopped = [t for t in summary["trials"] if t["status"] == "stopped early"]
-    assert stopped, [t["status"] for t in summary["trials"]]
-    assert all(t["epochs"] == 1 and t["value"] == pytest.approx(0.1) for t in stopped)
-    assert all(t["epochs"] == 4 for t in summary["trials"] if t["status"] == "completed")
+                         train_fn=fake_training(curve=by_trial(*[[0.9] * 4] * 3, *[[0.1] * 4] * 2)))
+    assert [t["status"] for t in summary["trials"]] == ["completed"] * 3 + ["stopped early"] * 2
+    assert all(t["epochs"] == 2 and t["value"] == pytest.approx(0.1) for t in summary["trials"][3:])
+    assert all(t["epochs"] == 4 for t in summary["trials"][:3])
+
+
+@pytest.mark.parametrize("curves, statuses", [
+    # SageMaker's rule: worse at an epoch than the median of the others' running averages up to that epoch.
+    # Running averages at epoch 2: 0.6, 0.7, 0.8, 0.9 (median 0.75): 0.72 is stopped (though not in the worst
+    # quarter); then 0.78 goes on (median 0.72, the stopped trial counting too).
+    ([[0.6, 0.6, 0.6], [0.7, 0.7, 0.7], [0.8, 0.8, 0.8], [0.9, 0.9, 0.9], [0.72, 0.72, 0.72], [0.78, 0.78, 0.78]],
+     ["completed"] * 4 + ["stopped early", "completed"]),
+    # The value at the epoch counts, not the best so far: 0.95 at epoch 1 does not save 0.1 at epoch 2.
+    ([[0.9] * 3] * 3 + [[0.95, 0.1, 0.1]], ["completed"] * 3 + ["stopped early"]),
+    # Never at the warm-up epoch, however bad: a slow start that catches up completes.
+    ([[0.9] * 3] * 3 + [[0.05, 0.95, 0.95]], ["completed"] * 4),
+    # Not before 3 other trials have reported the epoch: 0.89 against one finished 0.90 goes on.
+    ([[0.9, 0.9, 0.9], [0.89, 0.89, 0.89]], ["completed"] * 2),
+    # Minimizing: a loss above the median is worse (the fake's loss is 1 - accuracy).
+    ([[0.9] * 3] * 3 + [[0.5, 0.5, 0.5]], ["completed"] * 3 + ["stopped early"]),
+])
+def test_auto_early_stopping_is_the_median_rule_the_readme_states(tmp_path, curves, statuses):
+    objective = "validation:loss" if curves[-1][0] == 0.5 else "validation:accuracy"
+    summary = run_search(tmp_path, strategy="Random", max_trials=len(curves), parallel_trials=1, objective=objective,
+                         fixed={"epochs": 3}, train_fn=fake_training(curve=by_trial(*curves)))
+    assert [t["status"] for t in summary["trials"]] == statuses
+    assert all(t["epochs"] == 2 for t in summary["trials"] if t["status"] == "stopped early")
+
+
+def test_a_trial_whose_objective_is_not_a_number_fails_with_the_reason_everywhere(tmp_path):
+    config = tuning.make_config(RANGES, {"epochs": 3}, strategy="Random", max_trials=2, parallel_trials=1)
+    tuning.create_study(config, str(tmp_path))
+    records = tuning.run_lane(str(tmp_path), 0, "unused",
+                              train_fn=fake_training(curve=by_trial([0.5, float("nan"), 0.9], [0.5, 0.6, 0.7])))
+    reason = ("validation accuracy is nan after epoch 2: training diverged; try a lower learning_rate or another "
+              "optimizer")
+    # The lane's record (and so its metrics), the study's summary and tuning.json agree.
+    assert [(r["status"], r["error"], r["value"], r["epochs"]) for r in records] == [
+        ("failed", reason, None, 2), ("completed", None, pytest.approx(0.7), 3)]
+    assert tuning.trial_metrics(records, "maximize") == {"trials_completed": 1.0, "trials_stopped_early": 0.0,
+                                                         "trials_failed": 1.0, "best_objective": pytest.approx(0.7)}
+    summary = tuning.select_best(str(tmp_path), str(tmp_path / "best"), str(tmp_path / "report"))
+    assert [(t["status"], t["error"], t["value"]) for t in summary["trials"]] == [
+        ("failed", reason, None), ("completed", None, pytest.approx(0.7))]
+    on_disk = json.loads((tmp_path / "report" / "tuning.json").read_text())  # strict JSON: no NaN anywhere
+    assert on_disk["trials"][0]["intermediate"] == {"1": 0.5} and on_disk["best"]["trial"] == 1
+
+
+def test_the_markdown_report_keeps_multi_line_errors_in_their_row(tmp_path):
+    summary = run_search(tmp_path, max_trials=2, parallel_trials=1, train_fn=fake_training(
+        fail_when=lambda hp: hp.learning_rate > 0.001))
+    summary["trials"][0].update(status="failed", error="ResourceExhaustedError: OOM when allocating\r\n  tensor "
+                                "[64,224,224,3] | on GPU\nHint: lower batch_size")
+    table = [line for line in tuning_report.markdown(summary).splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(summary["trials"])
+    cells = [len(re.findall(r"(?<!\\)\|", line)) for line in table]
+    assert cells == [cells[0]] * len(table)
+    assert "OOM when allocating   tensor [64,224,224,3] \\| on GPU Hint: lower batch_size" in table[2]
 
 
 def test_a_retried_lane_skips_finished_trials_and_records_the_interrupted_one(tmp_path):

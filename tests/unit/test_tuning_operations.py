@@ -8,6 +8,7 @@ import pytest
 from pipelines.compiler import COMPILED_TUNING_PIPELINE
 from tests.support.kfp_api import imgclf
 from trainer import hyperparameters as hps
+from trainer import search_space
 
 RUNS = "/apis/v2beta1/runs"
 RECURRING_RUNS = "/apis/v2beta1/recurringruns"
@@ -65,3 +66,18 @@ def test_schedule_a_tuning_package_checks_it_as_tuning(kfp_api, capsys):
                   "--set", "data_uri=gs://bucket/images", "--set", "max_trials=3") == 0
     [create] = kfp_api.requests_to("POST", RECURRING_RUNS)
     assert create.json["runtime_config"]["parameters"]["max_trials"] == 3
+
+
+def test_submit_tuning_without_ranges_sends_the_recommended_ranges_less_the_values_given(kfp_api):
+    # The run's setup step gets every hyperparameter and cannot tell a value given equal to its default
+    # (learning_rate 0.001 here) from one not given: the ranges it searches are sent, as checked here.
+    assert imgclf("submit", "--host", kfp_api.url, "--tuning", "--set", "data_uri=gs://bucket/images",
+                  "--set", "learning_rate=0.001", "--set", "optimizer=sgd") == 0
+    [create] = kfp_api.requests_to("POST", RUNS)
+    sent = create.json["runtime_config"]["parameters"]
+    searched = {r["Name"] for kind in json.loads(sent["ranges"]).values() for r in kind}
+    assert searched == set(search_space.default_space().names) - {"learning_rate", "optimizer"}
+    assert (sent["learning_rate"], sent["optimizer"]) == (0.001, "sgd")
+    assert imgclf("submit", "--host", kfp_api.url, "--tuning", "--set", "data_uri=gs://bucket/images",
+                  "--set", "epochs=5") == 0
+    assert "ranges" not in kfp_api.requests_to("POST", RUNS)[-1].json["runtime_config"]["parameters"]  # default ""

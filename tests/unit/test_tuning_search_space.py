@@ -132,3 +132,58 @@ def test_lanes_split_the_trials():
     config = tuning.make_config("", {}, max_trials=5, parallel_trials=2)
     assert [config.lane_slots(lane) for lane in range(config.lanes)] == [[0, 2, 4], [1, 3]]
     assert tuning.make_config("", {}, max_trials=2, parallel_trials=4).lanes == 2
+
+
+def test_true_and_false_in_yaml_are_the_text_values_of_a_text_hyperparameter(tmp_path):
+    # reinitialize_top_layer takes the text 'Auto', 'True' or 'False'; YAML reads an unquoted True as a boolean.
+    space = search_space.load_ranges("reinitialize_top_layer: [True, False]\ntrain_only_top_layer: [True, False]\n")
+    by_name = {r.name: r for r in space.ranges}
+    assert by_name["reinitialize_top_layer"].values == ("True", "False")
+    assert by_name["train_only_top_layer"].values == (True, False)
+    assert search_space.load_ranges('{"CategoricalParameterRanges": [{"Name": "reinitialize_top_layer", '
+                                    '"Values": ["True", "Auto"]}]}').ranges[0].values == ("True", "Auto")
+    params = tmp_path / "params.yaml"
+    params.write_text("reinitialize_top_layer: False\n")
+    assert hps.Hyperparameters.resolve(files=[str(params)]).reinitialize_top_layer == "False"
+    with pytest.raises(RangeError, match=r"model: True is not valid"):
+        search_space.load_ranges("model: [True]")
+
+
+@pytest.mark.parametrize("fixed, fixed_given", [
+    ({"learning_rate": 0.01, "optimizer": "sgd"}, ["learning_rate", "optimizer"]),  # imgclf tune / katib-experiment
+    ({"learning_rate": 0.001, "optimizer": "adam"}, ["learning_rate", "optimizer"]),  # given, and equal to defaults
+    ({**hps.DEFAULTS, "learning_rate": 0.01, "optimizer": "sgd"}, []),  # a pipeline step: every value, none named
+])
+def test_without_ranges_the_values_given_are_kept_and_not_searched(fixed, fixed_given):
+    config = tuning.make_config("", fixed, fixed_given=fixed_given)
+    assert "learning_rate" not in config.space.names and "optimizer" not in config.space.names
+    assert set(config.space.names) == set(search_space.default_space().names) - {"learning_rate", "optimizer"}
+    assert (config.fixed.learning_rate, config.fixed.optimizer) == (fixed["learning_rate"], fixed["optimizer"])
+
+
+def test_without_ranges_and_every_recommended_value_given_there_is_nothing_to_search():
+    given = {r.name: hps.DEFAULTS[r.name] for r in search_space.default_space().ranges}
+    with pytest.raises(RangeError) as caught:
+        tuning.make_config("", given, fixed_given=given)
+    assert caught.value.problems == ["ranges: none given, and every hyperparameter of the recommended ranges has a "
+                                     "fixed value; give the ranges to search"]
+
+
+def test_grid_with_max_trials_below_its_size_is_refused():
+    ranges = {"optimizer": ["adam", "sgd", "rmsprop"], "reinitialize_top_layer": ["True", "False"]}
+    with pytest.raises(RangeError) as caught:
+        tuning.make_config(ranges, {}, strategy="Grid", max_trials=4)
+    assert caught.value.problems == ["max_trials: Grid tries every point of its grid, 6 here (3 optimizer x 2 "
+                                     "reinitialize_top_layer), but max_trials is 4; raise max_trials to 6 or give "
+                                     "fewer values"]
+    assert tuning.make_config(ranges, {}, strategy="Grid", max_trials=6).n_trials == 6
+
+
+def test_hyperband_refuses_a_ranged_epochs_its_budget():
+    with pytest.raises(RangeError) as caught:
+        tuning.make_config({"epochs": {"min": 1, "max": 27}, "optimizer": ["adam", "sgd"]}, {}, strategy="Hyperband")
+    assert caught.value.problems == ["epochs: Hyperband gives each trial its epochs itself (from 1 up to the fixed "
+                                     "epochs, its largest budget), so epochs cannot be ranged; give epochs one value "
+                                     "(e.g. --set epochs=27) or use Bayesian or Random"]
+    config = tuning.make_config({"optimizer": ["adam", "sgd"]}, {"epochs": 27}, strategy="Hyperband")
+    assert tuning.make_pruner(config)._max_resource == 27
