@@ -63,7 +63,8 @@ def tuning_setup(
         strategy: Bayesian, Random, Grid or Hyperband.
         max_trials: Trials in all.
         parallel_trials: Trials at a time.
-        early_stopping_type: Auto stops trials clearly worse than the others at the same epoch; Off does not.
+        early_stopping_type: Auto stops a trial whose value at an epoch is worse than the median of the other
+            trials' running averages there (from epoch 2, once 3 others reached it); Off does not.
         study_root: gs:// path or shared volume for the study folder ("": this step's own artifact
             location, which must then be gs:// or, in kfp.local, a local path).
         run_id: The pipeline run's id, naming the study folder under study_root; "" where the backend cannot

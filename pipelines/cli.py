@@ -23,11 +23,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return trainer_cli.EXIT_USAGE
-    path = compiler.compile_pipeline(args.output or compiler.COMPILED_PIPELINE, image=args.image, settings=settings)
+    committed = compiler.COMMITTED.get(args.min_backend)
+    if committed is None and not args.output:
+        print(f"error: --min-backend {args.min_backend}: give --output; the committed YAMLs are for "
+              f"{' and '.join(compiler.COMMITTED)}", file=sys.stderr)
+        return trainer_cli.EXIT_USAGE
+    path = compiler.compile_pipeline(args.output or committed[0], image=args.image, settings=settings)
     print(f"compiled pipeline written to {path}")
     # Both committed pipelines by default; with --output only the one asked for, unless --tuning-output too.
     if args.tuning_output or not args.output:
-        path = compiler.compile_tuning_pipeline(args.tuning_output or compiler.COMPILED_TUNING_PIPELINE,
+        path = compiler.compile_tuning_pipeline(args.tuning_output or committed[1],
                                                 image=args.image, settings=settings)
         print(f"compiled tuning pipeline written to {path}")
     return 0

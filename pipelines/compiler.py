@@ -8,13 +8,21 @@ import tempfile
 from kfp.compiler import pipeline_spec_builder
 
 from components._image import IMAGE
-from pipelines.backends import fit_to_backend
+from pipelines.backends import DEFAULT_BACKEND, fit_to_backend
 from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import build_pipeline
 
-COMPILED_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "image_classification.yaml")
-COMPILED_TUNING_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                        "image_classification_tuning.yaml")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+COMPILED_PIPELINE = os.path.join(_HERE, "image_classification.yaml")
+COMPILED_TUNING_PIPELINE = os.path.join(_HERE, "image_classification_tuning.yaml")
+# Two committed pairs: the default target (the run form's GPU count reaches the pod, from 2.4.1), and one
+# for Kubeflow 1.9's backend 2.2.0 (one GPU fixed at compile time, no /dev/shm), which also runs on every
+# newer backend: the one YAML for a cluster fleet that mixes versions.
+COMMITTED = {
+    DEFAULT_BACKEND: (COMPILED_PIPELINE, COMPILED_TUNING_PIPELINE),
+    "2.2.0": (os.path.join(_HERE, "kfp-2.2.0", "image_classification.yaml"),
+              os.path.join(_HERE, "kfp-2.2.0", "image_classification_tuning.yaml")),
+}
 
 
 def compile_pipeline(output_path: str = COMPILED_PIPELINE, image: str | None = None,

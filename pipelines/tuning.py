@@ -139,7 +139,8 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             strategy: Bayesian, Random, Grid (categorical ranges only) or Hyperband.
             max_trials: Trials in all.
             parallel_trials: Trials at a time, each on its own GPU(s).
-            early_stopping_type: Auto stops trials clearly worse than the others at the same epoch; Off.
+            early_stopping_type: Auto stops a trial worse than the median of the other trials at the same
+                epoch (from epoch 2); Off.
             study_root: gs:// path or volume mounted by every step for the shared study (needed when the
                 pipeline root is not on GCS, e.g. the default MinIO).
             max_rejected_fraction: Largest share of unusable image files the run tolerates.

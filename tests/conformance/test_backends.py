@@ -18,6 +18,7 @@ import pytest
 
 from pipelines import backends
 from pipelines.cluster import ClusterSettings
+from pipelines.compiler import COMMITTED as COMMITTED_PAIRS
 from pipelines.compiler import COMPILED_PIPELINE, COMPILED_TUNING_PIPELINE, compile_pipeline, compile_tuning_pipeline
 from tests.conformance import releases
 from tests.conformance.releases import RELEASES
@@ -67,6 +68,17 @@ def check_runs(path: pathlib.Path, release: releases.Release) -> None:
 @pytest.mark.parametrize(("name", "release"), committed_cases())
 def test_committed_yaml_runs(name, release):
     check_runs(pathlib.Path(COMMITTED[name]), release)
+
+
+@pytest.mark.parametrize("name", ["main", "tuning"])
+@pytest.mark.parametrize("release", claimed("2.2.0"), ids=lambda r: r.version)
+def test_committed_2_2_0_pair_runs_everywhere_with_one_gpu(name, release):
+    """pipelines/kfp-2.2.0/: the YAMLs for Kubeflow 1.9, which run on every newer backend too (one GPU, fixed)."""
+    path = pathlib.Path(COMMITTED_PAIRS["2.2.0"][0 if name == "main" else 1])
+    check_runs(path, release)
+    spec, _ = releases.load(path)
+    executor = TRAIN if name == "main" else LANE
+    assert releases.gpu_limits(spec, executor, {"accelerator_count": "1"}, release) == {"nvidia.com/gpu": "1"}
 
 
 @pytest.mark.parametrize(("target", "name", "release"), target_cases())

@@ -7,6 +7,7 @@ import yaml
 
 from components.train import train
 from pipelines import compiler
+from pipelines.backends import DEFAULT_BACKEND
 from pipelines.cli import main as imgclf
 from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import image_classification
@@ -103,6 +104,23 @@ def test_committed_yaml_is_what_the_code_compiles_to(compiled):
     with open(compiler.COMPILED_PIPELINE, encoding="utf-8") as handle:
         committed = handle.read()
     assert committed == compiled, "pipelines/image_classification.yaml is stale: run `imgclf compile`"
+
+
+@pytest.mark.parametrize("target", sorted(compiler.COMMITTED))
+def test_every_committed_pair_is_what_the_code_compiles_to(target, tmp_path):
+    """Both committed pairs (the default target and Kubeflow 1.9's 2.2.0) match the code."""
+    main, tuning = compiler.COMMITTED[target]
+    settings = ClusterSettings.from_options(min_backend=target, shm_size=None)
+    fresh = compiler.compile_pipeline(str(tmp_path / "main.yaml"), settings=settings)
+    fresh_tuning = compiler.compile_tuning_pipeline(str(tmp_path / "tuning.yaml"), settings=settings)
+    command = "imgclf compile" + ("" if target == DEFAULT_BACKEND else f" --min-backend {target}")
+    for committed, compiled_now in ((main, fresh), (tuning, fresh_tuning)):
+        with open(committed, encoding="utf-8") as left, open(compiled_now, encoding="utf-8") as right:
+            assert left.read() == right.read(), f"{committed} is stale: run `{command}`"
+
+
+def test_compile_without_output_refuses_an_uncommitted_target():
+    assert imgclf(["compile", "--min-backend", "2.5.0"]) == 2
 
 
 def test_compile_for_another_registry(tmp_path):
