@@ -159,6 +159,8 @@ MODEL_LABEL_MAP_FILE = LABEL_MAP_FILE
 # --- the registry -----------------------------------------------------------------------------------
 
 BLESSING_FILE = "blessing.json"
+# Beside the gate's blessing.json: the output of the model server infra validation started.
+INFRA_VALIDATION_LOG = "infra_validation.log"
 CLAIMS_DIR = ".claims"
 VERSION_DIGITS = 6
 

@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from trainer import data, evaluation, prediction, storage
+from trainer import data, evaluation, infra_validation, prediction, storage
 from trainer.errors import HyperparameterError, ModelError, StorageError
 from trainer.hyperparameters import EVAL_METRICS
 from trainer.layout import (
@@ -42,6 +42,7 @@ from trainer.layout import (
     CLAIMS_DIR,
     HISTORY_FILE,
     HYPERPARAMETERS_FILE,
+    INFRA_VALIDATION_LOG,
     KERAS_MODEL_FILE,
     MODEL_LABEL_MAP_FILE,
     SAVED_MODEL_DIR,
@@ -71,8 +72,8 @@ _VERSION = re.compile(r"[0-9]+")
 
 def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, min_eval_value: float = 0.0,
                     baseline_model_uri: str = "", model_uri: str | None = None, output_dir: str | None = None,
-                    split: str = "test") -> dict[str, Any]:
-    """Decide whether this run's model is good enough to push.
+                    split: str = "test", model_dir: str | None = None) -> dict[str, Any]:
+    """Decide whether this run's model is good enough to push, and (with ``model_dir``) servable.
 
     Args:
       eval_metric: the headline metric the run was evaluated on (the evaluation step's output).
@@ -85,12 +86,17 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
       output_dir: if given, ``blessing.json`` is written there, and the baseline's evaluation
         (evaluation.json, report.md) below it in ``baseline/``.
       split: the split ``eval_value`` was measured on.
+      model_dir: the run's model folder; when given, infra validation (``trainer.infra_validation``) serves
+        it on loopback with ``imgclf serve`` and asks it about test-split images in every contract: a model
+        that does not load or answers other probabilities than its own in-process ones is not blessed. The
+        server's log is written to ``output_dir``'s ``INFRA_VALIDATION_LOG``.
 
     Returns:
       ``{"blessed", "reason", "eval_metric", "eval_value", "min_eval_value", "baseline_model_uri",
-      "baseline_value", "model_uri", "split"}``; ``reason`` is one line such as
+      "baseline_value", "model_uri", "split", "infra_validation"}``; ``reason`` is one line such as
       "not blessed: accuracy 0.9100 < threshold 0.9500". ``baseline_model_uri`` and
-      ``baseline_value`` are None without a baseline.
+      ``baseline_value`` are None without a baseline, ``infra_validation`` (``validate_serving``'s
+      result) without ``model_dir``.
 
     Raises:
       HyperparameterError: ``eval_metric`` or ``min_eval_value`` is not valid.
@@ -115,6 +121,18 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
             passed.append(("baseline", baseline_value, f" ({baseline})"))
         reason = "blessed: " + (_comparison(eval_metric, eval_value, ">=", passed) if passed else
                                 f"{eval_metric} {eval_value:.4f}; no quality gate (min_eval_value 0, no baseline)")
+    infra = None
+    if model_dir:
+        log_path = None
+        if output_dir and not storage.is_gcs(output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+            log_path = os.path.join(output_dir, INFRA_VALIDATION_LOG)
+        infra = infra_validation.validate_serving(model_dir, dataset_dir, log_path=log_path)
+        if not infra["passed"]:
+            reason = (f"{reason}; {infra['reason']}" if failed else f"not blessed: {infra['reason']}")
+            failed.append(("infra validation", 0.0, ""))
+        else:
+            reason = f"{reason}; {infra['reason']}"
     decision = {
         "blessed": not failed,
         "reason": reason,
@@ -125,6 +143,7 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
         "baseline_value": baseline_value,
         "model_uri": model_uri,
         "split": split,
+        "infra_validation": infra,
     }
     if output_dir:
         storage.write_bytes(storage.join(output_dir, BLESSING_FILE), _json(decision))

@@ -57,6 +57,7 @@ IMAGE_CONTENT_TYPES = ("application/x-image", "image/jpeg", "image/png")
 VERBOSE_ACCEPT = "application/json;verbose"
 BINARY_V2_HEADER = "inference-header-content-length"
 
+_KSERVE_BAD_JSON = "Unrecognized request format:"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -421,8 +422,11 @@ def build_app(model_dir: str, options: ServerOptions = ServerOptions()):
 
     async def refused(request, err):
         # One line per refused request (kserve's own handler logs each with a traceback, at ERROR).
-        log.info("400 %s %s: %s", request.method, request.url.path, err)
-        return JSONResponse({"error": str(err)}, status_code=400)
+        message = str(err)
+        if message.startswith(_KSERVE_BAD_JSON):  # kserve's JSON parser, before our predict runs
+            message = f"the request body is not valid JSON ({message[len(_KSERVE_BAD_JSON):].strip()})"
+        log.info("400 %s %s: %s", request.method, request.url.path, message)
+        return JSONResponse({"error": message}, status_code=400)
 
     app.add_exception_handler(InvalidInput, refused)
     # kserve's timing middleware logs every request's timings; the access log is off for the same reason.
