@@ -93,10 +93,10 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
 
     Returns:
       ``{"blessed", "reason", "eval_metric", "eval_value", "min_eval_value", "baseline_model_uri",
-      "baseline_value", "model_uri", "split", "infra_validation"}``; ``reason`` is one line such as
+      "baseline_value", "model_uri", "split"}``, and with ``model_dir`` "infra_validation"
+      (``validate_serving``'s result); ``reason`` is one line such as
       "not blessed: accuracy 0.9100 < threshold 0.9500". ``baseline_model_uri`` and
-      ``baseline_value`` are None without a baseline, ``infra_validation`` (``validate_serving``'s
-      result) without ``model_dir``.
+      ``baseline_value`` are None without a baseline.
 
     Raises:
       HyperparameterError: ``eval_metric`` or ``min_eval_value`` is not valid.
@@ -143,8 +143,9 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
         "baseline_value": baseline_value,
         "model_uri": model_uri,
         "split": split,
-        "infra_validation": infra,
     }
+    if infra is not None:
+        decision["infra_validation"] = infra
     if output_dir:
         storage.write_bytes(storage.join(output_dir, BLESSING_FILE), _json(decision))
     log.info("%s", reason)
