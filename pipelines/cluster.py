@@ -7,7 +7,7 @@ import re
 
 from kfp import dsl, kubernetes
 
-STEPS = ("look", "validate", "convert", "train", "evaluate", "bless", "push", "batch_predict")
+STEPS = ("look", "validate", "convert", "train", "evaluate", "bless", "push", "batch_predict", "deploy")
 
 # Requests sized for one GPU node; override per step with --resources.
 DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
@@ -19,6 +19,7 @@ DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
     "bless": ("2", "8G"),
     "push": ("1", "2G"),
     "batch_predict": ("4", "8G"),
+    "deploy": ("0.5", "1G"),
 }
 
 GCS_KEY_MOUNT = "/var/secrets/google"
