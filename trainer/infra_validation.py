@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,13 @@ class ServerFailed(ImgclfError):
     """The model server did not start, or answered wrongly; the message says how."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    url: str  # http://127.0.0.1:PORT
+    pid: int
+    seconds_to_ready: float  # from starting the process to the first 200 of the readiness endpoint
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (the server binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -51,8 +59,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(model_dir: str, *, port: int | None = None, log_path: str | None = None,
-                   extra_args: tuple[str, ...] = (), timeout_s: float = READY_TIMEOUT_S) -> Iterator[str]:
-    """Run ``python -m trainer serve model_dir`` on 127.0.0.1 and yield its base URL once it is ready.
+                   extra_args: tuple[str, ...] = (), timeout_s: float = READY_TIMEOUT_S) -> Iterator[RunningServer]:
+    """Run ``python -m trainer serve model_dir`` on 127.0.0.1 and yield it once it is ready.
 
     Its output goes to ``log_path`` (a temporary file when None). ServerFailed, with the last lines of
     its log, when the process exits or is not ready within ``timeout_s``. The process is stopped on exit.
@@ -66,10 +74,11 @@ def running_server(model_dir: str, *, port: int | None = None, log_path: str | N
         out = stack.enter_context(open(log_path, "wb"))
         command = [sys.executable, "-m", "trainer", "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
                    "--name", MODEL_NAME, *extra_args]
+        started = time.monotonic()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_ready(process, url, log_path, timeout_s)
-            yield url
+            yield RunningServer(url, process.pid, time.monotonic() - started)
         finally:
             process.terminate()
             try:
@@ -150,8 +159,8 @@ def validate_serving(model_dir: str, dataset_dir: str, *, count: int = DEFAULT_I
                                                   for name, blob in samples]))
         if not np.all(np.isfinite(expected)):
             raise ServerFailed("the model's own probabilities are not finite (NaN or infinity)")
-        with running_server(model_dir, log_path=log_path) as url:
-            answers = _ask_every_contract(url, [blob for _, blob in samples])
+        with running_server(model_dir, log_path=log_path) as server:
+            answers = _ask_every_contract(server.url, [blob for _, blob in samples])
         labels = list(loaded.labels)
         for contract, (rows, extra) in answers.items():
             rows = np.asarray(rows, dtype=np.float64)

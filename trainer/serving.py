@@ -517,7 +517,7 @@ def serve(model_dir: str, options: ServerOptions = ServerOptions()) -> None:
 
     app, _ = build_app(model_dir, options)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_config=None, access_log=False,
-                            timeout_keep_alive=65, loop="asyncio")
+                            timeout_keep_alive=65)
     log.info("Serving %s on http://%s:%d: POST /v1/models/%s:predict, /v2/models/%s/infer, /invocations",
              model_dir, options.host, options.port, options.name, options.name)
     uvicorn.Server(config).run()

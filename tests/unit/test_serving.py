@@ -30,8 +30,8 @@ def model_dir(tmp_path_factory):
 def server(model_dir, tmp_path_factory):
     log_path = str(tmp_path_factory.mktemp("serving-log") / "server.log")
     with running_server(model_dir, log_path=log_path,
-                        extra_args=("--max-request-bytes", str(MAX_REQUEST_BYTES))) as url:
-        yield url
+                        extra_args=("--max-request-bytes", str(MAX_REQUEST_BYTES))) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")
