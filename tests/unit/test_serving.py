@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.datasets import encode, noise, png_header_only, truncate
 from tests.support.serving import break_signature, small_model_dir
-from trainer import prediction, serving
+from trainer import prediction, registry, serving
 from trainer.infra_validation import ServerFailed, http, running_server
 
 LABELS = ["cats", "dogs", "fish"]
@@ -139,6 +139,18 @@ def test_concurrent_requests_each_get_their_own_answer(server, model_dir, pictur
     with ThreadPoolExecutor(12) as pool:
         got = list(pool.map(lambda b: answer(post_json(server, "/invocations", b, IMAGE))["probabilities"], blobs))
     assert np.abs(np.array(got) - want).max() <= 1e-5
+
+
+def test_a_pushed_registry_version_serves_what_predict_answers(model_dir, pictures, tmp_path):
+    version = registry.push_model(model_dir, str(tmp_path / "registry"),
+                                  metadata={"blessed": True, "reason": "test"})
+    expected = prediction.predict(version, list(pictures), verbose=True)
+    with running_server(version) as running:
+        got = [answer(post_json(running.url, "/invocations", blob, {**IMAGE, "Accept": "application/json;verbose"}))
+               for blob in pictures.values()]
+    assert [g["predicted_label"] for g in got] == [e["predicted_label"] for e in expected]
+    assert np.abs(np.array([g["probabilities"] for g in got])
+                  - np.array([e["probabilities"] for e in expected])).max() <= 1e-5
 
 
 def test_a_model_that_cannot_serve_stops_the_server_before_it_listens(model_dir, tmp_path):
