@@ -133,12 +133,8 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             baseline_model_uri: An earlier model the best one must not fall below on eval_metric.
             model_registry_uri: gs:// path or volume where a blessed model is pushed as a new version.
             batch_data_uri: Images to classify with a blessed model, written as JSON lines.
-            serving_namespace: Kubernetes namespace where a pushed version is served as a KServe InferenceService
-                ("" : not deployed).
-            serving_model_name: The InferenceService's name (and model name in its URLs).
-            serving_gpus: GPUs of the model server (0: CPUs).
-            serving_canary_traffic_percent: Share of traffic (1-99) for the new version beside the one served
-                before; 0 sends it all to the new version.
+            serving_namespace: Namespace where a pushed version is served as a KServe InferenceService ("": none);
+                with serving_model_name, serving_gpus and serving_canary_traffic_percent as in the main pipeline.
 
         Every other argument is one of the algorithm's hyperparameters, kept at this value in every trial
         unless ranges searches it.
