@@ -4,6 +4,7 @@ its batcher gathers concurrent requests into one model call off the event loop."
 
 import asyncio
 import base64
+import http.client as http_client
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.support.datasets import encode, noise, png_header_only, truncate
+from tests.support.gcs import upload_folder
 from tests.support.serving import break_signature, small_model_dir
 from trainer import prediction, registry, serving
 from trainer.infra_validation import ServerFailed, http, running_server
@@ -132,6 +134,18 @@ def test_a_bad_request_gets_a_clear_4xx_and_the_server_stays_ready(server, case)
     assert answer(post_json(server, "/invocations", PICTURE, IMAGE))["probabilities"]
 
 
+def test_a_chunked_body_above_the_bound_is_refused_while_it_is_read(server):
+    """Without a Content-Length the bound is counted as the body arrives."""
+    host, port = server.removeprefix("http://").split(":")
+    connection = http_client.HTTPConnection(host, int(port), timeout=30)
+    chunks = (bytes(50_000) for _ in range(MAX_REQUEST_BYTES // 50_000 + 2))
+    connection.request("POST", "/invocations", body=chunks, headers=IMAGE, encode_chunked=True)
+    reply = connection.getresponse()
+    assert reply.status == 413 and "above the limit" in json.loads(reply.read())["detail"]
+    connection.close()
+    assert http("GET", server + "/v2/health/ready")[0] == 200
+
+
 def test_concurrent_requests_each_get_their_own_answer(server, model_dir, pictures):
     """24 requests at once (batched together by the server) each get the probabilities of their own image."""
     blobs = [encode(noise(20 + i, 30, seed=100 + i), "PNG") for i in range(24)]
@@ -151,6 +165,15 @@ def test_a_pushed_registry_version_serves_what_predict_answers(model_dir, pictur
     assert [g["predicted_label"] for g in got] == [e["predicted_label"] for e in expected]
     assert np.abs(np.array([g["probabilities"] for g in got])
                   - np.array([e["probabilities"] for e in expected])).max() <= 1e-5
+
+
+def test_a_model_on_gcs_is_served(model_dir, pictures, gcs_bucket):
+    """gs:// models are read through trainer.storage (here from the GCS emulator the server process inherits)."""
+    uri = upload_folder(model_dir, gcs_bucket, "models/flowers/000001")
+    blob = next(iter(pictures.values()))
+    with running_server(uri) as running:
+        got = answer(post_json(running.url, "/invocations", blob, IMAGE))["probabilities"]
+    assert np.abs(np.array(got) - prediction.serve_saved_model(model_dir, [blob])[0]).max() <= 1e-5
 
 
 def test_a_model_that_cannot_serve_stops_the_server_before_it_listens(model_dir, tmp_path):
