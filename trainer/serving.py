@@ -433,7 +433,6 @@ def build_app(model_dir: str, options: ServerOptions = ServerOptions()):
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
     log.info("Model %s (%d classes) loaded from %s in %.1f s", options.name, len(labels), model_dir,
              time.monotonic() - started)
-    app.state.batcher = batcher
     return _Guard(app, options.max_request_bytes, batcher), model
 
 

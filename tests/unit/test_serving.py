@@ -71,6 +71,8 @@ def test_every_contract_answers_what_imgclf_predict_answers(server, model_dir, p
     v1 = answer(post_json(server, "/v1/models/imgclf:predict", {"instances": [{"b64": b64(b)} for b in blobs]}))
     named = answer(post_json(server, "/v1/models/imgclf:predict",
                              {"instances": [{"image_bytes": {"b64": b64(b)}} for b in blobs]}))
+    columnar = answer(post_json(server, "/v1/models/imgclf:predict",
+                                {"inputs": {"image_bytes": [{"b64": b64(b)} for b in blobs]}}))
     v2 = answer(post_json(server, "/v2/models/imgclf/infer", {"inputs": [
         {"name": "image_bytes", "shape": [len(blobs)], "datatype": "BYTES", "data": [b64(b) for b in blobs]}]}))
     plain = [answer(post_json(server, "/invocations", b, {"Content-Type": "application/x-image"})) for b in blobs]
@@ -81,6 +83,7 @@ def test_every_contract_answers_what_imgclf_predict_answers(server, model_dir, p
     assert want.shape == (4, 3) and np.ptp(want, axis=0).max() > 1e-3, "the pictures must get different answers"
     assert np.abs(np.array(v1["predictions"]) - want).max() <= 1e-5
     assert np.abs(np.array(named["predictions"]) - want).max() <= 1e-5
+    assert np.abs(np.array(columnar["outputs"]) - want).max() <= 1e-5
     output = v2["outputs"][0]
     assert output["name"] == "probabilities" and output["shape"] == [4, 3] and output["datatype"] == "FP32"
     assert np.abs(np.reshape(output["data"], (4, 3)) - want).max() <= 1e-5
@@ -96,6 +99,8 @@ def test_health_and_readiness(server):
     assert http("GET", server + "/v2/health/live")[0] == 200
     assert json.loads(http("GET", server + "/v2/health/ready")[1]) == {"ready": True}
     assert json.loads(http("GET", server + "/v1/models/imgclf")[1]) == {"name": "imgclf", "ready": True}
+    status, metrics = http("GET", server + "/metrics")
+    assert status == 200 and b"request_predict_seconds" in metrics
 
 
 PICTURE = encode(noise(30, 40, seed=9), "JPEG")
