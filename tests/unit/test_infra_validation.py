@@ -3,6 +3,7 @@ in-process; a model with a broken serving signature or NaN outputs is not blesse
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from tests.support.datasets import make_image_folder
 from tests.support.serving import break_signature, small_model_dir
 from trainer import conversion, registry, validation
 from trainer.errors import ModelError
-from trainer.layout import BLESSING_FILE, INFRA_VALIDATION_LOG
+from trainer.layout import BLESSING_FILE, INFRA_VALIDATION_LOG, SAVED_MODEL_DIR
 
 LABELS = ["cats", "dogs", "fish"]
 
@@ -49,11 +50,17 @@ def test_a_servable_model_is_blessed_with_its_infra_validation(dataset, tmp_path
     ("broken signature", r"not blessed: infra validation failed: the model server exited with status 1 before it "
                          r"was ready: .*the 'serving_default' signature takes 'pixels'"),
     ("NaN outputs", r"not blessed: infra validation failed: the model's own probabilities are not finite"),
+    ("SavedModel of another model", r"not blessed: infra validation failed: tf-serving-v1: the server's "
+                                    r"probabilities differ from the model's by up to [0-9.e-]+ \(tolerance 1e-05\)"),
 ])
 def test_a_model_that_cannot_serve_is_not_blessed_and_not_pushed(dataset, tmp_path, defect, reason):
     model_dir = small_model_dir(tmp_path / "model", LABELS, nan_head=defect == "NaN outputs")
     if defect == "broken signature":
         break_signature(model_dir)
+    if defect == "SavedModel of another model":
+        other = small_model_dir(tmp_path / "other", LABELS, seed=1)
+        shutil.rmtree(Path(model_dir, SAVED_MODEL_DIR))
+        shutil.copytree(Path(other, SAVED_MODEL_DIR), Path(model_dir, SAVED_MODEL_DIR))
     decision = gate(dataset, model_dir, tmp_path / "blessing")
     assert decision["blessed"] is False
     assert decision["infra_validation"]["passed"] is False
