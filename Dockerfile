@@ -37,4 +37,6 @@ ENV PATH=/opt/imgclf/bin:$PATH \
 RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin imgclf
 USER 1000
 WORKDIR /home/imgclf
+# `imgclf serve MODEL_URI --host 0.0.0.0` listens here (KServe's and SageMaker's container port).
+EXPOSE 8080
 CMD ["imgclf", "--help"]

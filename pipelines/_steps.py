@@ -9,6 +9,7 @@ from kfp import dsl
 
 from components.batch_predict import batch_predict
 from components.convert_to_tfrecords import convert_to_tfrecords
+from components.deploy_model import deploy_model
 from components.evaluate import evaluate
 from components.gate import bless_model
 from components.look_at_data import look_at_data
@@ -62,8 +63,11 @@ class ReleaseSteps(NamedTuple):
 
 
 def release(model: Any, dataset: Any, *, eval_metric: Any, min_eval_value: Any, baseline_model_uri: Any,
-            model_registry_uri: Any, batch_data_uri: Any, settings: ClusterSettings) -> ReleaseSteps:
-    """Evaluate ``model`` on the test split, gate it, and push and batch-predict it when blessed.
+            model_registry_uri: Any, batch_data_uri: Any, settings: ClusterSettings, serving_namespace: Any = "",
+            serving_model_name: Any = "", serving_gpus: Any = 0,
+            serving_canary_traffic_percent: Any = 0) -> ReleaseSteps:
+    """Evaluate ``model`` on the test split, gate it (metrics and infra validation), and push and batch-predict
+    it when blessed; a pushed version is deployed as a KServe InferenceService when ``serving_namespace`` is set.
 
     Call inside a ``@dsl.pipeline`` function. Evaluation is cached (same model and data set, same
     result); the gate, the push and batch prediction decide again in every run.
@@ -87,6 +91,13 @@ def release(model: Any, dataset: Any, *, eval_metric: Any, min_eval_value: Any, 
             push.set_caching_options(False)
             push.set_retry(num_retries=2, backoff_duration="30s")
             settings.apply(push, "push", display_name="Push to registry")
+            with dsl.If(serving_namespace != "", name="serving-set"):
+                deployment = deploy_model(version_uri=push.output, serving_namespace=serving_namespace,
+                                          serving_model_name=serving_model_name, serving_gpus=serving_gpus,
+                                          serving_canary_traffic_percent=serving_canary_traffic_percent)
+                # Applying is idempotent, and the cluster's state is what counts: ask it every time.
+                deployment.set_caching_options(False)
+                settings.apply(deployment, "deploy", display_name="Deploy")
         with dsl.If(batch_data_uri != "", name="batch-data-set"):
             predictions = batch_predict(trained_model=model, data_uri=batch_data_uri)
             # The folder behind batch_data_uri can change between runs; always look at it again.

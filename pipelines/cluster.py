@@ -10,7 +10,7 @@ from kfp import dsl, kubernetes
 
 from pipelines import backends
 
-STEPS = ("look", "validate", "convert", "train", "evaluate", "bless", "push", "batch_predict")
+STEPS = ("look", "validate", "convert", "train", "evaluate", "bless", "push", "batch_predict", "deploy")
 
 # Requests sized for one GPU node; override per step with --resources.
 DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
@@ -22,6 +22,7 @@ DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
     "bless": ("2", "8G"),
     "push": ("1", "2G"),
     "batch_predict": ("4", "8G"),
+    "deploy": ("0.5", "1G"),
 }
 
 # The extended resource GPU nodes advertise (NVIDIA's device plugin).

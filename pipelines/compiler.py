@@ -49,6 +49,8 @@ def compile_pipeline(output_path: str = COMPILED_PIPELINE, image: str | None = N
         # Each executor names the image on one line; swapping those lines keeps the file's header
         # and layout, so the result reads like the committed YAML.
         text = text.replace(f"image: {IMAGE}\n", f"image: {image}\n")
+        # The deploy step's `image` input (the image its InferenceService runs) defaults to the steps' image.
+        text = text.replace(f"defaultValue: {IMAGE}\n", f"defaultValue: {image}\n")
     with open(output_path, "w", encoding="utf-8") as handle:
         handle.write(text)
     return output_path

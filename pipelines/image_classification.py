@@ -78,13 +78,19 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         baseline_model_uri: str = "",
         model_registry_uri: str = "",
         batch_data_uri: str = "",
+        serving_namespace: str = "",
+        serving_model_name: str = "",
+        serving_gpus: int = 0,
+        serving_canary_traffic_percent: int = 0,
     ) -> Outputs:
         """Trains and evaluates an image classifier on a class-folder data set.
 
         Steps: look-at-data -> validate-data -> convert-to-tfrecords -> train (GPU) -> evaluate -> bless-model,
-        then for a blessed model push-model (when model_registry_uri is set) and batch-predict (when
-        batch_data_uri is set). With caching on, a run on unchanged content reuses validation, conversion,
-        training and evaluation; the look, the gate, the push and batch prediction run every time.
+        then for a blessed model push-model (when model_registry_uri is set; then deploy-model when
+        serving_namespace is set) and batch-predict (when batch_data_uri is set). The gate serves the model on
+        loopback and checks its answers (infra validation). With caching on, a run on unchanged content reuses
+        validation, conversion, training and evaluation; the look, the gate, the push, the deployment and batch
+        prediction run every time.
 
         Args:
             data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
@@ -97,6 +103,12 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             baseline_model_uri: An earlier model the new one must not fall below on eval_metric ("" : none).
             model_registry_uri: gs:// path or volume where a blessed model is pushed as a new version.
             batch_data_uri: Images to classify with a blessed model, written as JSON lines.
+            serving_namespace: Kubernetes namespace where a pushed version is served as a KServe InferenceService
+                ("" : not deployed).
+            serving_model_name: The InferenceService's name (and model name in its URLs).
+            serving_gpus: GPUs of the model server (0: CPUs).
+            serving_canary_traffic_percent: Share of traffic (1-99) for the new version beside the one served
+                before; 0 sends it all to the new version.
 
         Every other argument is one of the algorithm's hyperparameters; see the README's table.
         """
@@ -120,7 +132,9 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
 
         released = release(training.outputs["trained_model"], conversion.outputs["dataset"], eval_metric=eval_metric,
                            min_eval_value=min_eval_value, baseline_model_uri=baseline_model_uri,
-                           model_registry_uri=model_registry_uri, batch_data_uri=batch_data_uri, settings=settings)
+                           model_registry_uri=model_registry_uri, batch_data_uri=batch_data_uri, settings=settings,
+                           serving_namespace=serving_namespace, serving_model_name=serving_model_name,
+                           serving_gpus=serving_gpus, serving_canary_traffic_percent=serving_canary_traffic_percent)
         evaluation, gate = released.evaluation, released.gate
 
         return Outputs(training.outputs["trained_model"], conversion.outputs["dataset"],

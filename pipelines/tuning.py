@@ -123,12 +123,17 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
         baseline_model_uri: str = "",
         model_registry_uri: str = "",
         batch_data_uri: str = "",
+        serving_namespace: str = "",
+        serving_model_name: str = "",
+        serving_gpus: int = 0,
+        serving_canary_traffic_percent: int = 0,
     ) -> Outputs:
         """Searches hyperparameters with parallel trials and releases the best model.
 
         Steps: look-at-data -> validate-data -> convert-to-tfrecords -> tuning-setup -> tuning-trials (one GPU
         task per lane, parallel_trials lanes at once, each running its trials one after another) ->
-        select-best-trial -> evaluate -> bless-model -> push-model | batch-predict, as the main pipeline.
+        select-best-trial -> evaluate -> bless-model -> push-model (-> deploy-model) | batch-predict, as the main
+        pipeline.
 
         Args:
             data_uri: gs:// URI or mounted path of a folder with one sub-folder of images per class.
@@ -150,6 +155,8 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             baseline_model_uri: An earlier model the best one must not fall below on eval_metric.
             model_registry_uri: gs:// path or volume where a blessed model is pushed as a new version.
             batch_data_uri: Images to classify with a blessed model, written as JSON lines.
+            serving_namespace: Namespace where a pushed version is served as a KServe InferenceService ("": none);
+                with serving_model_name, serving_gpus and serving_canary_traffic_percent as in the main pipeline.
 
         Every other argument is one of the algorithm's hyperparameters, kept at this value in every trial
         unless ranges searches it.
@@ -183,7 +190,9 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
 
         released = release(best.outputs["best_model"], conversion.outputs["dataset"], eval_metric=eval_metric,
                            min_eval_value=min_eval_value, baseline_model_uri=baseline_model_uri,
-                           model_registry_uri=model_registry_uri, batch_data_uri=batch_data_uri, settings=settings)
+                           model_registry_uri=model_registry_uri, batch_data_uri=batch_data_uri, settings=settings,
+                           serving_namespace=serving_namespace, serving_model_name=serving_model_name,
+                           serving_gpus=serving_gpus, serving_canary_traffic_percent=serving_canary_traffic_percent)
         evaluation, gate = released.evaluation, released.gate
         return Outputs(best.outputs["best_model"], best.outputs["best_hyperparameters"], best.outputs["tuning"],
                        conversion.outputs["dataset"], validation.outputs["validation"],

@@ -116,6 +116,15 @@ def _cmd_batch_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from trainer.serving import ServerOptions, serve
+
+    serve(args.model, ServerOptions(host=args.host, port=args.port, name=args.name, max_batch=args.max_batch,
+                                    batch_wait_ms=args.batch_wait_ms, max_request_bytes=args.max_request_bytes,
+                                    max_pixels=args.max_pixels))
+    return 0
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     from trainer.registry import push_model
 
@@ -196,6 +205,27 @@ def build_parser(prog: str = "python -m trainer") -> tuple[argparse.ArgumentPars
     cmd.add_argument("--model", required=True, help="model folder written by training (local or gs://)")
     cmd.add_argument("--registry", required=True, help="registry root (local or gs://); created by the first push")
     cmd.set_defaults(func=_cmd_push)
+
+    from trainer import serving  # light: kserve and TensorFlow load when the server starts
+
+    defaults = serving.ServerOptions()
+    cmd = commands.add_parser("serve", help="serve a model folder or registry version over HTTP: TF Serving REST "
+                                            "(V1), SageMaker's /invocations and /ping, Open Inference Protocol V2")
+    cmd.add_argument("model", metavar="MODEL_URI", help="model folder or registry version (path, volume or gs://)")
+    cmd.add_argument("--host", default=defaults.host,
+                     help="address to listen on (default %(default)s; 0.0.0.0 in a container)")
+    cmd.add_argument("--port", type=int, default=defaults.port, help="HTTP port (default %(default)s)")
+    cmd.add_argument("--name", default=defaults.name,
+                     help="model name in /v1/models/NAME:predict and /v2/models/NAME/infer (default %(default)s)")
+    cmd.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                     help="most images of concurrent requests classified in one model call (default %(default)s)")
+    cmd.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                     help="longest a batch waits for requests already arriving (default %(default)s)")
+    cmd.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                     help="largest request body accepted; larger ones get 413 (default %(default)s)")
+    cmd.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                     help="largest image (width x height) accepted; larger ones get 400 (default %(default)s)")
+    cmd.set_defaults(func=_cmd_serve)
 
     cmd = commands.add_parser("demo-data", help="write scikit-learn's handwritten digits as class folders of PNGs")
     cmd.add_argument("--output", required=True)

@@ -215,6 +215,8 @@ def saved_model_dir(model_dir: str) -> str:
 # --- the registry -----------------------------------------------------------------------------------
 
 BLESSING_FILE = "blessing.json"
+# Beside the gate's blessing.json: the output of the model server infra validation started.
+INFRA_VALIDATION_LOG = "infra_validation.log"
 CLAIMS_DIR = ".claims"
 VERSION_DIGITS = 6
 # A version folder's name: digits (zero-padded by push; unpadded names written by hand count too).

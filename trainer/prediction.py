@@ -281,13 +281,31 @@ def batch_predict(model_dir: str, data_uri: str, output_path: str, *, batch_size
 # The exported SavedModel
 # ---------------------------------------------------------------------------------------------
 
-def serve_saved_model(model_dir: str, image_bytes_list: list[bytes]) -> np.ndarray:
-    """Call the model's SavedModel serving signature on encoded images; float32 probabilities [N, K].
+class ServingSignature:
+    """``saved_model/``'s serving signature, loaded once: encoded images -> float32 probabilities [N, K].
 
-    ``model_dir`` is a model folder (its ``saved_model/``) or a registry version (the SavedModel
-    itself), see ``layout.saved_model_dir``. This is what a TF Serving or Vertex AI endpoint runs, so
-    comparing it with ``predict`` checks that the exported pre-processing matches the training
-    pre-processing.
+    What a TF Serving or KServe endpoint runs (``imgclf serve`` runs it); built by ``load_serving_signature``.
+    """
+
+    def __init__(self, path: str, saved_model: Any, signature: Any):
+        self.path = path
+        self._saved_model = saved_model  # keeps the signature's variables alive
+        self._signature = signature
+
+    def __call__(self, image_bytes_list: Sequence[bytes]) -> np.ndarray:
+        outputs = self._signature(**{SERVING_INPUT: tf.constant(list(image_bytes_list), dtype=tf.string)})
+        return outputs[SERVING_OUTPUT].numpy()
+
+
+def load_serving_signature(model_dir: str) -> ServingSignature:
+    """Load the SavedModel of a model folder or registry version (local or gs://) and check its signature.
+
+    The SavedModel is found by ``layout.saved_model_dir`` (a model folder's ``saved_model/``, or a registry
+    version's top); a registry version whose push was interrupted is refused.
+
+    Raises ModelError naming the folder when it is not a loadable SavedModel, has no
+    ``serving_default`` signature, or the signature does not take ``image_bytes`` (tf.string [N]) and
+    return ``probabilities``.
     """
     layout.check_not_interrupted(model_dir)
     path = layout.saved_model_dir(model_dir)
@@ -300,12 +318,29 @@ def serve_saved_model(model_dir: str, image_bytes_list: list[bytes]) -> np.ndarr
             loaded = tf.saved_model.load(local)
         except (OSError, ValueError, tf.errors.OpError) as err:
             raise ModelError(f"{path}: not a loadable SavedModel ({type(err).__name__}: {err})") from None
-        if SERVING_SIGNATURE not in loaded.signatures:
-            raise ModelError(f"{path}: no {SERVING_SIGNATURE!r} signature; it has "
-                             f"{sorted(loaded.signatures) or 'none'}")
-        outputs = loaded.signatures[SERVING_SIGNATURE](
-            **{SERVING_INPUT: tf.constant(list(image_bytes_list), dtype=tf.string)})
-    if SERVING_OUTPUT not in outputs:
-        raise ModelError(f"{path}: the {SERVING_SIGNATURE!r} signature returns {sorted(outputs)}, "
-                         f"expected {SERVING_OUTPUT!r}")
-    return outputs[SERVING_OUTPUT].numpy()
+    if SERVING_SIGNATURE not in loaded.signatures:
+        raise ModelError(f"{path}: no {SERVING_SIGNATURE!r} signature; it has "
+                         f"{sorted(loaded.signatures) or 'none'}")
+    signature = loaded.signatures[SERVING_SIGNATURE]
+    inputs = signature.structured_input_signature[1]
+    spec = inputs.get(SERVING_INPUT)
+    if spec is None or spec.dtype != tf.string or spec.shape.rank != 1:
+        raise ModelError(f"{path}: the {SERVING_SIGNATURE!r} signature takes {_specs(inputs)}, expected "
+                         f"{SERVING_INPUT!r} tf.string [N] (encoded images)")
+    if SERVING_OUTPUT not in signature.structured_outputs:
+        raise ModelError(f"{path}: the {SERVING_SIGNATURE!r} signature returns "
+                         f"{sorted(signature.structured_outputs)}, expected {SERVING_OUTPUT!r}")
+    return ServingSignature(path, loaded, signature)
+
+
+def _specs(specs: dict) -> str:
+    return ", ".join(f"{name!r} {spec.dtype.name} {spec.shape}" for name, spec in sorted(specs.items())) or "nothing"
+
+
+def serve_saved_model(model_dir: str, image_bytes_list: list[bytes]) -> np.ndarray:
+    """Call the model's SavedModel serving signature on encoded images; float32 probabilities [N, K].
+
+    This is what a TF Serving or Vertex AI endpoint runs, so comparing it with ``predict`` checks
+    that the exported pre-processing matches the training pre-processing.
+    """
+    return load_serving_signature(model_dir)(image_bytes_list)

@@ -28,12 +28,13 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from trainer import data, evaluation, prediction, storage
+from trainer import data, evaluation, infra_validation, prediction, storage
 from trainer.errors import HyperparameterError, ModelError, StorageError
 from trainer.hyperparameters import EVAL_METRICS
 from trainer.layout import (
     BLESSING_FILE,
     CLAIMS_DIR,
+    INFRA_VALIDATION_LOG,
     MODEL_FILES,
     MODEL_REQUIRED_FILES,
     SAVED_MODEL_DIR,
@@ -58,8 +59,8 @@ MODEL_DIGEST_KEY = "model_digest"
 
 def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, min_eval_value: float = 0.0,
                     baseline_model_uri: str = "", model_uri: str | None = None, output_dir: str | None = None,
-                    split: str = "test") -> dict[str, Any]:
-    """Decide whether this run's model is good enough to push.
+                    split: str = "test", model_dir: str | None = None) -> dict[str, Any]:
+    """Decide whether this run's model is good enough to push, and (with ``model_dir``) servable.
 
     Args:
       eval_metric: the headline metric the run was evaluated on (the evaluation step's output).
@@ -72,10 +73,15 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
       output_dir: if given, ``blessing.json`` is written there, and the baseline's evaluation
         (evaluation.json, report.md) below it in ``baseline/``.
       split: the split ``eval_value`` was measured on.
+      model_dir: the run's model folder; when given, infra validation (``trainer.infra_validation``) serves
+        it on loopback with ``imgclf serve`` and asks it about test-split images in every contract: a model
+        that does not load or answers other probabilities than its own in-process ones is not blessed. The
+        server's log is written to ``output_dir``'s ``INFRA_VALIDATION_LOG``.
 
     Returns:
       ``{"blessed", "reason", "eval_metric", "eval_value", "min_eval_value", "baseline_model_uri",
-      "baseline_value", "model_uri", "split"}``; ``reason`` is one line such as
+      "baseline_value", "model_uri", "split"}``, and with ``model_dir`` "infra_validation"
+      (``validate_serving``'s result); ``reason`` is one line such as
       "not blessed: accuracy 0.9100 < threshold 0.9500". ``baseline_model_uri`` and
       ``baseline_value`` are None without a baseline.
 
@@ -102,6 +108,18 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
             passed.append(("baseline", baseline_value, f" ({baseline})"))
         reason = "blessed: " + (_comparison(eval_metric, eval_value, ">=", passed) if passed else
                                 f"{eval_metric} {eval_value:.4f}; no quality gate (min_eval_value 0, no baseline)")
+    infra = None
+    if model_dir:
+        log_path = None
+        if output_dir and not storage.is_gcs(output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+            log_path = os.path.join(output_dir, INFRA_VALIDATION_LOG)
+        infra = infra_validation.validate_serving(model_dir, dataset_dir, log_path=log_path)
+        if not infra["passed"]:
+            reason = (f"{reason}; {infra['reason']}" if failed else f"not blessed: {infra['reason']}")
+            failed.append(("infra validation", 0.0, ""))
+        else:
+            reason = f"{reason}; {infra['reason']}"
     decision = {
         "blessed": not failed,
         "reason": reason,
@@ -113,6 +131,8 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
         "model_uri": model_uri,
         "split": split,
     }
+    if infra is not None:
+        decision["infra_validation"] = infra
     if output_dir:
         storage.write_bytes(storage.join(output_dir, BLESSING_FILE), _json(decision))
     log.info("%s", reason)

@@ -56,7 +56,11 @@ def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path):
     # No threshold and no baseline: blessed, pushed as the registry's first version, and used for batch prediction.
     assert summary["blessed"] is True, summary["blessing"]
     version = registry / "000001"
-    assert json.loads((version / "blessing.json").read_text())["blessed"] is True
+    pushed = json.loads((version / "blessing.json").read_text())
+    assert pushed["blessed"] is True
+    # Infra validation: the gate served the model on loopback and every contract answered as it predicts.
+    assert "infra validation passed" in summary["blessing"] and pushed["infra_validation"]["passed"] is True
+    assert pushed["infra_validation"]["max_abs_diff"] <= 1e-5
     # The version is the SavedModel (a TF Serving base path's version), with the model folder's files beside it.
     assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
     assert (version / "class_label_to_prediction_index.json").is_file()

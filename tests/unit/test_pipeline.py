@@ -15,7 +15,8 @@ from trainer import hyperparameters as hps
 
 PIPELINE_ONLY = {"data_uri", "max_rejected_fraction", "accelerator_count", "initial_model_uri",
                  "checkpoint_root", "jit_compile", "min_eval_value", "baseline_model_uri", "model_registry_uri",
-                 "batch_data_uri"}
+                 "batch_data_uri", "serving_namespace", "serving_model_name", "serving_gpus",
+                 "serving_canary_traffic_percent"}
 KFP_TYPES = {bool: "BOOLEAN", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING"}
 
 
