@@ -15,6 +15,11 @@ Model folder (written by ``trainer.export``, read by prediction, evaluation and 
     MODEL/model.keras, MODEL/saved_model/, MODEL/class_label_to_prediction_index.json,
     MODEL/hyperparameters.yaml, MODEL/history.json
 
+A local run's folder (``imgclf run-local``, ``imgclf tune``)::
+
+    RUN/index.html, RUN/reports/*.html              the run page and copies of the steps' HTML reports
+    RUN/artifacts/<run>/<step>/log.txt              everything the step printed, beside its artifacts
+
 Registry (``trainer.registry``)::
 
     REGISTRY/000001/ ...                          a model folder plus blessing.json, written last
@@ -166,3 +171,12 @@ VERSION_DIGITS = 6
 def version_name(number: int) -> str:
     """The folder name of registry version ``number``: zero-padded, so names sort in version order."""
     return f"{number:0{VERSION_DIGITS}d}"
+
+
+# --- a local run's folder (imgclf run-local, imgclf tune) -----------------------------------------
+
+RUN_PAGE_FILE = "index.html"
+# Each step's whole output, beside its artifacts (the folder kfp.local gives the step).
+STEP_LOG_FILE = "log.txt"
+# The run page links copies of the HTML reports, named *.html so that a browser shows them as pages.
+RUN_REPORTS_DIR = "reports"

@@ -53,8 +53,10 @@ from trainer import data, export, layout, storage
 from trainer import model as model_lib
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError, StorageError
 from trainer.hyperparameters import Hyperparameters
+from trainer.logs import duration, progress_logger
 
 log = logging.getLogger(__name__)
+progress_log = progress_logger(__name__)
 
 HISTORY_BACKUP_FILE = "imgclf_history.json"
 EARLY_STOPPING_STATE_FILE = "imgclf_early_stopping.json"
@@ -416,9 +418,9 @@ class ProgressLogger(keras.callbacks.Callback):
         typical = statistics.median(self.durations[1:] or self.durations)
         remaining = self.total_epochs - epoch - 1
         metrics = ", ".join(f"{name} {float(value):.4f}" for name, value in (logs or {}).items())
-        log.info("Epoch %d/%d: %s | %.1f s, %.0f images/s | elapsed %s, about %s left", epoch + 1,
-                 self.total_epochs, metrics, self.durations[-1], self.rates[-1],
-                 _duration(now - self._start), _duration(remaining * typical))
+        progress_log.info("Epoch %d/%d: %s | %.1f s, %.0f images/s | elapsed %s, about %s left", epoch + 1,
+                          self.total_epochs, metrics, self.durations[-1], self.rates[-1],
+                          duration(now - self._start), duration(remaining * typical))
 
     @property
     def images_per_second(self) -> float:
@@ -610,12 +612,3 @@ def _count(weights) -> int:
     return sum(math.prod(w.shape) for w in weights)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
