@@ -95,13 +95,15 @@ class _Thread:
 class StepConsole(io.TextIOBase):
     """sys.stdout while kfp.local runs a pipeline (see the module docstring).
 
-    ``groups`` maps a DAG task that holds other steps (a condition, a loop) to the steps inside it, so that
-    a skipped branch names its steps. ``cache_root`` is kfp.local's cache folder, where a reused step's
-    outputs are recorded. ``fallback_dir`` takes the log of a step that never named its folder.
+    ``groups`` maps a DAG task that holds other steps (a condition, a loop) to its display name and the
+    steps inside it, so that a skipped branch names its steps. ``cache_root`` is kfp.local's cache folder,
+    where a reused step's outputs are recorded. ``fallback_dir`` takes the log of a step that never named
+    its folder.
     """
 
-    def __init__(self, terminal: TextIO, *, verbose: bool = False, groups: dict[str, list[str]] | None = None,
-                 cache_root: str | None = None, fallback_dir: str, name_width: int = 20):
+    def __init__(self, terminal: TextIO, *, fallback_dir: str, verbose: bool = False,
+                 groups: dict[str, tuple[str, list[str]]] | None = None, cache_root: str | None = None,
+                 name_width: int = 20):
         super().__init__()
         self.terminal, self.verbose, self.groups = terminal, verbose, groups or {}
         self.cache_root, self.fallback_dir, self.width = cache_root, fallback_dir, name_width
@@ -160,12 +162,13 @@ class StepConsole(io.TextIOBase):
                 self._say(retry.group(1), f"failed (attempt {retry.group(2)} of {retry.group(3)}); "
                                           f"retrying in {float(retry.group(4)):.0f} s")
             elif skipped := _SKIPPED.match(message):
-                for name in self.groups.get(skipped.group(1), [skipped.group(1)]):
+                branch, names = self.groups.get(skipped.group(1), (skipped.group(1), [skipped.group(1)]))
+                for name in names:
                     if any(s.name == name for s in self.steps):
                         continue
                     step = self._new_step(name)
                     step.status = "skipped"
-                    step.note = ("its condition was false" if "condition" in message
+                    step.note = (f"condition {branch} is false" if "condition" in message
                                  else "an earlier step failed")
                     self._say(name, f"skipped: {step.note}")
             elif level >= logging.WARNING:
@@ -205,7 +208,8 @@ class StepConsole(io.TextIOBase):
         if self.verbose:
             self._say(name, text)
             return
-        parsed = logs.parse_line(text)
+        # Parallel tasks can stack kfp.local's indenting print (4 spaces each): the log line is what follows.
+        parsed = logs.parse_line(text.lstrip(" "))
         if parsed is not None:
             state.showing_warning = parsed.level >= logging.WARNING
             if state.showing_warning:
@@ -233,8 +237,8 @@ class StepConsole(io.TextIOBase):
         state.ended, state.pending, state.showing_warning = False, [], False
         if step.task_dir:
             self._open_log(state, step.task_dir)
-        self._write_log(state, f"--- {name}: attempt {step.attempts}, started {time.strftime('%H:%M:%S')} ---")
-        self._say(name, "started" + (f" (attempt {step.attempts})" if step.attempts > 1 else ""))
+        self._write_log(state, f"--- {step.name}: attempt {step.attempts}, started {time.strftime('%H:%M:%S')} ---")
+        self._say(step.name, "started" + (f" (attempt {step.attempts})" if step.attempts > 1 else ""))
 
     def _end(self, state: _Thread, status: str) -> None:
         step = state.step

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import markdown as markdown_lib
@@ -24,14 +24,15 @@ import yaml
 from trainer import layout, logs
 
 _ESC = html.escape
-_MAX_LISTED_FILES = 60
+_MAX_LISTED_FILES = 30
 _MAX_SHOWN_BYTES = 20_000
 _CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;margin:0.5em 0}"
         "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:left;vertical-align:top}"
         ".succeeded{color:#1a7f37}.failed{color:#cf222e;font-weight:bold}.reused{color:#0969da}"
         ".skipped,.not-run{color:#6e7781}tr.changed td{font-weight:bold}section.step{border-top:1px solid #ddd;"
         "margin-top:1em}pre{background:#f6f8fa;padding:0.5em;overflow:auto;max-height:24em;font-size:12px}"
-        ".md{border-left:3px solid #ddd;padding-left:1em}.headline{font-size:1.2em}")
+        ".md{border-left:3px solid #ddd;padding-left:1em}.md h1{font-size:1.3em}.md h2{font-size:1.15em}"
+        ".md h3{font-size:1em}.headline{font-size:1.2em}summary{cursor:pointer;color:#0969da}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +52,11 @@ def load_spec(pipeline_yaml: str) -> dict[str, Any]:
         return next(yaml.safe_load_all(handle))
 
 
-def planned_steps(spec: Mapping[str, Any]) -> tuple[list[PlannedStep], dict[str, list[str]]]:
-    """The steps in the order they run (dependencies first), and {branch task: the steps inside it}."""
+def planned_steps(spec: Mapping[str, Any]) -> tuple[list[PlannedStep], dict[str, tuple[str, list[str]]]]:
+    """The steps in the order they run (dependencies first), and {branch task: (its display name, the steps
+    inside it)} for the conditions and loops."""
     steps: list[PlannedStep] = []
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, tuple[str, list[str]]] = {}
 
     def walk(dag: Mapping[str, Any], within: tuple[str, ...]) -> list[str]:
         tasks, placed, names = dag["tasks"], set(), []
@@ -67,8 +69,8 @@ def planned_steps(spec: Mapping[str, Any]) -> tuple[list[PlannedStep], dict[str,
                 component = spec["components"][task["componentRef"]["name"]]
                 display = task.get("taskInfo", {}).get("name", name)
                 if "dag" in component:
-                    groups[name] = walk(component["dag"], (*within, display))
-                    names += groups[name]
+                    groups[name] = (display, walk(component["dag"], (*within, display)))
+                    names += groups[name][1]
                 else:
                     steps.append(PlannedStep(name, display, task["componentRef"]["name"], within))
                     names.append(name)
@@ -109,13 +111,17 @@ def write(output_dir: str, *, title: str, summary: Mapping[str, Any], spec: Mapp
     """
     planned, _ = planned_steps(spec)
     seen = {step["name"]: step for step in steps}
-    rows, sections = [], []
-    ordered = [(p, seen.get(p.name)) for p in planned]
-    # Steps the console saw that the plan does not name as such (a second lane of a loop, "train #2").
-    ordered += [(None, step) for step in steps if step["name"] not in {p.name for p in planned}]
+    rows, sections, reports = [], [], []
+    ordered: list[tuple[PlannedStep | None, Mapping[str, Any] | None]] = []
+    for plan in planned:
+        # A step that ran more than once in the run (the lanes of a loop) is "name", "name #2", ...
+        ordered.append((plan, seen.get(plan.name)))
+        ordered += [(plan, step) for step in steps if step["name"].startswith(plan.name + " #")]
+    placed = {step["name"] for _, step in ordered if step}
+    ordered += [(None, step) for step in steps if step["name"] not in placed]
     for index, (plan, step) in enumerate(ordered, 1):
         name = step["name"] if step else plan.name
-        display = plan.display if plan else name
+        display = (plan.display + name[len(plan.name):]) if plan else name
         status = step["status"] if step else ("not run" if summary.get("status") == "failed" else "skipped")
         seconds = step.get("seconds") if step else None
         note = (step.get("note") if step else "") or ""
@@ -132,13 +138,14 @@ def write(output_dir: str, *, title: str, summary: Mapping[str, Any], spec: Mapp
                     f'<td class="{status.replace(" ", "-")}">{_ESC(status)}</td><td>{duration}</td>'
                     f"<td>{attempts}</td><td>{_ESC(note)}</td><td>{files}</td></tr>")
         if has_outputs:
-            component = plan.component if plan else "comp-" + name.split(" #")[0]
-            sections.append(_step_section(output_dir, spec, component, step, display, anchor))
+            component = plan.component if plan else ""
+            sections.append(_step_section(output_dir, spec, component, step, display, anchor, reports))
     parameters = parameter_rows(spec, arguments)
     changed = sum(1 for row in parameters if row[3])
-    parameter_table = "".join(
-        ('<tr class="changed">' if row[3] else "<tr>") + f"<td>{_ESC(row[0])}</td><td>{_ESC(_show(row[1]))}</td>"
-        f"<td>{_ESC(_show(row[2]))}</td></tr>" for row in parameters)
+    def parameter_table(chosen: list[tuple[str, Any, Any, bool]]) -> str:
+        return ("<table><tr><th>name</th><th>value</th><th>default</th></tr>" + "".join(
+            f"<tr><td>{_ESC(name)}</td><td>{_ESC(_show(value))}</td><td>{_ESC(_show(default, '(required)'))}</td>"
+            "</tr>" for name, value, default, _ in chosen) + "</table>")
     status = summary.get("status", "unknown")
     page = (
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>" + _ESC(title) + "</title>"
@@ -149,8 +156,11 @@ def write(output_dir: str, *, title: str, summary: Mapping[str, Any], spec: Mapp
         "<i>log</i>, beside its artifacts.</p>"
         "<h2>Steps</h2><table><tr><th>#</th><th>step</th><th>status</th><th>duration</th><th>attempts</th>"
         f"<th>note</th><th>files</th></tr>{''.join(rows)}</table>"
-        f"<h2>Parameters</h2><p>{changed} differ from the pipeline's defaults (bold, first).</p>"
-        f"<table><tr><th>name</th><th>value</th><th>default</th></tr>{parameter_table}</table>"
+        f"<h2>Reports</h2><ul>{''.join(reports) or '<li>none (no step got that far)</li>'}</ul>"
+        f"<h2>Parameters</h2><p>{changed} differ from the pipeline's defaults:</p>"
+        + parameter_table([row for row in parameters if row[3]])
+        + f"<details><summary>the other {len(parameters) - changed}, at their defaults</summary>"
+        + parameter_table([row for row in parameters if not row[3]]) + "</details>"
         f"<h2>Artifacts</h2>{''.join(sections) or '<p>No step wrote artifacts.</p>'}</body></html>\n")
     path = os.path.join(output_dir, layout.RUN_PAGE_FILE)
     with open(path, "w", encoding="utf-8") as handle:
@@ -159,8 +169,9 @@ def write(output_dir: str, *, title: str, summary: Mapping[str, Any], spec: Mapp
 
 
 def _step_section(output_dir: str, spec: Mapping[str, Any], component: str, step: Mapping[str, Any],
-                  display: str, anchor: str) -> str:
-    """One step's outputs as the executor recorded them (kfp's executor_output.json in the step's folder)."""
+                  display: str, anchor: str, reports: list[str]) -> str:
+    """One step's outputs as the executor recorded them (kfp's executor_output.json in the step's folder);
+    adds a link to ``reports`` for each HTML report, Markdown report and model."""
     task_dir = step["task_dir"]
     recorded: dict[str, Any] = {}
     executor_output = os.path.join(task_dir, "executor_output.json")
@@ -181,25 +192,37 @@ def _step_section(output_dir: str, spec: Mapping[str, Any], component: str, step
         uri, metadata = entries[0]["uri"], entries[0].get("metadata") or {}
         if not os.path.exists(uri):
             continue
-        parts.append(f"<h4>{_ESC(name)} <small>{_ESC(schema.split('.')[-1])}</small></h4>")
-        parts.append(_artifact(output_dir, step["name"], name, schema, uri, metadata))
+        parts.append(f"<h4 id=\"{anchor}-{_ESC(name)}\">{_ESC(name)} <small>{_ESC(schema.split('.')[-1])}</small></h4>")
+        shown = _artifact(output_dir, step["name"], name, schema, uri, metadata)
+        parts.append(shown.html)
+        if shown.link or schema in ("system.Markdown", "system.Model"):
+            target = shown.link or f"#{anchor}-{_ESC(name)}"
+            reports.append(f"<li><a href=\"{target}\">{_ESC(display)}: {_ESC(name)}</a> "
+                           f"<small>{_ESC(schema.split('.')[-1])}</small></li>")
     parts.append("</section>")
     return "".join(parts)
 
 
-def _artifact(output_dir: str, step: str, name: str, schema: str, uri: str, metadata: Mapping[str, Any]) -> str:
+class _Shown(NamedTuple):
+    html: str
+    link: str = ""  # the relative address of a report page, for the list of reports
+
+
+def _artifact(output_dir: str, step: str, name: str, schema: str, uri: str, metadata: Mapping[str, Any]) -> _Shown:
     if schema == "system.HTML" and os.path.isfile(uri):
         reports = os.path.join(output_dir, layout.RUN_REPORTS_DIR)
         os.makedirs(reports, exist_ok=True)
         copy = os.path.join(reports, f"{step.replace(' #', '-')}-{name}.html")
         shutil.copyfile(uri, copy)
-        return f"<p>{_link(output_dir, copy, 'open the report')} ({os.path.getsize(uri) // 1024} KiB)</p>"
+        link = _link(output_dir, copy, "open the report")
+        return _Shown(f"<p>{link} ({_size(os.path.getsize(uri))})</p>", _href(output_dir, copy))
     if schema == "system.Markdown" and os.path.isfile(uri):
         with open(uri, encoding="utf-8") as handle:
             text = handle.read()
         # Our reports hold no HTML of their own: any "<" is text (a file or class name), never markup.
         rendered = markdown_lib.markdown(text.replace("<", "&lt;"), extensions=["tables", "fenced_code"])
-        return f"<div class=\"md\">{rendered}</div>"
+        return _Shown(f"<details open><summary>rendered Markdown</summary><div class=\"md\">{rendered}</div>"
+                      "</details>")
     parts = []
     if schema == "system.ClassificationMetrics" and "confusionMatrix" in metadata:
         parts.append(_confusion_matrix(metadata["confusionMatrix"]))
@@ -212,7 +235,7 @@ def _artifact(output_dir: str, step: str, name: str, schema: str, uri: str, meta
         parts.append(_listing(output_dir, uri))
     elif os.path.isfile(uri) and schema not in ("system.Metrics", "system.ClassificationMetrics"):
         parts.append(_file_preview(output_dir, uri))
-    return "".join(parts)
+    return _Shown("".join(parts))
 
 
 def _confusion_matrix(matrix: Mapping[str, Any]) -> str:
@@ -247,10 +270,13 @@ def _file_preview(output_dir: str, path: str) -> str:
         return link
 
 
+def _href(output_dir: str, path: str) -> str:
+    """The relative address of ``path`` from the run page (URL-quoted, so odd names still resolve)."""
+    return _ESC(quote(os.path.relpath(path, output_dir).replace(os.sep, "/")))
+
+
 def _link(output_dir: str, path: str, text: str) -> str:
-    """A relative link from the run page to ``path`` (URL-quoted, so odd names still resolve)."""
-    relative = os.path.relpath(path, output_dir).replace(os.sep, "/")
-    return f"<a href=\"{_ESC(quote(relative))}\">{_ESC(text)}</a>"
+    return f"<a href=\"{_href(output_dir, path)}\">{_ESC(text)}</a>"
 
 
 def _size(count: int) -> str:
@@ -261,5 +287,7 @@ def _size(count: int) -> str:
     return str(count)
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, none: str = "null") -> str:
+    if value is None:
+        return none
     return value if isinstance(value, str) else json.dumps(value)
