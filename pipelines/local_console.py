@@ -216,8 +216,8 @@ class StepConsole(io.TextIOBase):
                 self._say(name, f"{logging.getLevelName(parsed.level)}: {parsed.message}")
             elif parsed.is_progress:
                 self._say(name, parsed.message)
-        elif state.showing_warning and text.startswith((" ", "\t")):
-            self._say(name, text)  # the rest of a warning: the lines of its traceback
+        elif state.showing_warning and (text.startswith((" ", "\t", "Traceback ")) or _EXCEPTION_LINE.match(text)):
+            self._say(name, text)  # the rest of a warning: its traceback
         else:
             state.showing_warning = False
 
