@@ -26,13 +26,14 @@ def _task(console, name, task_dir, body, *, status="SUCCESS", indent="    "):
     console.write(f"12:24:12.289 - INFO - Executing task \x1b[96m'{name}'\x1b[0m\n")
     console.write("12:24:12.289 - INFO - Streamed logs:\n\n")
     executor_input = json.dumps({"outputs": {"outputFile": f"{task_dir}/executor_output.json"}}, indent=4)
-    for line in [f"[KFP Executor 2026-12-03 12:24:12,332 INFO]: Got executor_input:", *executor_input.split("\n"),
+    for line in ["[KFP Executor 2026-12-03 12:24:12,332 INFO]: Got executor_input:", *executor_input.split("\n"),
                  *body]:
         console.write(indent)
         console.write(line + "\n")
     colour = "\x1b[92m" if status == "SUCCESS" else "\x1b[91m"
     level = "INFO" if status == "SUCCESS" else "ERROR"
-    console.write(f"12:24:13.326 - {level} - Task \x1b[96m'{name}'\x1b[0m finished with status {colour}{status}\x1b[0m\n")
+    console.write(f"12:24:13.326 - {level} - Task \x1b[96m'{name}'\x1b[0m finished with status "
+                  f"{colour}{status}\x1b[0m\n")
     if status == "SUCCESS":
         console.write(f"12:24:13.327 - INFO - Task \x1b[96m'{name}'\x1b[0m outputs:\n    accepted: 1797\n")
     console.write(RULE + "\n")
@@ -75,7 +76,7 @@ def test_a_step_shows_its_start_end_progress_and_warnings_and_logs_everything(tm
         "train     Traceback (most recent call last):",
         'train       File "gallery.py", line 3, in build',
         "train     ValueError: boom",
-        "train     succeeded in 0 s"]  # no executor input, no TensorFlow start-up line, no Keras epoch line, no INFO chatter
+        "train     succeeded in 0 s"]  # no executor input, TensorFlow start-up line, Keras epoch line or INFO
     log = (task_dir / layout.STEP_LOG_FILE).read_text()
     for line in TRAIN_OUTPUT + ['"outputFile": "' + str(task_dir) + '/executor_output.json"', "accepted: 1797"]:
         assert line in log
