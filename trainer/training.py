@@ -178,8 +178,8 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
     final_metrics = dict(epochs.get(exported_epoch, {})) if exported_epoch is not None else {}
     stopped_early = bool(early_stopping is not None and early_stopping.stopped_epoch > 0)
     if stopped_early:
-        log.info("Early stopping after epoch %d of %d; exporting the weights of epoch %d (best %s %.4f)",
-                 early_stopping.stopped_epoch + 1, hp.epochs, best_epoch + 1, monitor, early_stopping.best)
+        progress_log.info("Early stopping after epoch %d of %d; exporting the weights of epoch %d (best %s %.4f)",
+                          early_stopping.stopped_epoch + 1, hp.epochs, best_epoch + 1, monitor, early_stopping.best)
 
     export.export_model(_inference_copy(network, hp, num_classes), model_dir, hp=hp, label_map=label_map,
                         history=history)
