@@ -100,8 +100,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _print_start(what: str, output: str) -> None:
-    print(f"running the {what} on this machine: a line per step; each step's whole log is log.txt beside its "
-          f"artifacts under {output}/artifacts (--verbose shows it here)", flush=True)
+    from trainer.layout import STEP_LOG_FILE
+
+    print(f"running the {what} on this machine: a line per step; each step's whole log is {STEP_LOG_FILE} "
+          f"beside its artifacts under {output}/artifacts (--verbose shows it here)", flush=True)
 
 
 def _print_failure(what: str, summary: dict, written: str, details: Sequence[str] = ()) -> None:
@@ -142,6 +144,9 @@ def _cmd_katib_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = "print every line each step logs, as it comes (it is always in the step's log file)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, commands = trainer_cli.build_parser(prog="imgclf")
 
@@ -177,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "parameters, validation, conversion, training and evaluation are taken from the "
                           "cache; the look at the data, the gate and the push run every time")
     cmd.add_argument("--json", action="store_true", help="also print the whole summary")
-    cmd.add_argument("--verbose", action="store_true", help="print every line each step logs (always in its log.txt)")
+    cmd.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_run_local)
 
@@ -195,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--parallel-trials", type=int, help="trials at a time (default 2)")
     cmd.add_argument("--early-stopping-type", help="Auto (default): stop trials clearly worse than the others "
                                                    "at the same epoch; Off")
-    cmd.add_argument("--verbose", action="store_true", help="print every line each step logs (always in its log.txt)")
+    cmd.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_tune)
     search_options = [a for a in cmd._actions if a.dest in ("ranges", "objective", "strategy", "max_trials",

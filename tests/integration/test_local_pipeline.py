@@ -10,6 +10,7 @@ import pytest
 from pipelines.cli import main as imgclf
 from pipelines.local import run_local
 from tests.support.datasets import make_image_folder
+from trainer import layout
 from trainer.hyperparameters import Hyperparameters
 
 pytestmark = pytest.mark.integration
@@ -70,7 +71,7 @@ def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path, capsys):
     assert len(out.splitlines()) <= 2 * len(steps) + 8
     # Everything each step printed is in its log, beside its artifacts.
     for step in summary["steps"]:
-        assert step["status"] == "succeeded" and step["log"] == os.path.join(step["task_dir"], "log.txt")
+        assert step["status"] == "succeeded" and step["log"] == os.path.join(step["task_dir"], layout.STEP_LOG_FILE)
         log = open(step["log"], encoding="utf-8").read()
         assert "Got executor_input" in log and "finished with status SUCCESS" in log
     assert "40/40" not in out and "Epoch 1/2" in open(summary["steps"][3]["log"], encoding="utf-8").read()
@@ -178,7 +179,7 @@ def test_failed_step_is_named_with_its_reason_the_tail_of_its_log_and_the_log(tm
     assert 5 <= len(tail) <= 20 and tail[-1] == "  | " + summary["error"].splitlines()[-1]
     assert err[-1] == f"log: {summary['failed_log']}"
     log = open(summary["failed_log"], encoding="utf-8").read()
-    assert summary["failed_log"].endswith("/validate-data/log.txt") and "Got executor_input" in log
+    assert summary["failed_log"].endswith(f"/validate-data/{layout.STEP_LOG_FILE}") and "Got executor_input" in log
     assert log.count("only one class folder") >= 3  # every attempt's output, appended
     assert os.path.exists(summary["run_page"])
 
