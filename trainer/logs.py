@@ -34,8 +34,9 @@ class LogLine(NamedTuple):
 
 def configure(level: int = logging.INFO) -> None:
     """Log to stdout in ``FORMAT``, replacing what was set before (the KFP executor sets its own format
-    before a component runs)."""
+    before a component runs); Python's warnings become log lines (logger ``py.warnings``) too."""
     logging.basicConfig(level=level, format=FORMAT, stream=sys.stdout, force=True)
+    logging.captureWarnings(True)
 
 
 def progress_logger(module: str) -> logging.Logger:
