@@ -23,11 +23,11 @@ def batch_predict(
             "labels", "predicted_label"}, or {"file", "error"} for an image that cannot be read.
     """
     import collections
-    import logging
 
+    from trainer import logs
     from trainer.prediction import batch_predict as predict_folder
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     result = predict_folder(trained_model.path, data_uri, predictions.path)
     predictions.metadata.update({"format": "jsonl", "images": result["images"], "errors": result["errors"],
                                  "skipped": result["skipped"]})

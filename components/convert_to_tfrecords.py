@@ -32,12 +32,12 @@ def convert_to_tfrecords(
     Returns:
         The fingerprint of the converted data (content and split parameters).
     """
-    import logging
     import os
 
+    from trainer import logs
     from trainer.conversion import convert_dataset
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     manifest = convert_dataset(
         data_uri, os.path.join(validation.path, "validation.json"), dataset.path,
         validation_split_ratio=validation_split_ratio, test_split_ratio=test_split_ratio,

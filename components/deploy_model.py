@@ -31,11 +31,10 @@ def deploy_model(
         memory: Memory request and limit of the server.
         image: The image running `imgclf serve` (`imgclf compile --image` sets it with the steps' image).
     """
-    import logging
-
+    from trainer import logs
     from trainer.deploy import deploy
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     result = deploy(version_uri, name=serving_model_name, namespace=serving_namespace, image=image, cpu=cpu,
                     memory=memory, gpus=serving_gpus, canary_traffic_percent=serving_canary_traffic_percent)
     return result["url"]

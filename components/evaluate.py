@@ -38,14 +38,14 @@ def evaluate(
     """
     import collections
     import json
-    import logging
     import os
 
+    from trainer import logs
     from trainer.evaluation import evaluate as evaluate_model
     from trainer.evaluation import training_curves_html
     from trainer.layout import HISTORY_FILE
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     os.makedirs(evaluation.path, exist_ok=True)
     result = evaluate_model(trained_model.path, dataset.path, evaluation.path, eval_metric=eval_metric)
     for name, value in result["metrics"].items():

@@ -39,12 +39,12 @@ def bless_model(
         blessing: Folder holding blessing.json (the decision and its reason), the model server's log and the
             baseline's evaluation.
     """
-    import logging
     import os
 
+    from trainer import logs
     from trainer.registry import decide_blessing
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     os.makedirs(blessing.path, exist_ok=True)
     decision = decide_blessing(eval_metric, eval_value, dataset_dir=dataset.path, min_eval_value=min_eval_value,
                                baseline_model_uri=baseline_model_uri, model_uri=trained_model.uri,

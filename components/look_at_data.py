@@ -18,11 +18,11 @@ def look_at_data(data_uri: str) -> NamedTuple("Outputs", [("fingerprint", str), 
         The content fingerprint, the same whenever the content is, and the number of files listed.
     """
     import collections
-    import logging
 
+    from trainer import logs
     from trainer.fingerprint import look_at_data as look
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     found = look(data_uri)
     outputs = collections.namedtuple("Outputs", ["fingerprint", "files"])
     return outputs(found.fingerprint, found.files)

@@ -22,13 +22,13 @@ def push_model(
             decision of "not blessed" is refused.
     """
     import json
-    import logging
     import os
 
+    from trainer import logs
     from trainer.layout import BLESSING_FILE
     from trainer.registry import push_model as push
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     with open(os.path.join(blessing.path, BLESSING_FILE), encoding="utf-8") as handle:
         decision = json.load(handle)
     return push(trained_model.path, registry_uri, metadata={**decision, "model_uri": trained_model.uri})

@@ -30,13 +30,13 @@ def select_best_trial(
         metrics: The best value of the objective and the count of trials by status.
     """
     import collections
-    import logging
     import os
     import shutil
 
+    from trainer import logs
     from trainer import tuning as tuning_lib
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     os.makedirs(tuning.path, exist_ok=True)
     try:
         summary = tuning_lib.select_best(study.metadata["study_uri"], best_model.path, tuning.path)

@@ -65,13 +65,12 @@ def train(
         jit_compile: Compile the training step with XLA.
     """
     import json
-    import logging
 
-    from trainer import checkpoints, hyperparameters, training
+    from trainer import checkpoints, hyperparameters, logs, training
 
     hp = hyperparameters.Hyperparameters.from_mapping(
         {name: value for name, value in locals().items() if name in hyperparameters.FIELDS})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     backup_dir = checkpoints.durable_backup_dir(backup_root, trained_model.uri)
     result = training.train(hp, dataset.path, trained_model.path, initial_model_dir=initial_model_uri or None,
                             backup_dir=backup_dir, tensorboard_dir=tensorboard_logs.path, jit_compile=jit_compile)

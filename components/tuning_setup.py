@@ -76,13 +76,12 @@ def tuning_setup(
         is what a loop can iterate over in kfp.local.
     """
     import json
-    import logging
     import os
     import uuid
 
-    from trainer import tuning
+    from trainer import logs, tuning
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     fixed = {name: value for name, value in locals().items() if name in tuning.hps.FIELDS}
     config = tuning.make_config(ranges, fixed, objective=objective, strategy=strategy, max_trials=max_trials,
                                 parallel_trials=parallel_trials, early_stopping_type=early_stopping_type)

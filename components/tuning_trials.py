@@ -29,9 +29,9 @@ def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], ji
     """
     import logging
 
-    from trainer import tuning
+    from trainer import logs, tuning
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     logging.info("Lane %d: %s GPU(s) requested", lane, gpus)
     records = tuning.run_lane(study.metadata["study_uri"], int(lane), dataset.path, jit_compile=jit_compile)
     if records:

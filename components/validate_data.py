@@ -35,13 +35,13 @@ def validate_data(
         cached steps after this one never reuse results computed from other data.
     """
     import collections
-    import logging
     import os
     import shutil
 
+    from trainer import logs
     from trainer.fingerprint import validate_unchanged
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure()
     os.makedirs(validation.path, exist_ok=True)
     try:
         result = validate_unchanged(data_uri, validation.path, content_fingerprint, binary_mode=binary_mode,

@@ -47,11 +47,11 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
                                              "data_uri": args.data})
     hp = Hyperparameters.from_mapping({name: value for name, value in values.items() if name in FIELDS})
     settings = {name: value for name, value in values.items() if name not in FIELDS and name != "data_uri"}
+    _print_start("pipeline", args.output)
     summary = run_local(args.data, args.output, hp, runner=args.runner, image=args.image, pipeline_args=settings,
-                        cache_dir=args.cache)
+                        cache_dir=args.cache, verbose=args.verbose)
     if summary["status"] != "succeeded":
-        print(f"\npipeline failed in step '{summary['failed_step']}': {summary['error']}", file=sys.stderr)
-        print(f"summary: {args.output}/summary.json", file=sys.stderr)
+        _print_failure("pipeline", summary, f"{args.output}/summary.json")
         return 1
     counts = ", ".join(f"{split} {count}" for split, count in summary["counts"].items())
     print(f"\npipeline succeeded in {summary['pipeline_seconds']:.0f} s: {summary['eval_metric']} = "
@@ -62,7 +62,7 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
         reused = ", ".join(summary["steps_reused"]) or "none (nothing matched an earlier run)"
         print(f"reused from the cache in {args.cache}: {reused}")
     print(f"model: {summary['model_path']}")
-    print(f"summary: {args.output}/summary.json")
+    print(f"run page: {summary['run_page']} (steps, parameters, reports); summary: {args.output}/summary.json")
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0
@@ -81,13 +81,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             values[name] = getattr(args, name)
     # The same check a cluster run gets (`imgclf submit --tuning`): hyperparameters, settings and the search.
     typed = operations.pipeline_parameters(values, image_classification_tuning)
-    summary = run_tuning_local(args.data, args.output, {k: v for k, v in typed.items() if k != "data_uri"})
+    _print_start("tuning pipeline", args.output)
+    summary = run_tuning_local(args.data, args.output, {k: v for k, v in typed.items() if k != "data_uri"},
+                               verbose=args.verbose)
     if summary["status"] != "succeeded":
-        print(f"\ntuning failed in step '{summary['failed_step']}': {summary['error']}", file=sys.stderr)
-        for trial in summary.get("trials", []):
-            print(f"  - trial {trial['trial']}: {trial['status']}"
-                  + (f" ({trial['error']})" if trial["error"] else ""), file=sys.stderr)
-        print(f"summary: {args.output}/{TUNING_FILE}", file=sys.stderr)
+        trials = [f"  - trial {trial['trial']}: {trial['status']}" + (f" ({trial['error']})" if trial["error"] else "")
+                  for trial in summary.get("trials", [])]
+        _print_failure("tuning", summary, f"{args.output}/{TUNING_FILE}", trials)
         return 1
     best, evaluation = summary["best"], summary["evaluation"]
     counts: dict[str, int] = {}
@@ -99,9 +99,33 @@ def _cmd_tune(args: argparse.Namespace) -> int:
           + ", ".join(f"{k}={best['hyperparameters'][k]!r}" for k in summary["tuned"]))
     print(f"best model on the test split: {evaluation['eval_metric']} = {evaluation['eval_value']:.4f}; "
           f"{evaluation['blessing']}")
-    print(f"report: {summary['report_html']}")
-    print(f"written: {args.output}/{TUNING_FILE}, {args.output}/{BEST_FILE}")
+    print(f"trials report: {summary['report_html']}")
+    print(f"run page: {summary['run_page']} (steps, parameters, reports); written: {args.output}/{TUNING_FILE}, "
+          f"{args.output}/{BEST_FILE}")
     return 0
+
+
+def _print_start(what: str, output: str) -> None:
+    from trainer.layout import STEP_LOG_FILE
+
+    print(f"running the {what} on this machine: a line per step; each step's whole log is {STEP_LOG_FILE} "
+          f"beside its artifacts under {output}/artifacts (--verbose shows it here)", flush=True)
+
+
+def _print_failure(what: str, summary: dict, written: str, details: Sequence[str] = ()) -> None:
+    """The failed step and the run page, then the step's reason, the last lines of its log and the log's path."""
+    out = sys.stderr
+    print(f"\n{what} failed in step '{summary['failed_step']}' after {summary['pipeline_seconds']:.0f} s", file=out)
+    for line in details:
+        print(line, file=out)
+    print(f"run page: {summary.get('run_page')}; summary: {written}", file=out)
+    print(f"reason: {summary['error']}", file=out)
+    if summary.get("log_tail"):
+        print(f"last {len(summary['log_tail'])} lines of the step's log:", file=out)
+        for line in summary["log_tail"]:
+            print(f"  | {line}", file=out)
+    if summary.get("failed_log"):
+        print(f"log: {summary['failed_log']}", file=out)
 
 
 def _cmd_katib_experiment(args: argparse.Namespace) -> int:
@@ -127,6 +151,9 @@ def _cmd_katib_experiment(args: argparse.Namespace) -> int:
           f"({manifest['spec']['algorithm']['algorithmName']}) over {', '.join(config.space.names)}, "
           f"{config.n_trials} trials, {config.lanes} at a time; apply it with kubectl apply -f {args.output}")
     return 0
+
+
+VERBOSE_HELP = "print every line each step logs, as it comes (it is always in the step's log file)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "parameters, validation, conversion, training and evaluation are taken from the "
                           "cache; the look at the data, the gate and the push run every time")
     cmd.add_argument("--json", action="store_true", help="also print the whole summary")
+    cmd.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_run_local)
 
@@ -191,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--parallel-trials", type=int, help="trials at a time (default 2)")
     cmd.add_argument("--early-stopping-type", help="Auto (default): stop trials worse than the median of the others "
                                                    "at the same epoch; Off")
+    cmd.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     trainer_cli.add_hyperparameter_arguments(cmd, settings=True)
     cmd.set_defaults(func=_cmd_tune)
     search_options = [a for a in cmd._actions if a.dest in ("ranges", "objective", "strategy", "max_trials",

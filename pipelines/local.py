@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import collections
+import builtins
 import contextlib
 import json
 import logging
@@ -16,41 +16,15 @@ from typing import Any
 
 from kfp import components, local
 
+from pipelines import run_page
 from pipelines.compiler import compile_pipeline
+from pipelines.local_console import TAIL_LINES, StepConsole
 from trainer import layout, storage
 from trainer.hyperparameters import Hyperparameters
 
 log = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# The last line of a Python traceback: "package.module.SomeError: message".
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Rejected): .+")
-
-
-class _LogTail:
-    """Passes the steps' logs through to the terminal and keeps the last lines.
-
-    kfp.local runs the steps one after another and stops at the first failure, so the last
-    exception printed belongs to the step that failed.
-    """
-
-    def __init__(self, stream, keep: int = 400):
-        self._stream = stream
-        self._partial = ""
-        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
-
-    def write(self, text: str) -> int:
-        self._stream.write(text)
-        self._partial += text
-        *complete, self._partial = self._partial.split("\n")
-        self.lines.extend(_ANSI.sub("", line).strip() for line in complete)
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def last_error(self) -> str | None:
-        return next((line for line in reversed(self.lines) if _EXCEPTION_LINE.match(line)), None)
 
 
 CONTAINER_USER = "1000"
@@ -76,42 +50,36 @@ def _docker_runner(data_uri: str, pipeline_root: str) -> local.DockerRunner:
     return local.DockerRunner(**options)
 
 
-class _CacheHits(logging.Handler):
-    """Notes the steps kfp.local takes from its cache; it says so at INFO on the root logger, which is
-    otherwise quiet. Warnings and errors still reach stderr, as they would without this handler."""
-
-    _HIT = re.compile(r"^Task ([\w-]+) cache hit")
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.reused: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        hit = self._HIT.match(message)
-        if hit:
-            self.reused.append(hit.group(1))
-            print(f"step {hit.group(1)}: reused from the cache", flush=True)
-        elif record.levelno >= logging.WARNING:
-            print(f"{record.levelname}: {message}", file=sys.stderr, flush=True)
-
-
 @contextlib.contextmanager
-def _noting_cache_hits() -> Iterator[_CacheHits]:
+def _console(console: StepConsole) -> Iterator[None]:
+    """During the run, sys.stdout and the root logger go to ``console``; both are restored after.
+
+    kfp.local's warnings that GPU and resource requests are ignored here, and that our image name has
+    no "python" in it, are expected on a laptop and silenced.
+    """
     root = logging.getLogger()
-    handler, level = _CacheHits(), root.level
-    root.addHandler(handler)
-    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    handlers, level = root.handlers[:], root.level
+    # kfp.local swaps builtins.print for an indenting one around each task, which parallel tasks can
+    # leave behind (one thread restores what another had swapped in).
+    original_print = builtins.print
+    root.handlers = [console.handler()]
+    root.setLevel(logging.INFO)
     try:
-        yield handler
+        with contextlib.redirect_stdout(console), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
     finally:
-        root.removeHandler(handler)
+        console.close_steps()
+        root.handlers = handlers
         root.setLevel(level)
+        builtins.print = original_print
 
 
 def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: str = "subprocess",
               image: str | None = None, pipeline_args: dict[str, Any] | None = None,
-              cache_dir: str | None = None, pipeline_file: str | None = None) -> dict[str, Any]:
+              cache_dir: str | None = None, pipeline_file: str | None = None,
+              verbose: bool = False) -> dict[str, Any]:
     """Compile the pipeline, run it with kfp.local, and return (and write) the run summary.
 
     ``runner`` is "subprocess" (steps run as processes of this Python environment) or "docker"
@@ -142,43 +110,65 @@ def run_local(data_uri: str, output_dir: str, hp: Hyperparameters, *, runner: st
     arguments = {"data_uri": data_uri, **hp.to_dict(), "accelerator_count": "0", **(pipeline_args or {})}
     summary: dict[str, Any] = {"data_uri": data_uri, "hyperparameters": hp.to_dict(), "cache_dir": cache_dir}
     earlier_runs = set(os.listdir(pipeline_root))
-    task, hits = execute(pipeline, arguments, summary)
+    spec = run_page.load_spec(pipeline_yaml)
+    task, hits = execute(pipeline, arguments, summary, spec=spec, output_dir=output_dir, cache_dir=cache_dir,
+                         verbose=verbose)
+    headline = []
     if task is not None:
         summary.update(_describe_outputs(task.outputs))
+        headline = [f"{summary['eval_metric']} = {summary['eval_value']:.4f} on the test split",
+                    summary["blessing"],
+                    "images: " + ", ".join(f"{split} {count}" for split, count in summary["counts"].items())]
     summary.update(steps_run=_steps_run(pipeline_root, earlier_runs), steps_reused=hits)
+    write_run_page(output_dir, spec, summary, arguments, headline)
     with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
     return summary
 
 
-def execute(pipeline: Any, arguments: dict[str, Any], summary: dict[str, Any]) -> tuple[Any, list[str]]:
-    """Run a loaded pipeline under the kfp.local settings already made (``local.init``).
+def write_run_page(output_dir: str, spec: dict[str, Any], summary: dict[str, Any], arguments: dict[str, Any],
+                   headline: list[str]) -> None:
+    """Write OUTPUT/index.html and name it in ``summary`` (``run_page``)."""
+    if summary["status"] == "failed":
+        headline = [*headline, f"failed in step {summary['failed_step']}: {summary['error']}"]
+    summary["run_page"] = run_page.write(output_dir, title=f"Run of {spec['pipelineInfo']['name']}", summary=summary,
+                                         spec=spec, arguments=arguments, steps=summary["steps"], headline=headline)
 
-    Records in ``summary`` the status, the seconds and, on failure, the failed step and its reason
-    (the last error line of the step's log). Returns the pipeline task (None when a step failed) and
-    the steps kfp.local took from its cache.
+
+def execute(pipeline: Any, arguments: dict[str, Any], summary: dict[str, Any], *, spec: dict[str, Any],
+            output_dir: str, cache_dir: str | None = None, verbose: bool = False) -> tuple[Any, list[str]]:
+    """Run a loaded pipeline under the kfp.local settings already made (``local.init``), its output
+    going through a ``StepConsole`` (a line per step on the terminal, each step's log beside its artifacts).
+
+    Records in ``summary`` the status, the seconds, the steps (``steps``: status, seconds, log) and, on
+    failure, the failed step, its reason (the error its log ends with), its log's path (``failed_log``)
+    and last lines (``log_tail``). Returns the pipeline task (None when a step failed) and the steps
+    kfp.local took from its cache.
     """
     # Steps run in child processes that inherit the environment; keep TensorFlow's start-up noise down.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    tail = _LogTail(sys.stdout)
+    planned, groups = run_page.planned_steps(spec)
+    console = StepConsole(sys.stdout, verbose=verbose, groups=groups, cache_root=cache_dir,
+                          fallback_dir=os.path.join(output_dir, "artifacts"),
+                          name_width=max(len(step.name) for step in planned) + 3)
     started = time.monotonic()
     task = None
     try:
-        with contextlib.redirect_stdout(tail), warnings.catch_warnings(), _noting_cache_hits() as hits:
-            # kfp.local warns that GPU and resource requests are ignored here, and that our image name has
-            # no "python" in it; both are expected on a laptop.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            warnings.simplefilter("ignore", UserWarning)
+        with _console(console):
             task = pipeline(**arguments)
     except RuntimeError as err:
         message = _ANSI.sub("", str(err))
-        failed = re.search(r"Inner task failed: '([\w-]+)'", message)
-        summary.update(status="failed", failed_step=failed.group(1) if failed else "unknown",
-                       error=tail.last_error() or message)
+        named = re.search(r"Inner task failed: '([\w-]+)'", message)
+        failed = next((step for step in console.steps if step.status == "failed"), None)
+        summary.update(status="failed", failed_step=failed.name if failed else (named.group(1) if named else "unknown"),
+                       error=(failed.reason() if failed else None) or message,
+                       failed_log=failed.log_path if failed else None,
+                       log_tail=list(failed.tail)[-TAIL_LINES:] if failed else [])
     else:
         summary["status"] = "succeeded"
     summary["pipeline_seconds"] = round(time.monotonic() - started, 1)
-    return task, sorted(hits.reused)
+    summary["steps"] = [step.to_dict() for step in console.steps]
+    return task, sorted(step.name for step in console.steps if step.status == "reused")
 
 
 def _steps_run(pipeline_root: str, earlier_runs: set[str]) -> list[str]:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from trainer import hyperparameters as hps
+from trainer import logs
 from trainer.errors import HyperparameterError, ImgclfError
 
 EXIT_USAGE = 2
@@ -236,8 +237,7 @@ def build_parser(prog: str = "python -m trainer") -> tuple[argparse.ArgumentPars
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse, run the command, and turn our errors into a message and an exit status."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose_logs else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose_logs else logging.INFO, format=logs.FORMAT)
     try:
         return args.func(args)
     except HyperparameterError as err:

@@ -100,7 +100,7 @@ from typing import Any
 
 import google_crc32c
 
-from trainer import images, layout, storage
+from trainer import images, layout, logs, storage
 from trainer.errors import DataError
 from trainer.layout import (  # noqa: F401  (re-exported for callers of conversion)
     FORMAT_VERSION,
@@ -112,7 +112,6 @@ from trainer.layout import (  # noqa: F401  (re-exported for callers of conversi
     shard_name,
 )
 from trainer.validation import (
-    ProgressLog,
     bounded_map,
     compute_data_fingerprint,
     default_workers,
@@ -325,7 +324,7 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
     def encode(entry: dict[str, Any]) -> bytes:
         return _encode_example(data_uri, entry, labels[entry["class"]], orientations)
 
-    progress = ProgressLog("converted", len(accepted))
+    progress = logs.ProgressLog("converted", len(accepted), logger=logs.progress_logger(__name__))
     split_info = {}
     for split in SPLITS:
         entries = splits[split]
@@ -473,7 +472,7 @@ class TFRecordWriter:
 
 
 def _write_split(split_uri: str, entries: list[dict[str, Any]], shards: int, encode, workers: int,
-                 progress: ProgressLog) -> list[str]:
+                 progress: logs.ProgressLog) -> list[str]:
     """Write ``entries`` as ``shards`` consecutive shards, one complete shard at a time; return the names."""
     records = bounded_map(encode, entries, workers)
     base, extra = divmod(len(entries), shards)

@@ -18,6 +18,11 @@ Model folder (written by ``trainer.export``, read by prediction, evaluation and 
 Export owns these names (``MODEL_FILES`` and ``SAVED_MODEL_DIR``): a new export replaces all of them,
 so no file of an earlier export survives beside it; other files in the folder are left alone.
 
+A local run's folder (``imgclf run-local``, ``imgclf tune``)::
+
+    RUN/index.html, RUN/reports/*.html              the run page and copies of the steps' HTML reports
+    RUN/artifacts/<run>/<step>/log.txt              everything the step printed, beside its artifacts
+
 Registry (``trainer.registry``)::
 
     REGISTRY/000001/saved_model.pb, variables/, assets/, fingerprint.pb   the SavedModel, at the top
@@ -266,3 +271,11 @@ def _parent_and_name(folder: str) -> tuple[str, str]:
         return parent, name
     path = os.path.normpath(storage.local_path(folder))
     return os.path.dirname(path) or os.curdir, os.path.basename(path)
+
+# --- a local run's folder (imgclf run-local, imgclf tune) -----------------------------------------
+
+RUN_PAGE_FILE = "index.html"
+# Each step's whole output, beside its artifacts (the folder kfp.local gives the step).
+STEP_LOG_FILE = "log.txt"
+# The run page links copies of the HTML reports, named *.html so that a browser shows them as pages.
+RUN_REPORTS_DIR = "reports"

@@ -53,8 +53,10 @@ from trainer import data, export, layout, storage
 from trainer import model as model_lib
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError, StorageError
 from trainer.hyperparameters import Hyperparameters
+from trainer.logs import duration, progress_logger
 
 log = logging.getLogger(__name__)
+progress_log = progress_logger(__name__)
 
 HISTORY_BACKUP_FILE = "imgclf_history.json"
 EARLY_STOPPING_STATE_FILE = "imgclf_early_stopping.json"
@@ -176,8 +178,8 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
     final_metrics = dict(epochs.get(exported_epoch, {})) if exported_epoch is not None else {}
     stopped_early = bool(early_stopping is not None and early_stopping.stopped_epoch > 0)
     if stopped_early:
-        log.info("Early stopping after epoch %d of %d; exporting the weights of epoch %d (best %s %.4f)",
-                 early_stopping.stopped_epoch + 1, hp.epochs, best_epoch + 1, monitor, early_stopping.best)
+        progress_log.info("Early stopping after epoch %d of %d; exporting the weights of epoch %d (best %s %.4f)",
+                          early_stopping.stopped_epoch + 1, hp.epochs, best_epoch + 1, monitor, early_stopping.best)
 
     export.export_model(_inference_copy(network, hp, num_classes), model_dir, hp=hp, label_map=label_map,
                         history=history)
@@ -417,9 +419,9 @@ class ProgressLogger(keras.callbacks.Callback):
         typical = statistics.median(self.durations[1:] or self.durations)
         remaining = self.total_epochs - epoch - 1
         metrics = ", ".join(f"{name} {float(value):.4f}" for name, value in (logs or {}).items())
-        log.info("Epoch %d/%d: %s | %.1f s, %.0f images/s | elapsed %s, about %s left", epoch + 1,
-                 self.total_epochs, metrics, self.durations[-1], self.rates[-1],
-                 _duration(now - self._start), _duration(remaining * typical))
+        progress_log.info("Epoch %d/%d: %s | %.1f s, %.0f images/s | elapsed %s, about %s left", epoch + 1,
+                          self.total_epochs, metrics, self.durations[-1], self.rates[-1],
+                          duration(now - self._start), duration(remaining * typical))
 
     @property
     def images_per_second(self) -> float:
@@ -611,12 +613,3 @@ def _count(weights) -> int:
     return sum(math.prod(w.shape) for w in weights)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"

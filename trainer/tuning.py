@@ -58,8 +58,10 @@ from optuna.trial import TrialState
 from trainer import hyperparameters as hps
 from trainer import search_space, storage
 from trainer.errors import HyperparameterError, ImgclfError, StorageError
+from trainer.logs import progress_logger
 
 log = logging.getLogger(__name__)
+progress_log = progress_logger(__name__)
 
 # objective -> (Keras metric on the validation split, direction, needs binary_mode)
 OBJECTIVES: dict[str, tuple[str, str, bool]] = {
@@ -548,8 +550,8 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
     record = {"trial": trial.number, "slot": slot, "status": _STATUS[state], "value": value,
               "hyperparameters": {k: search_space._plain(v) for k, v in tuned.items()}, "epochs": epochs,
               "seconds": seconds, "error": error, "model_uri": model_uri, "resumed_at_epochs": resumed_at or []}
-    log.info("Trial %d %s after %d epoch(s) in %.0f s: %s = %s", trial.number, record["status"], epochs, seconds,
-             config.objective, "n/a" if value is None else f"{value:.4f}")
+    progress_log.info("Trial %d %s after %d epoch(s) in %.0f s: %s = %s", trial.number, record["status"], epochs,
+                      seconds, config.objective, "n/a" if value is None else f"{value:.4f}")
     return record
 
 

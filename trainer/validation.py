@@ -72,7 +72,6 @@ import logging
 import os
 import posixpath
 import statistics as stats
-import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -82,7 +81,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from trainer import storage
+from trainer import logs, storage
 from trainer.errors import DataError, StorageError
 from trainer.images import (
     DEFAULT_MAX_PIXELS,
@@ -158,48 +157,6 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
             # On an error or an abandoned generator, do not run what has not started yet.
             for future in pending:
                 future.cancel()
-
-
-class ProgressLog:
-    """Logs "<what>: done/total (pct), rate, time left" at most every ``interval`` seconds."""
-
-    def __init__(self, what: str, total: int, *, unit: str = "images", interval: float = 5.0,
-                 logger: logging.Logger = log):
-        self.what, self.total, self.unit, self.interval, self.logger = what, total, unit, interval, logger
-        self.done = 0
-        self.start = self._last = time.monotonic()
-        self._lock = threading.Lock()
-
-    def advance(self, count: int = 1) -> None:
-        """Count finished items and log if ``interval`` seconds have passed since the last line."""
-        with self._lock:
-            self.done += count
-            now = time.monotonic()
-            if now - self._last < self.interval:
-                return
-            self._last = now
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        self.logger.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, about %s left", self.what, self.done, self.total,
-                         self.unit, 100.0 * self.done / max(self.total, 1), rate, self.unit,
-                         _duration(left))
-
-    def finish(self) -> float:
-        """Log the totals; return the elapsed seconds."""
-        elapsed = time.monotonic() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        self.logger.info("%s: %d %s in %s (%.1f %s/s)", self.what, self.done, self.unit, _duration(elapsed),
-                         rate, self.unit)
-        return elapsed
-
-
-def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "unknown time"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
 def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = False,
@@ -410,7 +367,7 @@ def _check_images(data_uri: str, candidates: list[tuple[str, str]], max_pixels: 
                 "width": info.width, "height": info.height, "format": info.format, "mode": info.mode,
                 "bytes": len(data), "exif_orientation": info.exif_orientation, "tensorflow_checked": second}
 
-    progress = ProgressLog("validated", len(to_read))
+    progress = logs.ProgressLog("validated", len(to_read), logger=logs.progress_logger(__name__))
     for entry in bounded_map(check, to_read, workers):
         (accepted if "sha256" in entry else rejected).append(entry)
         progress.advance()

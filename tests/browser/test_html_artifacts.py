@@ -9,7 +9,6 @@ the tier says NOT RUN (Makefile) and these tests skip, unless REQUIRE_BROWSER=1 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -50,13 +49,6 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
             "evaluation_report": root / "evaluation" / "report.html",
             "training_curves": curves,
             "tuning_report": root / "tuning" / "report.html"}
-
-
-@pytest.fixture(scope="module")
-def screenshot_dir(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("IMGCLF_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.mark.parametrize("name", ["validation_report", "evaluation_report", "training_curves", "tuning_report"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from pipelines.cli import main as imgclf
 from pipelines.local import run_local
 from tests.support.datasets import make_image_folder
+from trainer import layout
 from trainer.hyperparameters import Hyperparameters
 
 pytestmark = pytest.mark.integration
@@ -31,7 +33,24 @@ def _non_empty_files(folder):
     return found
 
 
-def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path):
+# A line the console prints: time, step, what happened (pipelines.local_console).
+STEP_LINE = re.compile(r"^\d\d:\d\d:\d\d  (?P<step>[\w.#-]+(?: #\d+)?) +(?P<text>.+)$")
+NOISE = ("outputFile", "executor_input", "Streamed logs", "KFP Executor", "oneDNN", "absl", "I0000", "cuda",
+         "ms/step", "Assets written")
+
+
+def _steps_printed(out):
+    """{step: [what the terminal said of it]}; fails on any line that is not a step line."""
+    said = {}
+    for line in out.splitlines():
+        match = STEP_LINE.match(line)
+        assert match, f"not a step line: {line!r}"
+        assert not any(noise in line for noise in NOISE), line
+        said.setdefault(match["step"], []).append(match["text"])
+    return said
+
+
+def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path, capsys):
     data = tmp_path / "data"
     make_image_folder(str(data), classes={"circles": 12, "squares": 12, "stripes": 12}, size=(48, 40))
     registry = tmp_path / "registry"
@@ -39,6 +58,23 @@ def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path):
                         pipeline_args={"model_registry_uri": str(registry), "batch_data_uri": str(data)})
 
     assert summary["status"] == "succeeded", summary
+    # The terminal: a line as each step starts and ends, our progress lines, nothing of the executor or TensorFlow.
+    out = capsys.readouterr().out
+    said = _steps_printed(out)
+    steps = ["look-at-data", "validate-data", "convert-to-tfrecords", "train", "evaluate", "bless-model",
+             "push-model", "batch-predict"]
+    assert list(said) == steps
+    for step in steps:
+        assert said[step][0] == "started" and said[step][-1].startswith("succeeded in "), (step, said[step])
+    assert [text.split(":")[0] for text in said["train"] if text.startswith("Epoch")] == ["Epoch 1/2", "Epoch 2/2"]
+    assert any(text.startswith("validated: 36 images") for text in said["validate-data"])
+    assert len(out.splitlines()) <= 2 * len(steps) + 8
+    # Everything each step printed is in its log, beside its artifacts.
+    for step in summary["steps"]:
+        assert step["status"] == "succeeded" and step["log"] == os.path.join(step["task_dir"], layout.STEP_LOG_FILE)
+        log = open(step["log"], encoding="utf-8").read()
+        assert "Got executor_input" in log and "finished with status SUCCESS" in log
+    assert "40/40" not in out and "Epoch 1/2" in open(summary["steps"][3]["log"], encoding="utf-8").read()
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk == summary
     assert summary["classes"] == ["circles", "squares", "stripes"]
@@ -126,17 +162,32 @@ def test_binary_mode_with_auc(tmp_path):
     assert shown["metrics"]["auc"] == summary["eval_value"]
 
 
-def test_failed_step_is_named_with_its_reason(tmp_path, capsys):
+def test_failed_step_is_named_with_its_reason_the_tail_of_its_log_and_the_log(tmp_path, capsys):
     data = tmp_path / "data"
     make_image_folder(str(data), classes={"only_class": 6}, size=(32, 32))
     code = imgclf(["run-local", "--data", str(data), "--output", str(tmp_path / "run"),
                    "--set", "model=small_cnn", "--set", "weights=none", "--set", "epochs=1"])
     assert code == 1
-    err = capsys.readouterr().err
-    assert "pipeline failed in step 'validate-data'" in err
+    captured = capsys.readouterr()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["failed_step"] == "validate-data"
-    assert "class" in summary["error"].lower()
+    assert summary["error"].startswith("trainer.errors.DataError: the data set at ")
+    assert "only one class folder ('only_class')" in summary["error"]
+    # The terminal: the step lines (validation retried as on a cluster, the later steps skipped), then the
+    # step, its reason, the last lines of its log and, last, the log's path.
+    said = _steps_printed(captured.out.split("\n", 1)[1])  # after the one line that says where the logs go
+    assert said["validate-data"][-1].startswith("failed after ")
+    assert said["convert-to-tfrecords"] == ["skipped: an earlier step failed"]
+    err = captured.err.strip().splitlines()
+    assert err[0] == f"pipeline failed in step 'validate-data' after {summary['pipeline_seconds']:.0f} s"
+    assert err[err.index(f"reason: {summary['error'].splitlines()[0]}") + 1].strip().startswith("- only one class")
+    tail = [line for line in err if line.startswith("  | ")]
+    assert 5 <= len(tail) <= 20 and tail[-1] == "  | " + summary["error"].splitlines()[-1]
+    assert err[-1] == f"log: {summary['failed_log']}"
+    log = open(summary["failed_log"], encoding="utf-8").read()
+    assert summary["failed_log"].endswith(f"/validate-data/{layout.STEP_LOG_FILE}") and "Got executor_input" in log
+    assert log.count("only one class folder") >= 3  # every attempt's output, appended
+    assert os.path.exists(summary["run_page"])
 
 
 def test_bad_hyperparameters_stop_before_anything_runs(tmp_path, capsys):

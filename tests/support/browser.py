@@ -12,7 +12,9 @@ of problems:
 * a broken image (not loaded, or 0 pixels wide);
 * an empty chart: an ``<svg>`` that draws no data mark (polyline, circle, path or bar) or has no size.
 
-Use: ``shot, problems = check_html(path); assert not problems``. Where no Chromium is installed
+Use: ``shot, problems = check_html(path); assert not problems``. ``broken_links(path)`` lists the page's
+links that are not relative or name no existing file (or, for ``#id``, no element of the page); the
+``screenshot_dir`` fixture is where the tests keep their screenshots. Where no Chromium is installed
 ``BROWSER`` is None and ``browser_required()`` says whether that is a failure (REQUIRE_BROWSER=1, as
 CI sets) or a skip.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import html.parser
 import json
 import os
 import select
@@ -29,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -233,3 +237,46 @@ def require_browser() -> None:
         if browser_required():
             pytest.fail(message.replace("NOT RUN", "FAILED"))
         pytest.skip(message)
+
+
+class _Anchors(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if found.get("id"):
+            self.ids.add(found["id"])
+        if tag == "a" and found.get("href") is not None:
+            self.hrefs.append(found["href"])
+
+
+def broken_links(path: str | os.PathLike) -> tuple[list[str], list[Path]]:
+    """(problems, files linked) of a page's ``<a href>`` links: each must be relative (no scheme, no leading
+    slash, so the folder can move) and name a file or folder that exists, or ``#id`` an element of the page."""
+    page = Path(path).resolve()
+    anchors = _Anchors()
+    anchors.feed(page.read_text(encoding="utf-8"))
+    problems, files = [], []
+    for href in anchors.hrefs:
+        parts = urlsplit(href)
+        if parts.scheme or parts.netloc or href.startswith("/"):
+            problems.append(f"not a relative link: {href}")
+        elif not parts.path:
+            if parts.fragment not in anchors.ids:
+                problems.append(f"no element with id {parts.fragment!r}: {href}")
+        elif not (page.parent / unquote(parts.path)).exists():
+            problems.append(f"links a missing file: {href}")
+        else:
+            files.append(page.parent / unquote(parts.path))
+    return problems, files
+
+
+@pytest.fixture(scope="module")
+def screenshot_dir(tmp_path_factory) -> Path:
+    """Where the browser tests keep their screenshots: IMGCLF_SCREENSHOT_DIR, or a pytest temp folder."""
+    folder = Path(os.environ.get("IMGCLF_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

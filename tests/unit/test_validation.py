@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.support import datasets as ds
-from trainer import resources, validation
+from trainer import logs, resources, validation
 from trainer.errors import DataError
 from trainer.validation import validate_dataset
 
@@ -199,8 +199,8 @@ def test_bounded_map_propagates_errors():
 
 
 def test_progress_log_reports_rate_and_time_left(caplog):
-    caplog.set_level(logging.INFO, logger="trainer.validation")
-    progress = validation.ProgressLog("validated", 10, interval=0.0)
+    caplog.set_level(logging.INFO, logger="trainer.validation.progress")
+    progress = logs.ProgressLog("validated", 10, interval=0.0, logger=logs.progress_logger("trainer.validation"))
     progress.advance(4)
     progress.finish()
     assert "validated: 4/10 images (40%)" in caplog.text and "left" in caplog.text and "images/s" in caplog.text
