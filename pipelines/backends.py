@@ -30,6 +30,8 @@ tier (``tests/conformance``) encodes the same facts per release and checks the c
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from kfp.pipeline_spec import pipeline_spec_pb2
 
@@ -83,6 +85,36 @@ def parse_gpu_count(text: str, name: str = "accelerator_count") -> int:
         raise ValueError(f"{name}: got {text!r}, expected a whole number of GPUs such as '1' ('0' runs on "
                          "CPUs); the backend reads it as text")
     return int(stripped)
+
+
+def fixed_gpu_count(pipeline_spec: Mapping[str, Any]) -> int | None:
+    """The GPUs a compiled pipeline gives its GPU steps whatever the run form's ``accelerator_count`` says, or
+    None when the form's count reaches the pod.
+
+    A YAML compiled for 2.2.0 (``--gpus N``) carries only the numeric ``accelerator.count`` (none at all for
+    ``--gpus 0``), without the ``resourceCount`` placeholder that drivers from 2.4.0 read: every backend then
+    gives the pod N GPUs. ``pipeline_spec`` is the PipelineSpec document, or the API server's
+    ``{"pipeline_spec", "platform_spec"}`` of an uploaded version.
+    """
+    spec = pipeline_spec.get("pipeline_spec", pipeline_spec)
+    executors = (spec.get("deploymentSpec") or {}).get("executors") or {}
+    accelerators = [((executor.get("container") or {}).get("resources") or {}).get("accelerator")
+                    for executor in executors.values()]
+    accelerators = [accelerator for accelerator in accelerators if accelerator]
+    if any(accelerator.get("resourceCount") for accelerator in accelerators):
+        return None
+    return max((int(accelerator.get("count") or 0) for accelerator in accelerators), default=0)
+
+
+def check_gpu_count(pipeline_spec: Mapping[str, Any], accelerator_count: str) -> None:
+    """ValueError when the run form asks for another GPU count than the one ``pipeline_spec`` fixes."""
+    fixed = fixed_gpu_count(pipeline_spec)
+    wanted = parse_gpu_count(accelerator_count)
+    if fixed is not None and wanted != fixed:
+        raise ValueError(f"accelerator_count: got {accelerator_count!r}, but this package was compiled for KFP 2.2.0 "
+                         f"with {fixed} GPU(s) fixed, which its pods get whatever the form says; recompile with "
+                         f"--gpus {wanted} (imgclf compile --min-backend 2.2.0 --gpus {wanted}), or leave "
+                         f"accelerator_count at {fixed!r}")
 
 
 def fit_to_backend(spec: pipeline_spec_pb2.PipelineSpec, platform: pipeline_spec_pb2.PlatformSpec,
