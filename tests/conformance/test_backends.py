@@ -166,6 +166,18 @@ def test_the_rules_catch_what_they_are_for():
     assert "pipeline_job_uuid" in releases.literal_placeholders(spec, old)[0]
 
 
+def test_an_unknown_field_is_refused_up_to_2_4_0_and_ignored_from_2_4_1(compiled):
+    """The driver's parse (releases.driver_refuses_unknown_fields): the 2.5.0 target's secretNameParameter is
+    unknown to 2.4.1's kubernetes_platform, which drops it; the 2.4.1 target's resourceCount fails on 2.2.0."""
+    by_version = {release.version: release for release in RELEASES}
+    ignored = releases.strict_parse(by_version["2.4.1"], compiled[("2.5.0", "main")])
+    assert ignored and all(problem.startswith("ignored by the 2.4.1 driver") for problem in ignored), ignored
+    assert any("secretNameParameter" in problem for problem in ignored), ignored
+    refused = releases.strict_parse(by_version["2.2.0"], compiled[("2.4.1", "main")])
+    assert any(problem.startswith("refused by the 2.2.0 driver") and "resourceCount" in problem
+               for problem in refused), refused
+
+
 @pytest.mark.parametrize("task", ["validate-data", "convert-to-tfrecords"])
 def test_prepared_data_is_shared_by_both_pipelines(task):
     """A tuning run and a training run on the same content find each other's validation and conversion in
