@@ -77,7 +77,6 @@ def tuning_setup(
     """
     import json
     import os
-    import uuid
 
     from trainer import logs, tuning
 
@@ -85,7 +84,7 @@ def tuning_setup(
     fixed = {name: value for name, value in locals().items() if name in tuning.hps.FIELDS}
     config = tuning.make_config(ranges, fixed, objective=objective, strategy=strategy, max_trials=max_trials,
                                 parallel_trials=parallel_trials, early_stopping_type=early_stopping_type)
-    study_uri = tuning.study_location(study_root, run_id or uuid.uuid4().hex, study.uri)
+    study_uri = tuning.study_location(study_root, run_id, study.uri)
     written = tuning.create_study(config, study_uri)
     os.makedirs(study.path, exist_ok=True)
     with open(os.path.join(study.path, tuning.CONFIG_FILE), "w", encoding="utf-8") as handle:

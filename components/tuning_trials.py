@@ -22,9 +22,10 @@ def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], ji
         lane: This lane's number, from 0; it runs trial slots lane, lane + lanes, lane + 2 * lanes, ...
         dataset: TFRecord shards from the conversion step (the validation split gives the objective).
         jit_compile: Compile the training step with XLA.
-        gpus: The GPUs this task requested (accelerator_count, as text; logged). Passed as an input so that the
+        gpus: The run form's accelerator_count, as text (logged as such). Passed as an input so that the
             compiled loop carries the pipeline parameter that the GPU request reads: kfp 2.17 does not carry
-            a parameter used only in ``set_accelerator_limit`` into a ParallelFor.
+            a parameter used only in ``set_accelerator_limit`` into a ParallelFor. A YAML compiled for KFP
+            2.2.0 does not read it: its lanes get the GPU count fixed at compile time.
         metrics: The lane's trials by status and its best objective.
     """
     import logging
@@ -32,7 +33,8 @@ def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], ji
     from trainer import logs, tuning
 
     logs.configure()
-    logging.info("Lane %d: %s GPU(s) requested", lane, gpus)
+    logging.info("Lane %d: the run form's accelerator_count is %r (the pod's GPU limit where the backend reads it; "
+                 "a YAML compiled for KFP 2.2.0 fixes the count instead)", lane, gpus)
     records = tuning.run_lane(study.metadata["study_uri"], int(lane), dataset.path, jit_compile=jit_compile)
     if records:
         for name, value in tuning.trial_metrics(records, records[0]["direction"]).items():

@@ -13,15 +13,20 @@ tier (``tests/conformance``) encodes the same facts per release and checks the c
   ``jsonpb.UnmarshalString``) with ``api`` pinned at 58ce09e (kfp-pipeline-spec 0.2.2), which has none
   of the string resource fields (``resourceCount``, ``resourceCpuRequest``, ...): every task carrying
   them fails before its pod starts. So for 2.2.0 the GPU count is fixed when compiling (``--gpus``).
+- Unknown fields: the driver refuses a field of a task's container spec or Kubernetes config that its
+  protos do not know up to 2.4.0 (``jsonpb.UnmarshalString``); from 2.4.1 it ignores it
+  (``util.UnmarshalString``, ``backend/src/common/util/json.go``: ``AllowUnknownFields: true``, kfp #11662),
+  so the task runs without that setting. The API server refuses an unknown field of the PipelineSpec
+  itself at every release (protojson, ``backend/src/apiserver/template/v2_template.go``); the executors
+  and the Kubernetes config are free-form there.
 - Display names: up to 2.5.0 the driver records a task under ``taskInfo.name`` but looks producers up
   by task key (``driver.go``: ``ecfg.TaskName = opts.Task.GetTaskInfo().GetName()``; kfp #11173), so
   a consumer of a renamed task fails; fixed in 2.14.0. Below 2.14.0 no task gets a display name (the
   task keys, e.g. ``look-at-data``, are what the UI shows).
 - ``/dev/shm``: ``emptyDirMounts`` is not in kfp-kubernetes 1.2.0, the ``kubernetes_platform`` 2.2.0
-  pins, and its driver parses the Kubernetes config strictly (``backend/src/v2/cmd/driver/main.go``,
-  ``jsonpb.UnmarshalString``); it is from 2.4.x (1.3.0).
-- A secret volume's ``secretNameParameter``: from 2.5.0 (kfp-kubernetes 1.5.0); older drivers refuse
-  it, so it is dropped (``secretName`` says the same thing as a constant).
+  pins, and its driver refuses it; it is from 2.4.x (1.3.0).
+- A secret volume's ``secretNameParameter``: from 2.5.0 (kfp-kubernetes 1.5.0); the 2.2.0 driver refuses
+  it and 2.4.1's ignores it, so below 2.5.0 it is dropped (``secretName`` says the same thing as a constant).
 - ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``: resolved by the driver from 2.5.0 (``driver.go``, the
   ``{{$.pipeline_job_uuid}}`` case); older ones pass the literal text, so the tuning study is named
   by the setup step instead.
@@ -30,6 +35,8 @@ tier (``tests/conformance``) encodes the same facts per release and checks the c
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from kfp.pipeline_spec import pipeline_spec_pb2
 
@@ -63,7 +70,7 @@ DEFAULT_BACKEND = "2.4.1"
 # The GPUs a 2.2.0 YAML asks for (that backend cannot read the run form's count).
 DEFAULT_FIXED_GPUS = 1
 
-# The string twins of the numeric resource fields (kfp-pipeline-spec 0.3.0 on); 2.2.0's API refuses them.
+# The string twins of the numeric resource fields (kfp-pipeline-spec 0.3.0 on); 2.2.0's driver refuses them.
 _STRING_RESOURCE_FIELDS = ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit")
 
 
@@ -85,9 +92,39 @@ def parse_gpu_count(text: str, name: str = "accelerator_count") -> int:
     return int(stripped)
 
 
+def fixed_gpu_count(pipeline_spec: Mapping[str, Any]) -> int | None:
+    """The GPUs a compiled pipeline gives its GPU steps whatever the run form's ``accelerator_count`` says, or
+    None when the form's count reaches the pod.
+
+    A YAML compiled for 2.2.0 (``--gpus N``) carries only the numeric ``accelerator.count`` (none at all for
+    ``--gpus 0``), without the ``resourceCount`` placeholder that drivers from 2.4.0 read: every backend then
+    gives the pod N GPUs. ``pipeline_spec`` is the PipelineSpec document, or the API server's
+    ``{"pipeline_spec", "platform_spec"}`` of an uploaded version.
+    """
+    spec = pipeline_spec.get("pipeline_spec", pipeline_spec)
+    executors = (spec.get("deploymentSpec") or {}).get("executors") or {}
+    accelerators = [((executor.get("container") or {}).get("resources") or {}).get("accelerator")
+                    for executor in executors.values()]
+    accelerators = [accelerator for accelerator in accelerators if accelerator]
+    if any(accelerator.get("resourceCount") for accelerator in accelerators):
+        return None
+    return max((int(accelerator.get("count") or 0) for accelerator in accelerators), default=0)
+
+
+def check_gpu_count(pipeline_spec: Mapping[str, Any], accelerator_count: str) -> None:
+    """ValueError when the run form asks for another GPU count than the one ``pipeline_spec`` fixes."""
+    fixed = fixed_gpu_count(pipeline_spec)
+    wanted = parse_gpu_count(accelerator_count)
+    if fixed is not None and wanted != fixed:
+        raise ValueError(f"accelerator_count: got {accelerator_count!r}, but this package was compiled for KFP 2.2.0 "
+                         f"with {fixed} GPU(s) fixed, which its pods get whatever the form says; recompile with "
+                         f"--gpus {wanted} (imgclf compile --min-backend 2.2.0 --gpus {wanted}), or leave "
+                         f"accelerator_count at {fixed!r}")
+
+
 def fit_to_backend(spec: pipeline_spec_pb2.PipelineSpec, platform: pipeline_spec_pb2.PlatformSpec,
                    target: Backend) -> None:
-    """Remove, in place, what the SDK always writes but ``target`` refuses to parse.
+    """Remove, in place, what the SDK always writes but ``target``'s driver refuses (2.2.0) or ignores (2.4.1).
 
     Only fields whose meaning survives elsewhere go: the string resource twins of the numeric ones, and a
     secret volume's ``secretNameParameter`` beside its ``secretName``.

@@ -31,8 +31,8 @@ def compile_pipeline(output_path: str = COMPILED_PIPELINE, image: str | None = N
 
     ``image`` replaces the project's image everywhere; ``settings`` fits the pipeline to a cluster and
     to the oldest backend it must run on (the committed YAML uses the defaults). ``builder`` builds the
-    pipeline: the main one by default. What the SDK always writes but that backend's strict parse refuses
-    is taken out (``pipelines.backends.fit_to_backend``).
+    pipeline: the main one by default. What the SDK always writes but that backend's driver refuses or
+    ignores is taken out (``pipelines.backends.fit_to_backend``).
     """
     settings = settings or ClusterSettings()
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)

@@ -22,6 +22,7 @@ import kfp_server_api
 import urllib3
 import yaml
 
+from pipelines import backends
 from pipelines.compiler import COMPILED_PIPELINE, COMPILED_TUNING_PIPELINE
 from pipelines.image_classification import image_classification
 from trainer import hyperparameters as hps
@@ -86,14 +87,16 @@ def load_parameters(files: Iterable[str] = (), assignments: Iterable[str] = ()) 
         raise ParameterError(err.problems) from None
 
 
-def pipeline_parameters(values: Mapping[str, Any], pipeline: Any = None) -> dict[str, Any]:
+def pipeline_parameters(values: Mapping[str, Any], pipeline: Any = None, *,
+                        package: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Check and type the values of a run: every hyperparameter, resolved, plus the pipeline settings given.
 
     Hyperparameters go through the schema (``Hyperparameters.from_mapping``, where ``resolve`` ends too;
     ``resolve`` itself would refuse data_uri and the other settings that share the files). Settings are
     checked by name and type against the pipeline's signature. For the tuning pipeline the search is
     checked too: the ranges, objective, strategy and budget, and that no hyperparameter given here is
-    also ranged. Every problem is reported at once.
+    also ranged. With ``package``, the compiled PipelineSpec the run executes, an ``accelerator_count`` other
+    than the GPU count it fixes (a YAML compiled for KFP 2.2.0) is refused. Every problem is reported at once.
     """
     settings = pipeline_settings(pipeline)
     problems: list[str] = []
@@ -105,6 +108,8 @@ def pipeline_parameters(values: Mapping[str, Any], pipeline: Any = None) -> dict
         elif name in settings:
             try:
                 chosen[name] = _coerce_setting(name, settings[name], value)
+                if name == "accelerator_count" and package is not None:
+                    backends.check_gpu_count(package, chosen[name])
             except ValueError as err:
                 problems.append(str(err))
         else:
@@ -158,9 +163,7 @@ def _coerce_setting(name: str, kind: type, value: Any) -> Any:
                          f"{'list' if kind is list else 'object'}")
     if name == "accelerator_count" and kind is str and not isinstance(value, bool):
         # The backend's driver reads the GPU count as text and sets no limit at all for a number.
-        from pipelines.backends import parse_gpu_count
-
-        return str(parse_gpu_count(text if text is not None else value))
+        return str(backends.parse_gpu_count(text if text is not None else value))
     if kind is str and text is not None:
         if name == "data_uri" and not text:
             raise ValueError("data_uri: got '', expected a gs:// URI or a mounted path of the class folders")
@@ -309,6 +312,7 @@ class _Package:
     name: str
     description: str
     sha256: str
+    spec: dict[str, Any]
 
 
 def _read_package(path: str) -> _Package:
@@ -329,7 +333,7 @@ def _read_package(path: str) -> _Package:
                              "'imgclf compile'")
     # The tuning pipeline shares the main one's name (its cache scope) and is told apart by its display name.
     return _Package(info.get("displayName") or info["name"], info.get("description", ""),
-                    hashlib.sha256(data).hexdigest())
+                    hashlib.sha256(data).hexdigest(), spec)
 
 
 def default_version_name(package_sha256: str, now: datetime.datetime | None = None) -> str:
@@ -391,13 +395,16 @@ class _Source:
     package_path: str | None = None
     pipeline_id: str | None = None
     version_id: str | None = None
+    # The PipelineSpec it runs (the API server's {"pipeline_spec", "platform_spec"} for a version), if known.
+    spec: Mapping[str, Any] | None = None
 
 
 def _resolve_source(client: kfp.Client, pipeline_name: str | None, version_name: str | None,
                     package_path: str | None, namespace: str | None) -> _Source:
     if pipeline_name is None:
         path = package_path or COMPILED_PIPELINE
-        return _Source(f"package {path}", _read_package(path).name, package_path=path)
+        package = _read_package(path)
+        return _Source(f"package {path}", package.name, package_path=path, spec=package.spec)
     pipeline = find_pipeline(client, pipeline_name, namespace)
     if pipeline is None:
         raise OperationError(f"no pipeline named {pipeline_name!r} on this cluster; upload it first with "
@@ -406,7 +413,24 @@ def _resolve_source(client: kfp.Client, pipeline_name: str | None, version_name:
     label = (f"pipeline {pipeline_name!r} (id {pipeline.pipeline_id}) version "
              f"{version.display_name or version.name!r} (id {version.pipeline_version_id})")
     return _Source(label, pipeline_name, pipeline_id=pipeline.pipeline_id,
-                   version_id=version.pipeline_version_id)
+                   version_id=version.pipeline_version_id, spec=getattr(version, "pipeline_spec", None))
+
+
+def _checked_source(client: kfp.Client, parameters: Mapping[str, Any], pipeline: Any, pipeline_name: str | None,
+                    version_name: str | None, package_path: str | None,
+                    namespace: str | None) -> tuple[dict[str, Any], _Source]:
+    """The typed parameters and what the run executes, the parameters checked against it too (its GPU count).
+
+    The parameters are checked before any request; an uploaded version's spec again once it is found.
+    """
+    if pipeline_name is None:  # a package file, read here without a request
+        source = _resolve_source(client, pipeline_name, version_name, package_path, namespace)
+        return pipeline_parameters(parameters, pipeline, package=source.spec), source
+    typed = pipeline_parameters(parameters, pipeline)
+    source = _resolve_source(client, pipeline_name, version_name, package_path, namespace)
+    if source.spec:
+        pipeline_parameters(parameters, pipeline, package=source.spec)
+    return typed, source
 
 
 def _check_source_arguments(pipeline_name: str | None, version_name: str | None, package_path: str | None) -> None:
@@ -433,13 +457,14 @@ def submit_run(client: kfp.Client, parameters: Mapping[str, Any], *, experiment:
                pipeline: Any = None) -> SubmittedRun:
     """Start a run of an uploaded pipeline version (newest unless named) or of a package file.
 
-    ``parameters`` are checked first (see ``pipeline_parameters``), so a bad name or value sends nothing.
+    ``parameters`` are checked first (see ``pipeline_parameters``), so a bad name or value sends nothing; an
+    uploaded version's fixed GPU count is checked once the version is found.
     Without ``pipeline_name`` or ``package_path`` the committed compiled pipeline is sent with the run.
     ``pipeline`` is the pipeline whose signature checks the parameters (default: the main one).
     """
     _check_source_arguments(pipeline_name, version_name, package_path)
-    typed = pipeline_parameters(parameters, pipeline)
-    source = _resolve_source(client, pipeline_name, version_name, package_path, namespace)
+    typed, source = _checked_source(client, parameters, pipeline, pipeline_name, version_name, package_path,
+                                    namespace)
     chosen_experiment = client.create_experiment(name=experiment, namespace=namespace)
     name = run_name or f"{source.name} {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC"
     run = client.run_pipeline(
@@ -491,8 +516,8 @@ def schedule_run(client: kfp.Client, parameters: Mapping[str, Any], *, cron: str
     _check_source_arguments(pipeline_name, version_name, package_path)
     cron = check_cron(cron)
     check_max_concurrency(max_concurrency)
-    typed = pipeline_parameters(parameters, pipeline)
-    source = _resolve_source(client, pipeline_name, version_name, package_path, namespace)
+    typed, source = _checked_source(client, parameters, pipeline, pipeline_name, version_name, package_path,
+                                    namespace)
     chosen_experiment = client.create_experiment(name=experiment, namespace=namespace)
     name = name or f"{source.name} ({cron})"
     recurring = client.create_recurring_run(
@@ -610,6 +635,11 @@ def _chosen_pipeline(args: argparse.Namespace) -> Any:
     return pipeline_for(_read_package(args.package).name) if args.package else image_classification
 
 
+def _package_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The PipelineSpec of the package a submit or schedule sends (None for an uploaded pipeline: not read yet)."""
+    return None if args.pipeline else _read_package(args.package or COMPILED_PIPELINE).spec
+
+
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"experiment": args.experiment, "pipeline_name": args.pipeline, "version_name": args.version,
             "package_path": args.package, "namespace": args.namespace, "pipeline_root": args.pipeline_root,
@@ -643,7 +673,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     pipeline = _chosen_pipeline(args)
     # The values as given: submit_run checks them again, and a search must know which were set explicitly.
     parameters = load_parameters(args.params, args.assignments)
-    pipeline_parameters(parameters, pipeline)
+    pipeline_parameters(parameters, pipeline, package=_package_spec(args))
     client, host = _client_from_args(args)
     with api_errors(host):
         run = submit_run(client, parameters, run_name=args.run_name, pipeline=pipeline, **_run_options(args))
@@ -670,7 +700,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     check_max_concurrency(args.max_concurrency)
     pipeline = _chosen_pipeline(args)
     parameters = load_parameters(args.params, args.assignments)
-    pipeline_parameters(parameters, pipeline)
+    pipeline_parameters(parameters, pipeline, package=_package_spec(args))
     client, host = _client_from_args(args)
     with api_errors(host):
         scheduled = schedule_run(client, parameters, cron=cron, name=args.name,

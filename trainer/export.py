@@ -67,7 +67,9 @@ def export_model(model: keras.Model, model_dir: str, *, hp: Hyperparameters, lab
         with tempfile.TemporaryDirectory(prefix="imgclf-export-") as local:
             _write(model, local, hp, label_map, history)
             written = storage.upload_tree(local, model_dir)
-        # After the upload, so the folder holds a whole model throughout: what this export did not write.
+        # Then what this export did not write. Not atomic: upload_tree replaces the files one by one, so while
+        # it runs the folder mixes this model's files with an earlier export's. Read it once the export has
+        # returned (the pipeline's later steps do).
         for name in _owned(storage.list_files(model_dir)):
             if name not in written:
                 storage.delete(storage.join(model_dir, name))

@@ -220,6 +220,9 @@ def saved_model_dir(model_dir: str) -> str:
 # --- the registry -----------------------------------------------------------------------------------
 
 BLESSING_FILE = "blessing.json"
+# The key of blessing.json that says which model a version holds (``trainer.registry.model_digest``); versions
+# pushed before 2026-12-03 lack it, and push computes their digest from their files.
+MODEL_DIGEST_KEY = "model_digest"
 # Beside the gate's blessing.json: the output of the model server infra validation started.
 INFRA_VALIDATION_LOG = "infra_validation.log"
 CLAIMS_DIR = ".claims"

@@ -35,6 +35,7 @@ from trainer.layout import (
     BLESSING_FILE,
     CLAIMS_DIR,
     INFRA_VALIDATION_LOG,
+    MODEL_DIGEST_KEY,
     MODEL_FILES,
     MODEL_REQUIRED_FILES,
     SAVED_MODEL_DIR,
@@ -49,8 +50,6 @@ log = logging.getLogger(__name__)
 BASELINE_EVALUATION_DIR = "baseline"
 # Each attempt loses a race against another push; more than a few in a row means something is wrong.
 MAX_CLAIM_ATTEMPTS = 10
-# The record of a push (in blessing.json) that says which model the version holds.
-MODEL_DIGEST_KEY = "model_digest"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +267,7 @@ def push_model(model_dir: str, registry_uri: str, *, metadata: Mapping[str, Any]
     source = str(metadata.get("model_uri") or model_dir)
     names = _list_registry(registry_uri)
     newest = _newest_pushed_version(registry_uri, names)
-    if newest is not None and newest[1].get(MODEL_DIGEST_KEY) == digest:
+    if newest is not None and _pushed_digest(registry_uri, *newest) == digest:
         # A cached run on unchanged data (its model is the one pushed last time) or a retried push whose
         # first attempt finished: the registry already serves this model, so no duplicate version.
         uri = storage.join(registry_uri, newest[0])
@@ -348,6 +347,17 @@ def _md5(uri: str) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return base64.b64encode(digest.digest()).decode("ascii")
+
+
+def _pushed_digest(registry_uri: str, version: str, record: Mapping[str, Any]) -> str | None:
+    """The ``model_digest`` of a finished version: its record's, or for a version pushed before the record
+    held one, computed from its files (either layout); None when they are not a complete model."""
+    if record.get(MODEL_DIGEST_KEY):
+        return record[MODEL_DIGEST_KEY]
+    try:
+        return model_digest(storage.join(registry_uri, version))
+    except ModelError:
+        return None  # not a complete model folder: this push writes a new version
 
 
 def _list_registry(registry_uri: str) -> list[str]:

@@ -47,6 +47,7 @@ import math
 import secrets
 import statistics
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -285,12 +286,15 @@ def create_study(config: TuningConfig, study_uri: str) -> dict[str, Any]:
 def study_location(study_root: str, run_id: str, artifact_uri: str) -> str:
     """Where a run's study lives: ``study_root/<run id>``, else the setup step's own artifact location.
 
+    ``run_id`` "" (backends before 2.5.0 cannot give it): a fresh random id, so every run has its own study
+    (the setup step calls this once per run: it is neither cached nor retried).
+
     Every trial writes to the study, so it must be a location all of them reach and write: a gs:// URI
     or a shared volume. A pipeline root on MinIO or S3 (the open-source backend's default) is neither,
     for trainer.storage, and then study_root must be given.
     """
     if study_root:
-        return storage.join(study_root, run_id or "study")
+        return storage.join(study_root, run_id or uuid.uuid4().hex)
     if storage.is_gcs(artifact_uri) or "://" not in artifact_uri:
         return artifact_uri
     raise TuningError(f"the pipeline root puts the study at {artifact_uri}, which the trials cannot share; "
@@ -345,10 +349,13 @@ class MedianRulePruner(optuna.pruners.BasePruner):
     """Auto early stopping: SageMaker's median rule for ``TrainingJobEarlyStoppingType`` Auto.
 
     After epoch e, take the running average of the objective over epochs 1..e of every other trial
-    that has reported epoch e (finished, stopped or still running), and the median of those averages;
-    a trial whose objective at epoch e is worse than that median (lower when maximizing, higher when
-    minimizing) is stopped. Never at an epoch up to ``warmup_epochs``, nor before ``min_trials`` other
-    trials have reported the epoch. Only finite values count (a trial never reports a NaN: it fails).
+    that has reported epoch e (finished, stopped or still running, not failed), and the median of those
+    averages; a trial whose objective at epoch e is worse than that median (lower when maximizing, higher
+    when minimizing) is stopped. Never at an epoch up to ``warmup_epochs``, nor before ``min_trials`` other
+    trials have reported the epoch. Failed trials do not count: a trial that failed (out of memory at
+    epoch 3, diverged, or interrupted and continued as another trial) says nothing sound about its
+    hyperparameters at the epochs it reported, and would set the bar for the others. Only finite values
+    count.
     """
 
     def __init__(self, warmup_epochs: int = PRUNE_WARMUP_EPOCHS, min_trials: int = PRUNE_MIN_TRIALS):
@@ -362,7 +369,7 @@ class MedianRulePruner(optuna.pruners.BasePruner):
         value = trial.intermediate_values[epoch]
         averages = []
         for other in study.get_trials(deepcopy=False):
-            if other.number == trial.number or epoch not in other.intermediate_values:
+            if other.number == trial.number or other.state == TrialState.FAIL or epoch not in other.intermediate_values:
                 continue
             values = [v for e, v in other.intermediate_values.items() if e <= epoch and math.isfinite(v)]
             if values:

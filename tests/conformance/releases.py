@@ -13,12 +13,14 @@ proto (``mutex_name``, ``semaphore_key``, ``resource_ttl``), which our pipelines
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,6 +29,8 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "conformance"
 PARSER = pathlib.Path(__file__).with_name("strict_parse.py")
+# Inside an install folder, written before it is renamed into place: the wheels it holds.
+MARKER = ".installed"
 
 
 def _key(version: str) -> tuple[int, ...]:
@@ -65,19 +69,39 @@ UNSUPPORTED = Release("2.0.3", "1.8", ("kfp-pipeline-spec==0.2.1", "kfp-kubernet
 
 
 def schema_dir(release: Release) -> pathlib.Path:
-    """The release's wheels, installed once outside the project's environment (.cache is git-ignored)."""
-    target = CACHE / release.version
-    marker = target / ".installed"
-    if marker.exists() and marker.read_text() == "\n".join(release.wheels):
+    """The release's wheels, installed once outside the project's environment (.cache is git-ignored).
+
+    Installed into a temporary folder beside the cache's and renamed into place with its marker inside, so
+    a run never sees half an install, even while another run (another tier, another checkout's CI job on
+    the same cache) installs the same release. The folder is named by its wheels: one that is in place is
+    never replaced, so no run's files move under another that is reading them.
+    """
+    wanted = "\n".join(release.wheels)
+    target = CACHE / f"{release.version}-{hashlib.sha256(wanted.encode()).hexdigest()[:12]}"
+    if _installed(target, wanted):
         return target
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-               "--upgrade", "--target", str(target), *release.wheels]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"cannot install the schema of KFP {release.version} ({' '.join(release.wheels)}) "
-                           f"into {target}; PyPI must be reachable once:\n{done.stderr[-2000:]}")
-    marker.write_text("\n".join(release.wheels))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix=f".{target.name}.") as scratch:
+        staging = pathlib.Path(scratch) / "site"
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                   "--target", str(staging), *release.wheels]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot install the schema of KFP {release.version} ({' '.join(release.wheels)}) "
+                               f"into {target}; PyPI must be reachable once:\n{done.stderr[-2000:]}")
+        (staging / MARKER).write_text(wanted)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another run put the same install in place first (a folder that is there is not replaced): use it.
+            if not _installed(target, wanted):
+                raise
     return target
+
+
+def _installed(target: pathlib.Path, wanted: str) -> bool:
+    marker = target / MARKER
+    return marker.is_file() and marker.read_text() == wanted
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -86,8 +110,18 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None
     return documents[0], (documents[1] if len(documents) > 1 else None)
 
 
+def driver_refuses_unknown_fields(release: Release) -> bool:
+    """Up to 2.4.0 the driver parses a task's container spec and Kubernetes config with
+    ``jsonpb.UnmarshalString``, which fails the task on a field it does not know; from 2.4.1 with
+    ``util.UnmarshalString`` (``backend/src/common/util/json.go``: ``AllowUnknownFields: true``, kfp #11662),
+    which drops the field and runs the task without it (``backend/src/v2/cmd/driver/main.go``)."""
+    return not release.at_least("2.4.1")
+
+
 def strict_parse(release: Release, path: str | os.PathLike) -> list[str]:
-    """What the release's API server and driver refuse in the YAML at ``path`` (nothing: it parses)."""
+    """The fields of the YAML at ``path`` that the release's API server or driver does not know, each said
+    as the release treats it: "refused" (the upload or the task fails) or "ignored" (the setting is lost
+    without a word); nothing: every field is read."""
     spec, platform = load(path)
     # -S: none of the project's site-packages (its protobuf and kfp) in the way of the release's own.
     done = subprocess.run([sys.executable, "-S", str(PARSER), str(schema_dir(release))],
@@ -95,7 +129,13 @@ def strict_parse(release: Release, path: str | os.PathLike) -> list[str]:
                           capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"the strict parse for KFP {release.version} did not run:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout)
+    problems = []
+    for reader, problem in json.loads(done.stdout):
+        if reader == "driver" and not driver_refuses_unknown_fields(release):
+            problems.append(f"ignored by the {release.version} driver (the setting is lost): {problem}")
+        else:
+            problems.append(f"refused by the {release.version} {reader}: {problem}")
+    return problems
 
 
 # --- The driver, rule by rule -------------------------------------------------------------------------------

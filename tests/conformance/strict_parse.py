@@ -1,11 +1,14 @@
 """Run inside one backend release's schema (its own folder on sys.path, nothing of the project's): parse a
-compiled pipeline as that release's API server and driver do, refusing unknown fields.
+compiled pipeline against that release's protos as its API server and driver do, noting every field they
+do not know.
 
-stdin: {"pipeline_spec": {...}, "platform_spec": {...} or null}; stdout: a JSON list of problems.
-The API server parses the PipelineSpec with protojson (``backend/src/apiserver/template/v2_template.go``),
-where the executors are a free-form Struct; the driver parses each task's container spec and Kubernetes
-config with jsonpb (``backend/src/v2/cmd/driver/main.go``); all refuse a field their generated code does
-not know.
+stdin: {"pipeline_spec": {...}, "platform_spec": {...} or null}; stdout: a JSON list of [reader, problem],
+reader "api server" or "driver". The API server parses the PipelineSpec with protojson, which refuses an
+unknown field at every release (``backend/src/apiserver/template/v2_template.go``); there the executors
+are a free-form Struct. The driver parses each task's container spec and Kubernetes config
+(``backend/src/v2/cmd/driver/main.go``): with ``jsonpb.UnmarshalString`` up to 2.4.0, which refuses an
+unknown field, and from 2.4.1 with ``util.UnmarshalString`` (``backend/src/common/util/json.go``,
+``AllowUnknownFields: true``), which ignores it. ``releases.strict_parse`` words each problem per release.
 """
 
 import importlib.util
@@ -30,18 +33,18 @@ problems = []
 try:
     json_format.ParseDict(document["pipeline_spec"], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
 except json_format.ParseError as err:
-    problems.append(f"PipelineSpec: {err}")
+    problems.append(["api server", f"PipelineSpec: {err}"])
 for name, executor in sorted(document["pipeline_spec"].get("deploymentSpec", {}).get("executors", {}).items()):
     try:
         json_format.ParseDict(executor, pipeline_spec_pb2.PipelineDeploymentConfig.ExecutorSpec(),
                               ignore_unknown_fields=False)
     except json_format.ParseError as err:
-        problems.append(f"executor {name} (the driver's --container): {err}")
+        problems.append(["driver", f"executor {name} (the driver's --container): {err}"])
 platform = document.get("platform_spec") or {}
 executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
 for name, config in sorted(executors.items()):
     try:
         json_format.ParseDict(config, kubernetes_pb2.KubernetesExecutorConfig(), ignore_unknown_fields=False)
     except json_format.ParseError as err:
-        problems.append(f"Kubernetes config of {name}: {err}")
+        problems.append(["driver", f"Kubernetes config of {name} (the driver's --kubernetes_config): {err}"])
 print(json.dumps(problems))

@@ -110,13 +110,29 @@ def test_fixed_gpu_count_for_2_2_0(compiled, name):
     assert settings.gpu_count_default == "0"
 
 
+# A preempted training step or tuning lane is retried 3 times, 60 s, then 120 s, then 240 s later.
+PREEMPTION_RETRY = {"maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s"}
+# (training retried, tuning lanes retried) per release: nothing up to 2.4.0; root tasks only in 2.4.1 and 2.5.0
+# (training is one, the lanes sit in a loop); every task from 2.14.0 (argocompiler/container.go).
+RETRIED = {"2.2.0": (False, False), "2.4.1": (True, False), "2.5.0": (True, False), "2.15.0": (True, True),
+           "2.17.3": (True, True)}
+
+
+@pytest.mark.parametrize("target", sorted(COMMITTED_PAIRS))
+def test_training_and_the_lanes_carry_the_preemption_retry_policy(target):
+    main, tuning = (releases.load(path)[0] for path in COMMITTED_PAIRS[target])
+    assert main["root"]["dag"]["tasks"]["train"]["retryPolicy"] == PREEMPTION_RETRY
+    assert tuning["components"]["comp-for-loop-1"]["dag"]["tasks"]["tuning-trials"]["retryPolicy"] == PREEMPTION_RETRY
+
+
 @pytest.mark.parametrize("release", RELEASES, ids=lambda r: r.version)
 def test_preemption_retries_where_the_backend_applies_them(release):
-    """Training is a root task: retried from 2.4.1; tuning lanes sit in a loop: retried from 2.14.0."""
+    assert set(RETRIED) == {r.version for r in RELEASES}, "state the rule for every release"
     main, _ = releases.load(COMMITTED["main"])
     tuning, _ = releases.load(COMMITTED["tuning"])
-    assert releases.retried(main, "root", "train", release) == release.at_least("2.4.1")
-    assert releases.retried(tuning, "comp-for-loop-1", "tuning-trials", release) == release.at_least("2.14.0")
+    applied = (releases.retried(main, "root", "train", release),
+               releases.retried(tuning, "comp-for-loop-1", "tuning-trials", release))
+    assert applied == RETRIED[release.version]
 
 
 def test_display_names_only_where_the_backend_resolves_them(compiled):
@@ -148,6 +164,18 @@ def test_the_rules_catch_what_they_are_for():
     assert "cannot find producer task" in releases.renamed_producers(spec, old)[0]
     assert "invalid dependency for-loop-1" in releases.loop_dependencies(spec, old)[0]
     assert "pipeline_job_uuid" in releases.literal_placeholders(spec, old)[0]
+
+
+def test_an_unknown_field_is_refused_up_to_2_4_0_and_ignored_from_2_4_1(compiled):
+    """The driver's parse (releases.driver_refuses_unknown_fields): the 2.5.0 target's secretNameParameter is
+    unknown to 2.4.1's kubernetes_platform, which drops it; the 2.4.1 target's resourceCount fails on 2.2.0."""
+    by_version = {release.version: release for release in RELEASES}
+    ignored = releases.strict_parse(by_version["2.4.1"], compiled[("2.5.0", "main")])
+    assert ignored and all(problem.startswith("ignored by the 2.4.1 driver") for problem in ignored), ignored
+    assert any("secretNameParameter" in problem for problem in ignored), ignored
+    refused = releases.strict_parse(by_version["2.2.0"], compiled[("2.4.1", "main")])
+    assert any(problem.startswith("refused by the 2.2.0 driver") and "resourceCount" in problem
+               for problem in refused), refused
 
 
 @pytest.mark.parametrize("task", ["validate-data", "convert-to-tfrecords"])

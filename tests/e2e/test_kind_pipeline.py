@@ -7,6 +7,8 @@ tests/e2e/run_kind.sh sets the cluster up and writes what this reads (its forwar
   IMGCLF_E2E_GCS_BUCKET         the emulator's bucket for the data set
   IMGCLF_E2E_S3_ENDPOINT, IMGCLF_E2E_S3_ACCESS_KEY, IMGCLF_E2E_S3_SECRET_KEY   KFP's object store
   IMGCLF_E2E_TIMEOUT            seconds to wait for the run (default 1800)
+  IMGCLF_E2E_MIN_BACKEND        the --min-backend the pipelines are compiled for (default: the committed
+                                YAMLs' target); 2.14.0 on a 2.14 or newer backend, so display names reach it
 
 Where the data comes from: the steps read gs:// URIs through google-cloud-storage, which talks to
 whatever STORAGE_EMULATOR_HOST names. So the tiny data set is uploaded from here to a GCS emulator
@@ -37,7 +39,7 @@ import yaml
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from pipelines import operations
+from pipelines import backends, operations
 from pipelines.cluster import STEPS, ClusterSettings
 from pipelines.compiler import compile_pipeline, compile_tuning_pipeline
 from pipelines.tuning import image_classification_tuning
@@ -67,6 +69,7 @@ class Environment:
     s3_secret_key: str
     s3_bucket: str
     timeout_s: float
+    min_backend: str
 
 
 def e2e_environment() -> Environment:
@@ -91,6 +94,7 @@ def e2e_environment() -> Environment:
         # The bucket KFP's standalone install configures (pipeline-install-config bucketName).
         s3_bucket=os.environ.get("IMGCLF_E2E_S3_BUCKET", "mlpipeline"),
         timeout_s=float(os.environ.get("IMGCLF_E2E_TIMEOUT", "1800")),
+        min_backend=os.environ.get("IMGCLF_E2E_MIN_BACKEND", backends.DEFAULT_BACKEND),
     )
 
 
@@ -98,9 +102,11 @@ def e2e_environment() -> Environment:
 
 
 def kind_package(target: pathlib.Path, env: Mapping[str, str], cpu: str = KIND_CPU,
-                 memory: str = KIND_MEMORY, compile_with=compile_pipeline) -> pathlib.Path:
-    """Compile the pipeline (``compile_with``) with ``env`` on every step and the given CPU/memory requests."""
-    settings = ClusterSettings.from_options(env=[f"{k}={v}" for k, v in env.items()],
+                 memory: str = KIND_MEMORY, compile_with=compile_pipeline,
+                 min_backend: str = backends.DEFAULT_BACKEND) -> pathlib.Path:
+    """Compile the pipeline (``compile_with``) for ``min_backend`` with ``env`` on every step and the given
+    CPU/memory requests."""
+    settings = ClusterSettings.from_options(env=[f"{k}={v}" for k, v in env.items()], min_backend=min_backend,
                                             resources=[f"{step}={cpu},{memory}" for step in STEPS])
     return pathlib.Path(compile_with(str(target), settings=settings))
 
@@ -160,18 +166,26 @@ def list_run_objects(env: Environment, run_id: str) -> list[tuple[str, int]]:
     return objects
 
 
-def container_tasks(spec: Mapping[str, Any], tasks: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """Every task that runs a container, in ``tasks`` and the sub-pipelines and loops below them; conditions
-    are left out (push and batch prediction are off in these runs: no registry, no batch data), and so
-    are the sub-DAGs themselves, whose reported state lags (loops show as Running until KFP 2.17.0)."""
+def container_tasks(spec: Mapping[str, Any], tasks: Mapping[str, Any], loop_sizes: Mapping[str, int],
+                    runs: int = 1) -> Iterator[tuple[str, Mapping[str, Any], int]]:
+    """(name, task, how many times it runs) of every task that runs a container, in ``tasks`` and the
+    sub-pipelines and loops below them. A loop over a task's output runs ``loop_sizes[its name]`` times
+    (a literal list, its length). Conditions are left out (push and batch prediction are off in these
+    runs: no registry, no batch data), and so are the sub-DAGs themselves, whose reported state lags
+    (loops show as Running until KFP 2.17.0)."""
     for name, task in tasks.items():
         component = spec["components"][task["componentRef"]["name"]]
         if "triggerPolicy" in task and "condition" in task["triggerPolicy"]:
             continue
+        iterator = task.get("parameterIterator") or task.get("artifactIterator")
+        iterations = 1
+        if iterator:
+            raw = iterator.get("items", {}).get("raw")
+            iterations = len(json.loads(raw)) if raw else loop_sizes[task["taskInfo"]["name"]]
         if "dag" in component:
-            yield from container_tasks(spec, component["dag"]["tasks"])
+            yield from container_tasks(spec, component["dag"]["tasks"], loop_sizes, runs * iterations)
         else:
-            yield name, task
+            yield name, task, runs * iterations
 
 
 def task_states(run: Any) -> Iterator[tuple[str, str]]:
@@ -189,14 +203,17 @@ def kind_setup(tmp_path: pathlib.Path,
     """The environment and the kind copy of the pipeline; called in the tests, so a gap fails them."""
     env = e2e_environment()
     package = kind_package(tmp_path / "image_classification_kind.yaml",
-                           env={"STORAGE_EMULATOR_HOST": env.gcs_cluster_host}, compile_with=compile_with)
+                           env={"STORAGE_EMULATOR_HOST": env.gcs_cluster_host}, compile_with=compile_with,
+                           min_backend=env.min_backend)
     spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
     return env, package, spec
 
 
 def run_and_check_every_task(tmp_path: pathlib.Path, compile_with, extra: Mapping[str, Any],
-                             pipeline_name: str, pipeline: Any = None) -> None:
-    """Upload, run to the end, and assert that every root task succeeded and wrote its artifacts."""
+                             pipeline_name: str, pipeline: Any = None,
+                             loop_sizes: Mapping[str, int] | None = None) -> None:
+    """Upload, run to the end, and assert that every task succeeded (each loop iteration's) and that every
+    root task wrote its artifacts. ``loop_sizes``: how many times each loop over a task's output runs."""
     env, package, spec = kind_setup(tmp_path, compile_with)
     tag = uuid.uuid4().hex[:8]
     data_uri = upload_dataset(env.gcs_host, env.gcs_bucket, f"e2e-{tag}/data", tmp_path / "data")
@@ -213,11 +230,12 @@ def run_and_check_every_task(tmp_path: pathlib.Path, compile_with, extra: Mappin
     states = sorted(task_states(run))
     error = getattr(run.error, "message", None) if run.error else None
     assert str(run.state) == "SUCCEEDED", f"run {submitted.run_id} ended {run.state}: {error}; tasks: {states}"
-    for task, task_spec in container_tasks(spec, spec["root"]["dag"]["tasks"]):
+    for task, task_spec, runs in container_tasks(spec, spec["root"]["dag"]["tasks"], loop_sizes or {}):
         names = {task, task_spec["taskInfo"]["name"]}
         seen = [state for name, state in states if name in names]
-        # A retried step reports its failed attempts too; one success is what counts.
-        assert "SUCCEEDED" in seen, f"task {task}: states {seen or 'none reported'}; all tasks: {states}"
+        # One success per run of the task (each loop iteration's); a retried step reports its failed attempts too.
+        assert seen.count("SUCCEEDED") >= runs, (f"task {task} runs {runs} time(s): states {seen or 'none reported'};"
+                                                 f" all tasks: {states}")
 
     objects = list_run_objects(env, submitted.run_id)
     assert objects, f"no object in bucket {env.s3_bucket} belongs to run {submitted.run_id}"
@@ -240,7 +258,7 @@ def test_tuning_pipeline_runs_on_kind_and_writes_every_artifact(tmp_path):
               "strategy": "Random", "ranges": json.dumps({"ContinuousParameterRanges": [
                   {"Name": "learning_rate", "MinValue": "0.0001", "MaxValue": "0.01", "ScalingType": "Auto"}]})}
     run_and_check_every_task(tmp_path, compile_tuning_pipeline, search, f"{E2E_PIPELINE}-tuning",
-                             pipeline=image_classification_tuning)
+                             pipeline=image_classification_tuning, loop_sizes={"lanes": search["parallel_trials"]})
 
 
 def kubectl_json(*args: str) -> dict[str, Any]:

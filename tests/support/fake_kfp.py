@@ -158,9 +158,16 @@ class FakeKfpServer:
         if upload is None:
             raise _ApiError(_INVALID_ARGUMENT, "failed to read the pipeline file: the form has no 'uploadfile'")
         try:
-            return next(yaml.safe_load_all(upload[1]))
+            documents = [document for document in yaml.safe_load_all(upload[1]) if document]
         except yaml.YAMLError as err:
             raise _ApiError(_INVALID_ARGUMENT, f"invalid pipeline spec: {err}") from None
+        # As the real server's version.pipeline_spec (kfp 2.5.0 backend/src/apiserver/server/api_util.go,
+        # yamlStringToPipelineSpecStruct): the PipelineSpec, or with a platform spec both under their names.
+        if not documents:
+            raise _ApiError(_INVALID_ARGUMENT, "No pipeline spec provided in yaml doc")
+        if len(documents) > 1:
+            return {"pipeline_spec": documents[0], "platform_spec": documents[1]}
+        return documents[0]
 
     def _upload_pipeline(self, request: RecordedRequest) -> dict[str, Any]:
         spec = self._uploaded_spec(request)

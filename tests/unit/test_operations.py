@@ -9,8 +9,8 @@ import socket
 import pytest
 import yaml
 
-from pipelines import operations
-from pipelines.compiler import COMPILED_PIPELINE
+from pipelines import backends, operations
+from pipelines.compiler import COMMITTED, COMPILED_PIPELINE
 from tests.support.kfp_api import imgclf
 from trainer import hyperparameters as hps
 
@@ -140,6 +140,50 @@ def test_submit_wait_exits_with_the_runs_outcome(kfp_api, capsys, state, status)
     kfp_api.run_state = state
     assert imgclf("submit", "--host", kfp_api.url, "--set", "data_uri=gs://b/d", "--wait", "30") == status
     assert f"ended: {state}" in capsys.readouterr().out
+
+
+FIXED_GPU_PACKAGES = COMMITTED["2.2.0"]  # compiled for KFP 2.2.0: one GPU, fixed
+
+
+@pytest.mark.parametrize("package", FIXED_GPU_PACKAGES, ids=["main", "tuning"])
+def test_a_package_with_a_fixed_gpu_count_refuses_another_count_before_any_request(kfp_api, capsys, package):
+    """The 2.2.0 YAML shows accelerator_count on the form, but every backend gives its pods the compiled count."""
+    assert imgclf("submit", "--host", kfp_api.url, "--package", package, "--set", "data_uri=gs://b/d",
+                  "--set", "accelerator_count=2") == 2
+    assert ("accelerator_count: got '2', but this package was compiled for KFP 2.2.0 with 1 GPU(s) fixed, which "
+            "its pods get whatever the form says; recompile with --gpus 2 (imgclf compile --min-backend 2.2.0 "
+            "--gpus 2)") in capsys.readouterr().err
+    assert kfp_api.requests == []
+    # The fixed count itself, or no count at all (the package's default), runs.
+    for count in (["--set", "accelerator_count=1"], []):
+        assert imgclf("submit", "--host", kfp_api.url, "--package", package, "--set", "data_uri=gs://b/d",
+                      *count) == 0
+
+
+def test_an_uploaded_version_with_a_fixed_gpu_count_is_not_scheduled_with_another(kfp_api, capsys):
+    client = operations.connect(kfp_api.url)
+    operations.upload_pipeline(client, FIXED_GPU_PACKAGES[0], pipeline_name="kubeflow-1.9")
+    assert imgclf("schedule", "--host", kfp_api.url, "--pipeline", "kubeflow-1.9", "--cron", "@daily",
+                  "--set", "data_uri=gs://b/d", "--set", "accelerator_count=0") == 2
+    assert "with 1 GPU(s) fixed" in capsys.readouterr().err
+    assert not kfp_api.requests_to("POST", RECURRING_RUNS)
+    # The committed package reads the form's count: any count is sent as given.
+    assert imgclf("submit", "--host", kfp_api.url, "--set", "data_uri=gs://b/d", "--set", "accelerator_count=3") == 0
+    [create] = kfp_api.requests_to("POST", RUNS)
+    assert create.json["runtime_config"]["parameters"]["accelerator_count"] == "3"
+
+
+def test_the_fixed_gpu_count_is_read_from_the_compiled_accelerator():
+    committed = next(yaml.safe_load_all(pathlib.Path(COMPILED_PIPELINE).read_text()))
+    fixed = next(yaml.safe_load_all(pathlib.Path(FIXED_GPU_PACKAGES[0]).read_text()))
+    assert backends.fixed_gpu_count(committed) is None  # resourceCount: the form's count reaches the pod
+    assert backends.fixed_gpu_count(fixed) == 1
+    assert backends.fixed_gpu_count({"pipeline_spec": fixed, "platform_spec": {}}) == 1  # an uploaded version's
+    fixed["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]["count"] = "4"
+    assert backends.fixed_gpu_count(fixed) == 4
+    for executor in fixed["deploymentSpec"]["executors"].values():  # --gpus 0: no accelerator anywhere
+        executor["container"].get("resources", {}).pop("accelerator", None)
+    assert backends.fixed_gpu_count(fixed) == 0
 
 
 # --- schedule -----------------------------------------------------------------------------------------------

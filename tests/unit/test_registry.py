@@ -458,6 +458,33 @@ def test_already_pushed_is_decided_by_the_models_content_not_its_path(world, tmp
     assert sorted(os.listdir(registry_dir)) == [".claims", "000001", "000002"]
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["saved-model-at-the-top", "saved-model-one-level-down"])
+def test_a_version_pushed_before_the_digest_was_recorded_is_recognised_by_its_files(world, tmp_path, nested):
+    """blessing.json of a version pushed before 2026-12-03 has no model_digest: the same model pushed again
+    after the upgrade (a scheduled run reused from the cache) is that version, not a new one."""
+    registry_dir = tmp_path / "registry"
+    version = registry_dir / "000001"
+    if nested:  # the layout of the first pushes: the model folder as training wrote it
+        copy_tree(world["cats"], version)
+    else:
+        for target, source in registry.version_files(world["cats"]).items():
+            (version / target).parent.mkdir(parents=True, exist_ok=True)
+            (version / target).write_bytes(Path(world["cats"], source).read_bytes())
+    (version / "blessing.json").write_text(json.dumps({"model_uri": "gs://runs/1/model", "blessed": True,
+                                                       "version": "000001"}))
+    (registry_dir / ".claims").mkdir()
+    (registry_dir / ".claims" / "000001").write_text("{}")
+    before = tree(registry_dir)
+
+    again = registry.push_model(world["cats"], str(registry_dir), metadata={"model_uri": "gs://runs/2/model"})
+    assert again == str(version) and tree(registry_dir) == before
+    # Another model is still pushed, and its record carries the digest.
+    other = registry.push_model(world["dogs"], str(registry_dir), metadata={})
+    assert Path(other).name == "000002"
+    assert json.loads(Path(other, "blessing.json").read_text())[layout.MODEL_DIGEST_KEY] == \
+        registry.model_digest(world["dogs"])
+
+
 # --- readers: an interrupted push is refused, old versions still read --------------------------------------
 
 

@@ -154,6 +154,26 @@ def test_auto_early_stopping_is_the_median_rule_the_readme_states(tmp_path, curv
     assert all(t["epochs"] == 2 for t in summary["trials"] if t["status"] == "stopped early")
 
 
+def test_failed_trials_do_not_set_the_bar_for_early_stopping(tmp_path):
+    """Three trials that reached 0.9 and then failed (out of memory at epoch 3) do not count: against the three
+    completed at 0.6 (median 0.6), 0.7 goes on; counted, they would lift the median to 0.75 and stop it."""
+    curves = [[0.9, 0.9, None]] * 3 + [[0.6] * 3] * 3 + [[0.7] * 3]
+    started = []
+
+    def curve(hp, epoch):
+        if epoch == 0:
+            started.append(hp)
+        value = curves[len(started) - 1][epoch]
+        if value is None:
+            raise RuntimeError("out of memory")
+        return value
+
+    summary = run_search(tmp_path, strategy="Random", max_trials=len(curves), parallel_trials=1,
+                         fixed={"epochs": 3}, train_fn=fake_training(curve=curve))
+    assert [t["status"] for t in summary["trials"]] == ["failed"] * 3 + ["completed"] * 4
+    assert [t["intermediate"] for t in summary["trials"][:3]] == [{"1": 0.9, "2": 0.9}] * 3
+
+
 def test_a_trial_whose_objective_is_not_a_number_fails_with_the_reason_everywhere(tmp_path):
     config = tuning.make_config(RANGES, {"epochs": 3}, strategy="Random", max_trials=2, parallel_trials=1)
     tuning.create_study(config, str(tmp_path))
@@ -260,3 +280,13 @@ def test_select_best_copies_the_model_and_writes_params_that_params_takes(tmp_pa
     on_disk = json.loads((tmp_path / "report" / "tuning.json").read_text())
     assert {"objective", "direction", "strategy", "best", "trials"} <= set(on_disk)
     assert set(on_disk["trials"][0]) >= {"trial", "status", "value", "hyperparameters", "epochs", "seconds"}
+
+
+def test_a_run_without_an_id_gets_a_study_folder_of_its_own(tmp_path):
+    """Backends before 2.5.0 give the setup step no run id: two such runs must not share one study."""
+    root = str(tmp_path / "studies")
+    assert tuning.study_location(root, "run-1", "unused") == storage.join(root, "run-1")
+    first, second = (tuning.study_location(root, "", "unused") for _ in range(2))
+    assert first != second and all(re.fullmatch(re.escape(root) + r"/[0-9a-f]{32}", uri) for uri in (first, second))
+    # Without study_root, the setup step's own artifact location, which is one per run already.
+    assert tuning.study_location("", "", str(tmp_path / "artifact")) == str(tmp_path / "artifact")
