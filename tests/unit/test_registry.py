@@ -356,3 +356,15 @@ def test_concurrent_pushes_get_distinct_versions(world, tmp_path, monkeypatch, r
     for uri, name in zip(uris, ("cats", "dogs"), strict=True):
         assert json.loads(storage.read_bytes(storage.join(uri, "blessing.json")))["reason"] == name
         assert storage.read_bytes(storage.join(uri, "model.keras")) == Path(world[name], "model.keras").read_bytes()
+
+
+def test_a_claim_whose_reply_was_lost_keeps_its_version(gcs_bucket, gcs_proxy):
+    """The proxy stands in for GCS: it applies ifGenerationMatch=0 and loses the reply to the first claim
+    upload, so the library's retry meets 412 against the claim that landed. The push keeps version 1."""
+    registry_uri = f"gs://{gcs_bucket}/registry"
+    gcs_proxy.inject("POST", r"^/upload/", "lost", times=1)
+    claim = b'{"model_uri": "gs://runs/1/model", "claim_id": "a1"}'
+    assert registry._claim_version(registry_uri, claim, []) == "000001"
+    assert len(gcs_proxy.seen("POST", r"^/upload/")) == 2
+    # A rival's claim on the same number is still a rival's: the next push takes version 2.
+    assert registry._claim_version(registry_uri, claim.replace(b"a1", b"b2"), []) == "000002"
