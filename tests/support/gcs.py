@@ -202,6 +202,11 @@ class GcsFaultProxy:
         with self._lock:
             self._rules.append(_Rule(method, re.compile(path_regex), action, times))
 
+    def clear(self) -> None:
+        """Drop every injected fault: storage heals."""
+        with self._lock:
+            self._rules.clear()
+
     def seen(self, method: str, path_regex: str) -> list[SeenRequest]:
         return [r for r in self.requests if r.method == method and re.search(path_regex, r.path)]
 
