@@ -483,10 +483,17 @@ class _Tally:
 def _duplicate_groups(accepted_lines: str, digests: np.ndarray) -> tuple[list[dict[str, Any]], set[int]]:
     """Groups of accepted files with equal content, sorted by first path, and the line numbers of those in
     a group of several classes. Only files with a twin are read back (from ``accepted_lines``)."""
-    if not len(digests):
+    if len(digests) < 2:
         return [], set()
-    _, inverse, repeats = np.unique(digests, return_inverse=True, return_counts=True)
-    twins = set(np.nonzero(repeats[inverse.ravel()] > 1)[0].tolist())
+    # Sort the hashes (as four big-endian words, a sort of their bytes) and compare neighbours, a column
+    # at a time: about 20 bytes a file while it runs.
+    words = np.frombuffer(digests.tobytes(), dtype=">u8").reshape(-1, 4)
+    order = np.lexsort(tuple(words[:, k] for k in (3, 2, 1, 0)))
+    same = np.ones(len(order) - 1, dtype=bool)
+    for k in range(4):
+        column = words[:, k][order]
+        same &= column[1:] == column[:-1]
+    twins = set(order[1:][same].tolist()) | set(order[:-1][same].tolist())
     if not twins:
         return [], set()
     members: dict[bytes, list[tuple[int, str, str]]] = collections.defaultdict(list)
