@@ -28,7 +28,8 @@ from the dataset's creation to the end of its first epoch (input only, one run e
 
 The last line is a JSON object: ``time_growth`` (per step, the least-squares slope of log seconds
 against log images: 1.0 is linear), ``memory_growth`` (per step, peak RSS at the largest size over the
-smallest), the same for gs:// under ``gcs``, and ``big_photo_first_epoch_speedup`` (reference seconds
+smallest), ``cpu_growth`` (the slope for the step's CPU seconds, steadier than wall time on a shared
+machine), the same for gs:// under ``gcs``, and ``big_photo_first_epoch_speedup`` (reference seconds
 over ours). Targets: every time_growth at most 1.1 and memory_growth at most 1.5 (epoch excepted).
 """
 
@@ -90,8 +91,10 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_child(code: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """Run ``python -c code args`` as its own process: (seconds from start to exit, peak RSS bytes, stdout)."""
+def run_child(code: str, args: list[str], log: Path,
+              env: dict[str, str] | None = None) -> tuple[float, int, str, float]:
+    """Run ``python -c code args`` as its own process: (seconds from start to exit, peak RSS bytes, stdout,
+    CPU seconds of the process and its threads)."""
     with open(log, "a") as err, tempfile.TemporaryFile("w+") as out:
         err.write(f"$ python -c {code[:60]!r}... {' '.join(args)}\n")
         err.flush()
@@ -105,7 +108,7 @@ def run_child(code: str, args: list[str], log: Path, env: dict[str, str] | None 
         stdout = out.read()
     if process.returncode != 0:
         sys.exit(f"step failed (exit {process.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024, stdout
+    return seconds, usage.ru_maxrss * 1024, stdout, usage.ru_utime + usage.ru_stime
 
 
 def write_small_images(folder: Path, count: int) -> None:
@@ -138,21 +141,24 @@ def growth(sizes: list[int], seconds: list[float]) -> float:
 
 
 def measure(data_uri: str, work: Path, count: int, steps: tuple[str, ...], log: Path,
-            env: dict[str, str] | None, label: str) -> dict[str, tuple[float, int]]:
+            env: dict[str, str] | None, label: str) -> dict[str, tuple[float, int, float]]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     found = {}
     for step in steps:
-        seconds, rss, _ = run_child(CHILD[step], [data_uri, str(work)], log, env)
-        found[step] = (seconds, rss)
+        seconds, rss, _, cpu = run_child(CHILD[step], [data_uri, str(work)], log, env)
+        found[step] = (seconds, rss, cpu)
         print(f"{label:5s} {count:>8,d} images  {step:8s} {1000 * seconds / count:8.3f} s/1,000 images  "
-              f"peak RSS {rss / 2**20:7.0f} MiB  ({seconds:.1f} s)", flush=True)
+              f"peak RSS {rss / 2**20:7.0f} MiB  ({seconds:.1f} s; CPU {1000 * cpu / count:.3f} s/1,000)", flush=True)
     return found
 
 
-def summarise(sizes: list[int], results: dict[int, dict[str, tuple[float, int]]], steps: tuple[str, ...]) -> dict:
+def summarise(sizes: list[int], results: dict[int, dict[str, tuple[float, int, float]]],
+              steps: tuple[str, ...]) -> dict:
     return {
         "time_growth": {s: round(growth(sizes, [results[n][s][0] for n in sizes]), 3) for s in steps},
+        # The same slope for CPU seconds: what the work costs, whatever share of the cores others take.
+        "cpu_growth": {s: round(growth(sizes, [results[n][s][2] for n in sizes]), 3) for s in steps},
         "memory_growth": {s: round(results[sizes[-1]][s][1] / results[sizes[0]][s][1], 3) for s in steps},
         "seconds_per_1000": {s: {n: round(1000 * results[n][s][0] / n, 3) for n in sizes} for s in steps},
         "peak_rss_mib": {s: {n: round(results[n][s][1] / 2**20) for n in sizes} for s in steps},
@@ -228,9 +234,9 @@ def big_photo_speedup(work: Path, count: int, log: Path) -> dict:
     run_child("import sys; from trainer.conversion import convert_dataset; convert_dataset(sys.argv[1], "
               "sys.argv[2] + '/validation/validation.json', sys.argv[2] + '/dataset', validation_split_ratio=0, "
               "test_split_ratio=0)", [str(folder), str(converted)], log)
-    _, _, out = run_child(BIG_OURS, [str(converted / "dataset")], log)
+    out = run_child(BIG_OURS, [str(converted / "dataset")], log)[2]
     ours_n, ours_s = json.loads(out.strip().splitlines()[-1])
-    _, _, out = run_child(BIG_REFERENCE, [str(folder)], log)
+    out = run_child(BIG_REFERENCE, [str(folder)], log)[2]
     ref_n, ref_s = json.loads(out.strip().splitlines()[-1])
     if ours_n != ref_n:
         sys.exit(f"the two first epochs saw {ours_n} and {ref_n} images")
