@@ -41,9 +41,11 @@ photo-like JPEGs, median 500x375 and 45 KB):
   ===============================================  ==========  ==========  =========
 
 That is 4.11 times the plain loop (the issue asks for at least 1.8; storing pixels reaches 0.41).
-Peak memory does not grow with the data set: 597 MB for 2,000 images and 610 MB for 20,000 (ratio
-1.02; 587 MB of it is Python and TensorFlow before the first image, the rest the per-image metadata
-of validation.json and the bounded window of files in flight).
+
+Peak memory does not grow with the data set beyond a few bytes a file: validation's accepted list is
+streamed (``validation.read_results``) into ``AcceptedFiles``, compact columns of about 60 bytes per
+file plus its path (no Python object per file), the split works on index arrays, and files are read
+by a bounded window of threads (``benchmarks/scale.py`` measures it).
 
 * Speed. The conversion issue asks for at least 1.8 times the speed of a plain one-thread loop (read
   a file, decode it to check it, write its original bytes). Storing pixels cannot reach it: decoding
@@ -330,7 +332,7 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
 
     Args:
       data_uri: the data set folder (local or gs://) that validation checked.
-      validation_json: path or URI of the validation.json written by ``validate_dataset``; its accepted
+      validation_json: path or URI of the validation.json written by ``validate_dataset``; the accepted
         list is the exact set of files converted.
       output_dir: where the split folders, the label map and manifest.json are written.
       validation_split_ratio, test_split_ratio: shares of each class's distinct images held out; 0 means
