@@ -6,12 +6,14 @@ import contextlib
 import functools
 import os
 import posixpath
+import queue
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import requests
 from google.api_core import exceptions as api_exceptions
@@ -30,6 +32,9 @@ _FILE = "file://"
 _RETRY = DEFAULT_RETRY
 # Whole-file transfers are independent, and GCS latency per object dominates: a few threads help a lot.
 _WORKERS = 8
+# Pages (of up to 1,000 objects) a folder's listing may run ahead of its reader.
+_PAGES_AHEAD = 2
+T = TypeVar("T")
 _NO_OBJECT = "{uri} does not exist (HTTP 404): check the bucket and object name"
 _CREDENTIALS_HINT = (
     "check that the pipeline's service account (Workload Identity on GKE, or GOOGLE_APPLICATION_CREDENTIALS) "
@@ -87,7 +92,7 @@ def iter_files(root: str) -> Iterator[str]:
     set) are listed in parallel, each in name order as GCS lists.
     """
     if is_gcs(root):
-        return (rel for rel, _ in _iter_gcs_blobs(root, "items(name),nextPageToken"))
+        return _iter_gcs_blobs(root, "items(name),nextPageToken", lambda rel, _: rel)
     path = Path(_local(root))
     if not path.exists():
         raise StorageError(f"local path {root} does not exist: check the path and that its volume is mounted")
@@ -131,8 +136,9 @@ def iter_object_details(root: str) -> Iterator[dict[str, Any]]:
     if not is_gcs(root):
         return ({"path": rel, "size": os.path.getsize(os.path.join(_local(root), rel))} for rel in iter_files(root))
     fields = "items(name,size,md5Hash,crc32c,generation),nextPageToken"
-    return ({"path": rel, "size": int(blob.size or 0), "md5": blob.md5_hash or "", "crc32c": blob.crc32c or "",
-             "generation": int(blob.generation or 0)} for rel, blob in _iter_gcs_blobs(root, fields))
+    return _iter_gcs_blobs(root, fields, lambda rel, blob: {
+        "path": rel, "size": int(blob.size or 0), "md5": blob.md5_hash or "", "crc32c": blob.crc32c or "",
+        "generation": int(blob.generation or 0)})
 
 
 def read_bytes(uri: str) -> bytes:
@@ -343,15 +349,15 @@ def _blob(uri: str) -> storage.Blob:
     return _client().bucket(bucket).blob(key)
 
 
-def _iter_gcs_blobs(root: str, fields: str) -> Iterator[tuple[str, storage.Blob]]:
-    """(path relative to ``root``, blob) of every object below ``root``, sorted by path.
+def _iter_gcs_blobs(root: str, fields: str, row: Callable[[str, storage.Blob], T]) -> Iterator[T]:
+    """``row(path relative to root, blob)`` of every object below ``root``, sorted by path.
 
-    The top level is listed with the delimiter '/'; its folders are listed in parallel (``_WORKERS``
-    at a time, a few ahead of the one being yielded), so a data set of many class folders is not
-    listed one 1,000-object page after another.
+    The top level is listed with the delimiter '/'; its folders (a data set's classes) are each listed
+    by a thread of their own, up to ``_WORKERS`` folders ahead of the one being read, each at most
+    ``_PAGES_AHEAD`` pages (of 1,000 objects) ahead. So the listing of many class folders goes on in
+    parallel while memory holds a bounded number of pages, however large the folders; the objects of
+    a folder come in GCS's name order (which is Python's order of the decoded names).
     """
-    from trainer.parallel import bounded_map  # here: trainer.parallel is a sibling, not a dependency of import
-
     bucket, key = _split(root)
     # GCS has no folders: 'data' would also match 'data2/...', so always list below 'data/'.
     prefix = key.strip("/") + "/" if key.strip("/") else ""
@@ -361,29 +367,99 @@ def _iter_gcs_blobs(root: str, fields: str) -> Iterator[tuple[str, storage.Blob]
         pages = _client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=_RETRY,
                                      fields=fields.replace("),", "),prefixes,", 1))
         # An object named exactly like the prefix is a folder marker for the root itself, not a file below it.
-        top = [(b.name[len(prefix):], b) for b in pages if b.name != prefix]
+        top = [(b.name[len(prefix):], row(b.name[len(prefix):], b)) for b in pages if b.name != prefix]
         folders = sorted(pages.prefixes)
     # A folder sorts by its name with the '/', exactly where its objects' full paths sort.
-    parts = sorted([(rel, blob) for rel, blob in top] + [(name[len(prefix):], None) for name in folders],
-                   key=lambda item: item[0])
+    parts: list[tuple[str, Any]] = sorted(top + [(name[len(prefix):], None) for name in folders],
+                                          key=lambda item: item[0])
 
-    def list_part(part: tuple[str, storage.Blob | None]) -> list[tuple[str, storage.Blob]]:
-        rel, blob = part
-        if blob is not None:
-            return [(rel, blob)]
-        with _gcs_errors(f"{_GS}{bucket}/{prefix}{rel}", "listing", missing):
-            blobs = _client().list_blobs(bucket, prefix=prefix + rel, retry=_RETRY, fields=fields)
-            return sorted(((b.name[len(prefix):], b) for b in blobs), key=lambda item: item[0])
+    def list_folder(rel: str) -> Iterator[list[T]]:
+        with _gcs_errors(f"{shown}{rel}", "listing", missing):
+            listing = _client().list_blobs(bucket, prefix=prefix + rel, retry=_RETRY, fields=fields)
+            for page in listing.pages:
+                yield [row(b.name[len(prefix):], b) for b in page]
 
     found = 0
-    for listed in bounded_map(list_part, parts, _WORKERS):
-        found += len(listed)
-        yield from listed
+    with _Prefetch(list_folder, [rel for rel, item in parts if item is None], _WORKERS, _PAGES_AHEAD) as ahead:
+        for rel, item in parts:
+            if item is not None:
+                found += 1
+                yield item
+                continue
+            for page in ahead.pages(rel):
+                found += len(page)
+                yield from page
     if not found:
         raise StorageError(
             f"no objects found under {shown}: check the path (in GCS a misspelled folder "
             "and an empty one look the same)"
         )
+
+
+class _Prefetch:
+    """Runs ``produce(key)`` (a generator of pages) for the keys in order, up to ``ahead`` keys at a time
+    on threads of their own, each holding at most ``pages`` pages until ``pages(key)`` takes them."""
+
+    _DONE = object()
+
+    def __init__(self, produce: Callable[[str], Iterator[Any]], keys: list[str], ahead: int, pages: int):
+        self._produce, self._keys, self._ahead, self._size = produce, list(keys), ahead, pages
+        self._queues: dict[str, queue.Queue] = {}
+        self._next = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> _Prefetch:
+        self._start_more()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()  # an abandoned or failed listing: the producers stop at their next page
+        for thread in self._threads:
+            thread.join()
+
+    def _start_more(self) -> None:
+        while self._next < len(self._keys) and len(self._queues) < self._ahead:
+            key = self._keys[self._next]
+            self._next += 1
+            self._queues[key] = queue.Queue(self._size)
+            thread = threading.Thread(target=self._run, args=(key, self._queues[key]), daemon=True,
+                                      name=f"imgclf-list-{self._next}")
+            thread.start()
+            self._threads.append(thread)
+
+    def _run(self, key: str, out: queue.Queue) -> None:
+        try:
+            for page in self._produce(key):
+                if not self._put(out, (None, page)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the reader, who raises it
+            self._put(out, (err, None))
+            return
+        self._put(out, (None, self._DONE))
+
+    def _put(self, out: queue.Queue, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pages(self, key: str) -> Iterator[Any]:
+        """The pages of ``key``, in order (keys must be read in the order given)."""
+        source = self._queues[key]
+        while True:
+            err, page = source.get()
+            if err is not None:
+                raise err
+            if page is self._DONE:
+                break
+            yield page
+        del self._queues[key]
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._start_more()
 
 
 def _upload(uri: str, send: Callable[[storage.Blob, int, Any], None]) -> None:

@@ -156,6 +156,7 @@ class _Rule:
     action: int | str  # an HTTP status to answer with; "reset": cut the connection mid-body; "lost": pass
     # the request on, then answer 503 as if the reply had been lost (the request took effect)
     times: int | None  # None: every matching request
+    query: re.Pattern[str] | None = None  # also matched against the raw query string, when given
 
 
 @dataclass
@@ -198,9 +199,11 @@ class GcsFaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
-    def inject(self, method: str, path_regex: str, action: int | str, times: int | None = 1) -> None:
+    def inject(self, method: str, path_regex: str, action: int | str, times: int | None = 1,
+               query_regex: str | None = None) -> None:
         with self._lock:
-            self._rules.append(_Rule(method, re.compile(path_regex), action, times))
+            self._rules.append(_Rule(method, re.compile(path_regex), action, times,
+                                     re.compile(query_regex) if query_regex else None))
 
     def clear(self) -> None:
         """Drop every injected fault: storage heals."""
@@ -214,9 +217,11 @@ class GcsFaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _take(self, method: str, path: str) -> int | str | None:
+    def _take(self, method: str, path: str, query: str = "") -> int | str | None:
         with self._lock:
             for rule in self._rules:
+                if rule.query is not None and not rule.query.search(unquote(query)):
+                    continue
                 if rule.method == method and rule.pattern.search(path) and rule.times != 0:
                     if rule.times is not None:
                         rule.times -= 1
@@ -270,7 +275,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         path, query = unquote(url.path), parse_qs(url.query)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         proxy.requests.append(SeenRequest(self.command, path, query, dict(self.headers.items())))
-        action = proxy._take(self.command, path)
+        action = proxy._take(self.command, path, url.query)
         if isinstance(action, int):
             return self._error(action)
         listing = re.fullmatch(r"/storage/v1/b/([^/]+)/o", path) if self.command == "GET" else None

@@ -412,3 +412,29 @@ def test_local_listing_streams_in_the_order_of_a_full_sort(tmp_path):
     make_folder(tmp_path / "d", {name: b"x" for name in files})
     listing = storage.iter_files(str(tmp_path / "d"))
     assert not isinstance(listing, list) and list(listing) == sorted(files)
+
+
+def test_gcs_folder_listings_run_only_a_few_pages_ahead(gcs_bucket, gcs_proxy: GcsFaultProxy, tmp_path):
+    """The proxy pages listings as GCS does, here 5 objects a page, so that paging ahead shows."""
+    import time
+
+    files = {f"c{c}/{i:03d}.jpg": b"x" for c in range(3) for i in range(40)}
+    uri = upload_folder(make_folder(tmp_path / "d", files), gcs_bucket, "data")
+    gcs_proxy.page_size = 5
+    listing = storage.iter_files(uri)
+    assert next(listing) == "c0/000.jpg"
+    time.sleep(1.0)  # let the folder listers run as far ahead as they may
+    pages = len(gcs_proxy.seen("GET", r"^/storage/v1/b/[^/]+/o$"))
+    # The top level, then per folder the pages queued (2) and one held by its lister: far from all 24.
+    assert pages <= 1 + 3 * (storage._PAGES_AHEAD + 2), pages
+    assert ["c0/000.jpg", *listing] == sorted(files)
+    assert len(gcs_proxy.seen("GET", r"^/storage/v1/b/[^/]+/o$")) == 1 + 3 * 8
+
+
+def test_a_folder_that_cannot_be_listed_fails_the_listing_naming_it(gcs_bucket, gcs_proxy, tmp_path, monkeypatch):
+    """The proxy stands in for GCS refusing one folder's listing; the retry deadline is cut to 2 s."""
+    uri = upload_folder(make_folder(tmp_path / "d", {"a/1.jpg": b"1", "b/2.jpg": b"2"}), gcs_bucket, "data")
+    monkeypatch.setattr(storage, "_RETRY", DEFAULT_RETRY.with_timeout(2))
+    gcs_proxy.inject("GET", r"^/storage/v1/b/[^/]+/o$", 503, times=None, query_regex=r"prefix=data/a/")
+    with pytest.raises(StorageError, match=rf"listing gs://{gcs_bucket}/data/a/ failed even after retries"):
+        storage.list_files(uri)

@@ -414,3 +414,49 @@ def test_storage_failure_fails_the_step_naming_the_object_but_a_corrupt_image_is
     result = ds.validation_with_lists(tmp_path / "out")
     assert result["counts"] == {"listed": 11, "accepted": 10, "rejected": 1, "skipped": 0}
     assert [(r["path"], r["code"]) for r in result["rejected"]] == [("b/cut.jpg", "truncated")]
+
+
+def test_reports_stay_small_and_every_rejected_file_is_in_its_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(validation, "_REPORT_ROWS", 3)
+    ds.make_image_folder(tmp_path / "d", {"a": 6, "b": 6}, size=(8, 8))
+    for i in range(7):
+        (tmp_path / "d" / "b" / f"cut_{i}.jpg").write_bytes(b"")
+    validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), max_rejected_fraction=0.9)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    page = (tmp_path / "out" / "report.html").read_text()
+    for report in (markdown, page):
+        assert report.count("b/cut_") == 3 and "4 more in rejected.jsonl (every one is listed there)." in report
+    assert "b/cut_3.jpg" not in markdown
+    listed = [e["path"] for e in validation.read_results(str(tmp_path / "out" / "validation.json"), "rejected")]
+    assert listed == [f"b/cut_{i}.jpg" for i in range(7)]
+    summary = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert summary["counts"]["rejected"] == 7 and "rejected" not in summary
+
+
+def test_memory_per_file_is_a_few_bytes_not_a_record(tmp_path):
+    """What validation and conversion keep per file: tracemalloc's peak (Python and NumPy allocations)
+    grows by well under 400 bytes a file from 400 to 2,000 files (a dict per file costs over 1 KB)."""
+    import tracemalloc
+
+    from trainer import conversion
+
+    peaks = {}
+    for count in (400, 2000):
+        data = tmp_path / f"d{count}"
+        for i in range(count):
+            folder = data / f"c{i % 4}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:05d}.png").write_bytes(ds.encode(ds.noise(4, 4, seed=i), "PNG"))
+        tracemalloc.start()
+        try:
+            validate_dataset(str(data), str(tmp_path / f"v{count}"), html_report=False, workers=2)
+            validated = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            conversion.convert_dataset(str(data), str(tmp_path / f"v{count}" / "validation.json"),
+                                       str(tmp_path / f"o{count}"), workers=2)
+            peaks[count] = (validated, tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    for index, step in enumerate(("validation", "conversion")):
+        per_file = (peaks[2000][index] - peaks[400][index]) / 1600
+        assert per_file < 400, f"{step}: {per_file:.0f} bytes a file"
