@@ -424,8 +424,8 @@ def test_reports_stay_small_and_every_rejected_file_is_in_its_list(tmp_path, mon
     validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), max_rejected_fraction=0.9)
     markdown = (tmp_path / "out" / "report.md").read_text()
     page = (tmp_path / "out" / "report.html").read_text()
-    for report in (markdown, page):
-        assert report.count("b/cut_") == 3 and "4 more in rejected.jsonl (every one is listed there)." in report
+    for report, row in ((markdown, "| `b/cut_"), (page, "<td><code>b/cut_")):
+        assert report.count(row) == 3 and "4 more in rejected.jsonl (every one is listed there)." in report
     assert "b/cut_3.jpg" not in markdown
     listed = [e["path"] for e in validation.read_results(str(tmp_path / "out" / "validation.json"), "rejected")]
     assert listed == [f"b/cut_{i}.jpg" for i in range(7)]
