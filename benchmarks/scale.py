@@ -36,6 +36,7 @@ over ours). Targets: every time_growth at most 1.1 and memory_growth at most 1.5
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -261,51 +262,50 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the images here between runs (default: a temporary folder)")
     args = parser.parse_args()
     sizes, gcs_sizes = _sizes(args.sizes), _sizes(args.gcs_sizes)
+    with contextlib.ExitStack() as stack:
+        work = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="imgclf-scale-")))
+        print(json.dumps(run(work.resolve(), sizes, gcs_sizes, args.big_photos)))
 
-    temporary = None if args.workdir else tempfile.mkdtemp(prefix="imgclf-scale-")
-    work = Path(args.workdir or temporary).resolve()
+
+def run(work: Path, sizes: list[int], gcs_sizes: list[int], big_photos: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "children.log"
     log.write_text("")
     load = os.getloadavg()[0]
     summary: dict = {}
-    try:
-        results = {}
-        for count in sizes:
-            folder = work / f"images-{count}"
-            write_small_images(folder, count)
-            results[count] = measure(str(folder), work / "run", count, STEPS, log, None, "local")
-        if len(sizes) > 1:
-            summary.update(summarise(sizes, results, STEPS))
-        if len(gcs_sizes) > 1:
-            emulator, url = start_emulator(log)
-            try:
-                env = _env({"STORAGE_EMULATOR_HOST": url})
-                os.environ["STORAGE_EMULATOR_HOST"] = url
-                gcs_results = {}
-                for count in gcs_sizes:
-                    folder = work / f"images-{count}"
-                    write_small_images(folder, count)
-                    uri = stage_on_gcs(folder, "imgclf-scale", f"images-{count}")
-                    gcs_results[count] = measure(uri, work / "run", count, GCS_STEPS, log, env, "gs://")
-                summary["gcs"] = summarise(gcs_sizes, gcs_results, GCS_STEPS)
-            finally:
-                emulator.terminate()
-                emulator.wait()
-        if args.big_photos:
-            summary.update(big_photo_speedup(work, args.big_photos, log))
-        targeted = [s for s in STEPS if s != "epoch"]
-        summary["targets"] = {"time_growth": TIME_TARGET, "memory_growth": MEMORY_TARGET, "steps": targeted}
-        if "time_growth" in summary:
-            summary["met"] = all(summary["time_growth"][s] <= TIME_TARGET and
-                                 summary["memory_growth"][s] <= MEMORY_TARGET for s in targeted)
-        summary.update({"sizes": sizes, "gcs_sizes": gcs_sizes, "cores": os.cpu_count(),
-                        "load_average": {"start": round(load, 1), "end": round(os.getloadavg()[0], 1)},
-                        "span": round(sizes[-1] / sizes[0], 1) if sizes else None})
-        print(json.dumps(summary))
-    finally:
-        if temporary:
-            shutil.rmtree(temporary, ignore_errors=True)
+    results = {}
+    for count in sizes:
+        folder = work / f"images-{count}"
+        write_small_images(folder, count)
+        results[count] = measure(str(folder), work / "run", count, STEPS, log, None, "local")
+    if len(sizes) > 1:
+        summary.update(summarise(sizes, results, STEPS))
+    if len(gcs_sizes) > 1:
+        emulator, url = start_emulator(log)
+        try:
+            env = _env({"STORAGE_EMULATOR_HOST": url})
+            os.environ["STORAGE_EMULATOR_HOST"] = url
+            gcs_results = {}
+            for count in gcs_sizes:
+                folder = work / f"images-{count}"
+                write_small_images(folder, count)
+                uri = stage_on_gcs(folder, "imgclf-scale", f"images-{count}")
+                gcs_results[count] = measure(uri, work / "run", count, GCS_STEPS, log, env, "gs://")
+            summary["gcs"] = summarise(gcs_sizes, gcs_results, GCS_STEPS)
+        finally:
+            emulator.terminate()
+            emulator.wait()
+    if big_photos:
+        summary.update(big_photo_speedup(work, big_photos, log))
+    targeted = [s for s in STEPS if s != "epoch"]
+    summary["targets"] = {"time_growth": TIME_TARGET, "memory_growth": MEMORY_TARGET, "steps": targeted}
+    if "time_growth" in summary:
+        summary["met"] = all(summary["time_growth"][s] <= TIME_TARGET and
+                             summary["memory_growth"][s] <= MEMORY_TARGET for s in targeted)
+    summary.update({"sizes": sizes, "gcs_sizes": gcs_sizes, "cores": os.cpu_count(),
+                    "load_average": {"start": round(load, 1), "end": round(os.getloadavg()[0], 1)},
+                    "span": round(sizes[-1] / sizes[0], 1) if sizes else None})
+    return summary
 
 
 if __name__ == "__main__":
