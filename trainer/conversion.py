@@ -193,8 +193,9 @@ class AcceptedFiles:
         return self._sha[32 * index:32 * index + 32].hex()
 
     def sha_columns(self) -> np.ndarray:
-        """The content hashes as (files, 4) big-endian uint64: their rows sort as the hashes' bytes do."""
-        return np.frombuffer(bytes(self._sha), dtype=">u8").reshape(-1, 4)
+        """The content hashes as (files, 4) big-endian uint64: their rows sort as the hashes' bytes do (a view:
+        no file may be appended while it is held)."""
+        return np.frombuffer(self._sha, dtype=">u8").reshape(-1, 4)
 
     def column(self, values: array.array) -> np.ndarray:
         return np.frombuffer(values, dtype=values.typecode) if len(values) else np.zeros(0, dtype=values.typecode)

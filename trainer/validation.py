@@ -389,8 +389,7 @@ class _Tally:
                max_rejected_fraction: float, max_pixels: int) -> dict[str, Any]:
         """Find duplicates, write the final lists to ``output_dir``, and return the summary."""
         listed = sum(self.counts.values())
-        groups, conflicted = _duplicate_groups(os.path.join(scratch, "accepted.partial"),
-                                               np.frombuffer(bytes(self.sha), dtype="V32"))
+        groups, conflicted = _duplicate_groups(os.path.join(scratch, "accepted.partial"), self.sha)
         keep = np.ones(len(self.numbers["class"]), dtype=bool)
         keep[sorted(conflicted)] = False
         conflicts = _conflict_rejections(groups)
@@ -480,14 +479,15 @@ class _Tally:
         }
 
 
-def _duplicate_groups(accepted_lines: str, digests: np.ndarray) -> tuple[list[dict[str, Any]], set[int]]:
+def _duplicate_groups(accepted_lines: str, digests: bytearray) -> tuple[list[dict[str, Any]], set[int]]:
     """Groups of accepted files with equal content, sorted by first path, and the line numbers of those in
-    a group of several classes. Only files with a twin are read back (from ``accepted_lines``)."""
-    if len(digests) < 2:
+    a group of several classes (``digests``: the files' SHA-256 digests, 32 bytes each, in line order).
+    Only files with a twin are read back (from ``accepted_lines``)."""
+    if len(digests) < 64:
         return [], set()
-    # Sort the hashes (as four big-endian words, a sort of their bytes) and compare neighbours, a column
-    # at a time: about 20 bytes a file while it runs.
-    words = np.frombuffer(digests.tobytes(), dtype=">u8").reshape(-1, 4)
+    # Sort the hashes (as four big-endian words, a sort of their bytes; a view, not a copy) and compare
+    # neighbours, a column at a time: about 20 bytes a file while it runs.
+    words = np.frombuffer(digests, dtype=">u8").reshape(-1, 4)
     order = np.lexsort(tuple(words[:, k] for k in (3, 2, 1, 0)))
     same = np.ones(len(order) - 1, dtype=bool)
     for k in range(4):
