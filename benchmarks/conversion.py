@@ -88,7 +88,8 @@ def pixels_loop(data_dir: str, validation_json: str, out_dir: str, image_size: i
 
     from trainer import storage
     from trainer.images import decode_image, resize_image
-    from trainer.validation import bounded_map, default_workers, load_validation
+    from trainer.parallel import bounded_map
+    from trainer.validation import default_workers, load_validation, read_results
 
     validation = load_validation(validation_json)
     labels = {name: index for index, name in enumerate(validation["classes"])}
@@ -105,7 +106,7 @@ def pixels_loop(data_dir: str, validation_json: str, out_dir: str, image_size: i
 
     count = 0
     with tf.io.TFRecordWriter(os.path.join(out_dir, "images.tfrecord")) as writer:
-        for record in bounded_map(encode, validation["accepted"], workers or default_workers()):
+        for record in bounded_map(encode, read_results(validation_json, "accepted"), workers or default_workers()):
             writer.write(record)
             count += 1
     return count

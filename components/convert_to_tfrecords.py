@@ -36,10 +36,11 @@ def convert_to_tfrecords(
 
     from trainer import logs
     from trainer.conversion import convert_dataset
+    from trainer.layout import VALIDATION_FILE
 
     logs.configure()
     manifest = convert_dataset(
-        data_uri, os.path.join(validation.path, "validation.json"), dataset.path,
+        data_uri, os.path.join(validation.path, VALIDATION_FILE), dataset.path,
         validation_split_ratio=validation_split_ratio, test_split_ratio=test_split_ratio,
         random_seed=random_seed, data_fingerprint=data_fingerprint)
     dataset.metadata.update({split: info["count"] for split, info in manifest["splits"].items()})

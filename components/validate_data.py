@@ -26,7 +26,7 @@ def validate_data(
             step is reused exactly when the content is unchanged. Checked again after validating.
         binary_mode: Whether the run trains a binary model (needs exactly two classes).
         max_rejected_fraction: Largest share of unusable files the run tolerates.
-        validation: Folder holding validation.json: classes, accepted and rejected files.
+        validation: Folder holding validation.json (classes, counts) and the per-file lists.
         report: Markdown summary shown in the Kubeflow UI.
         report_html: The same with thumbnails of each class and of the rejected files.
 
@@ -51,8 +51,9 @@ def validate_data(
         for name, target in (("report.md", report.path), ("report.html", report_html.path)):
             if os.path.exists(os.path.join(validation.path, name)):
                 shutil.copyfile(os.path.join(validation.path, name), target)
-    validation.metadata.update({"classes": result["classes"], "accepted": len(result["accepted"]),
-                                "rejected": len(result["rejected"]), "fingerprint": result["fingerprint"],
+    counts = result["counts"]
+    validation.metadata.update({"classes": result["classes"], "accepted": counts["accepted"],
+                                "rejected": counts["rejected"], "fingerprint": result["fingerprint"],
                                 "content_fingerprint": result["content_fingerprint"]})
     outputs = collections.namedtuple("Outputs", ["num_classes", "accepted", "rejected", "fingerprint"])
-    return outputs(len(result["classes"]), len(result["accepted"]), len(result["rejected"]), result["fingerprint"])
+    return outputs(len(result["classes"]), counts["accepted"], counts["rejected"], result["fingerprint"])

@@ -190,7 +190,7 @@ def _read_json(*parts: str) -> dict[str, Any]:
 def _describe_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     """Pull the figures a person wants first out of the pipeline's output artifacts."""
     manifest = _read_json(outputs["dataset"].path, layout.MANIFEST_FILE)
-    validation = _read_json(outputs["validation"].path, "validation.json")
+    validation = _read_json(outputs["validation"].path, layout.VALIDATION_FILE)["counts"]
     evaluation = _read_json(outputs["evaluation"].path, "evaluation.json")
     blessing = _read_json(outputs["blessing"].path, layout.BLESSING_FILE)
     return {
@@ -201,9 +201,9 @@ def _describe_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
         "metrics": evaluation["metrics"],
         "classes": manifest["classes"],
         "counts": {split: info["count"] for split, info in manifest["splits"].items()},
-        "listed": len(validation["accepted"]) + len(validation["rejected"]) + len(validation["skipped"]),
-        "rejected": len(validation["rejected"]),
-        "skipped": len(validation["skipped"]),
+        "listed": validation["listed"],
+        "rejected": validation["rejected"],
+        "skipped": validation["skipped"],
         "model_path": outputs["model"].path,
         "dataset_path": outputs["dataset"].path,
         "evaluation_path": outputs["evaluation"].path,

@@ -63,9 +63,10 @@ def _cmd_validate_data(args: argparse.Namespace) -> int:
 
     result = validate_dataset(args.data, args.output, binary_mode=args.binary_mode,
                               max_rejected_fraction=args.max_rejected_fraction)
-    print(f"{len(result['classes'])} classes, {len(result['accepted'])} images accepted, "
-          f"{len(result['rejected'])} rejected, {len(result['skipped'])} skipped; "
-          f"details in {args.output}/validation.json")
+    counts = result["counts"]
+    print(f"{len(result['classes'])} classes, {counts['accepted']} images accepted, "
+          f"{counts['rejected']} rejected, {counts['skipped']} skipped; "
+          f"details in {args.output}/validation.json and the lists beside it")
     return 0
 
 

@@ -27,12 +27,13 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from trainer import storage
 from trainer.errors import DataError
+from trainer.parallel import bounded_map
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,17 @@ def look_at_data(data_uri: str) -> DataLook:
     started = time.monotonic()
     if storage.is_gcs(data_uri):
         method = "gcs-listing"
-        rows = [_gcs_row(entry) for entry in storage.list_object_details(data_uri)]
+        rows: Iterator[list[Any]] = (_gcs_row(entry) for entry in storage.iter_object_details(data_uri))
     else:
         method = "sha256"
-        names = storage.list_files(data_uri)
-        with ThreadPoolExecutor(_READERS) as pool:
-            rows = list(pool.map(lambda rel: _local_row(data_uri, rel), names))
+        rows = bounded_map(lambda rel: _local_row(data_uri, rel), storage.iter_files(data_uri), _READERS)
     digest = hashlib.sha256(f"imgclf-content-v{_VERSION} {method}\n".encode())
-    for row in rows:  # listings are sorted by path
+    files = size = 0
+    for row in rows:  # listings stream sorted by path; nothing per file is kept
         # One JSON array per line: quoting keeps every name unambiguous, whatever characters it holds.
         digest.update(json.dumps(row, ensure_ascii=True).encode("ascii") + b"\n")
-    look = DataLook(digest.hexdigest(), len(rows), sum(row[1] for row in rows), method)
+        files, size = files + 1, size + row[1]
+    look = DataLook(digest.hexdigest(), files, size, method)
     log.info("Looked at %s in %.1f s: %d files, %d bytes, content fingerprint %s (%s)", data_uri,
              time.monotonic() - started, look.files, look.bytes, look.fingerprint[:12], method)
     return look

@@ -10,6 +10,14 @@ Data set folder (written by ``trainer.conversion``, read by ``trainer.data``)::
     DATASET/class_label_to_prediction_index.json   {class: index}, classes in alphabetical order
     DATASET/<split>/part-NNNNN-of-MMMMM.tfrecord    split in SPLITS; records with RECORD_FEATURES
 
+Validation folder (written by ``trainer.validation``, read by ``trainer.conversion`` through
+``validation.read_results``)::
+
+    VALIDATION/validation.json                     the summary: counts, classes, statistics, fatal problems
+    VALIDATION/accepted.jsonl, rejected.jsonl,     one JSON object per file (per group of identical files),
+      skipped.jsonl, duplicates.jsonl              sorted by path; they stream, whatever the data set's size
+    VALIDATION/report.md, report.html              summaries of bounded size (trainer.validation names them)
+
 Model folder (written by ``trainer.export``, read by prediction, evaluation and the registry)::
 
     MODEL/model.keras, MODEL/saved_model/, MODEL/class_label_to_prediction_index.json,
@@ -174,6 +182,13 @@ def invalidate_manifest(dataset_dir: str) -> None:
     """Remove the manifest, so that it stops vouching for a folder whose shards are about to change."""
     storage.delete(storage.join(dataset_dir, MANIFEST_FILE))
 
+
+# --- the validation folder -------------------------------------------------------------------------
+
+VALIDATION_FILE = "validation.json"
+VALIDATION_SCHEMA_VERSION = 2  # version 1 held every per-file list in validation.json itself
+VALIDATION_LISTS = {"accepted": "accepted.jsonl", "rejected": "rejected.jsonl", "skipped": "skipped.jsonl",
+                    "duplicates": "duplicates.jsonl"}
 
 # --- the model folder -------------------------------------------------------------------------------
 

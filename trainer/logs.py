@@ -67,9 +67,10 @@ def duration(seconds: float) -> str:
 
 
 class ProgressLog:
-    """Logs "<what>: done/total (pct), rate, time left" at most every ``interval`` seconds (thread-safe)."""
+    """Logs "<what>: done/total (pct), rate, time left" at most every ``interval`` seconds (thread-safe); with
+    ``total`` None (a listing that streams) "<what>: done, rate"."""
 
-    def __init__(self, what: str, total: int, *, unit: str = "images", interval: float = 5.0,
+    def __init__(self, what: str, total: int | None, *, unit: str = "images", interval: float = 5.0,
                  logger: logging.Logger | None = None):
         self.what, self.total, self.unit, self.interval = what, total, unit, interval
         self.logger = logger or progress_logger("trainer")
@@ -87,6 +88,9 @@ class ProgressLog:
             self._last = now
         elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
+        if self.total is None:  # a listing that streams: no total yet
+            self.logger.info("%s: %d %s, %.1f %s/s", self.what, self.done, self.unit, rate, self.unit)
+            return
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         self.logger.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, about %s left", self.what, self.done, self.total,
                          self.unit, 100.0 * self.done / max(self.total, 1), rate, self.unit, duration(left))

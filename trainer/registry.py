@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -273,7 +274,10 @@ def push_model(model_dir: str, registry_uri: str, *, metadata: Mapping[str, Any]
         uri = storage.join(registry_uri, newest[0])
         log.info("%s (%s) is already the registry's newest version %s; nothing pushed", source, digest, uri)
         return uri
-    claim = _json({"model_uri": source, MODEL_DIGEST_KEY: digest, "claimed_at": _now()})
+    # The claim id makes this push's claim unlike any other's: a retried claim upload that meets its own
+    # landed first attempt is recognised by its content (storage.create_if_absent) and keeps its version.
+    claim = _json({"model_uri": source, MODEL_DIGEST_KEY: digest, "claimed_at": _now(),
+                   "claim_id": secrets.token_hex(16)})
     version = _claim_version(registry_uri, claim, names)
     target = storage.join(registry_uri, version)
     log.info("Pushing %s to %s (%d files)", model_dir, target, len(files))

@@ -6,12 +6,14 @@ import contextlib
 import functools
 import os
 import posixpath
+import queue
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import requests
 from google.api_core import exceptions as api_exceptions
@@ -30,6 +32,9 @@ _FILE = "file://"
 _RETRY = DEFAULT_RETRY
 # Whole-file transfers are independent, and GCS latency per object dominates: a few threads help a lot.
 _WORKERS = 8
+# Pages (of up to 1,000 objects) a folder's listing may run ahead of its reader.
+_PAGES_AHEAD = 2
+T = TypeVar("T")
 _NO_OBJECT = "{uri} does not exist (HTTP 404): check the bucket and object name"
 _CREDENTIALS_HINT = (
     "check that the pipeline's service account (Workload Identity on GKE, or GOOGLE_APPLICATION_CREDENTIALS) "
@@ -78,42 +83,67 @@ def list_files(root: str) -> list[str]:
 
     Nothing is filtered out (hidden files, '_$folder$' markers): callers decide what to reject.
     A missing local folder, a missing bucket and a gs:// prefix without objects each raise StorageError;
-    an existing but empty local folder gives an empty list.
+    an existing but empty local folder gives an empty list. ``iter_files`` gives the same one at a time.
+    """
+    return list(iter_files(root))
+
+
+def iter_files(root: str) -> Iterator[str]:
+    """``list_files`` as a stream, in the same sorted order, holding one folder's names at a time.
+
+    Locally each folder is read and sorted on its own and sub-folders are entered where their names
+    sort (a folder ``d`` sorts as ``d/``, which puts its files exactly where a sort of the full paths
+    would); on gs:// the top level is listed with a delimiter and its folders (the classes of a data
+    set) are listed in parallel, each in name order as GCS lists.
     """
     if is_gcs(root):
-        return _list_gcs(root)
+        return _iter_gcs_blobs(root, "items(name),nextPageToken", lambda rel, _: rel)
     path = Path(_local(root))
     if not path.exists():
         raise StorageError(f"local path {root} does not exist: check the path and that its volume is mounted")
     if not path.is_dir():
         raise StorageError(f"{root} is a file, not a folder: pass the folder that holds the files")
+    return _walk_sorted(str(path), "", root, (os.path.realpath(path),))
 
-    def fail(err: OSError) -> None:
-        # os.walk skips unreadable folders silently by default; a data set must never lose files that way.
-        raise StorageError(f"cannot read {err.filename} below {root}: {err.strerror}; check its permissions")
 
-    found = []
-    for folder, subfolders, files in os.walk(path, onerror=fail, followlinks=True):
-        # Follow linked folders (volumes often use them) but not a link back to an ancestor: that loops.
-        here = os.path.realpath(folder) + os.sep
-        subfolders[:] = [
-            d for d in subfolders if not here.startswith(os.path.realpath(Path(folder, d)) + os.sep)
-        ]
-        found += [Path(folder, name).relative_to(path).as_posix() for name in files]
-    return sorted(found)
+def _walk_sorted(folder: str, rel: str, root: str, ancestors: tuple[str, ...]) -> Iterator[str]:
+    try:
+        with os.scandir(folder) as entries:
+            # A folder's key ends in '/': where a sort of full paths puts its files. Links are followed.
+            keys = sorted(e.name + "/" if e.is_dir() else e.name for e in entries)
+    except OSError as err:
+        # A data set must never lose files because a folder could not be read.
+        raise StorageError(f"cannot read {err.filename or folder} below {root}: {err.strerror or err}; "
+                           "check its permissions") from err
+    for key in keys:
+        if not key.endswith("/"):
+            yield rel + key
+            continue
+        below = os.path.join(folder, key[:-1])
+        real = os.path.realpath(below)
+        if real in ancestors:
+            continue  # a link back to an ancestor would loop
+        yield from _walk_sorted(below, rel + key, root, (*ancestors, real))
 
 
 def list_object_details(root: str) -> list[dict[str, Any]]:
-    """What a listing says about every file below ``root``, without reading any content.
+    """What a listing says about every file below ``root``, without reading any content (a list of
+    ``iter_object_details``)."""
+    return list(iter_object_details(root))
+
+
+def iter_object_details(root: str) -> Iterator[dict[str, Any]]:
+    """What a listing says about every file below ``root``, in ``iter_files`` order, one at a time.
 
     Each entry has ``path`` (relative, as in ``list_files``) and ``size``; gs:// objects also have
     ``md5`` (absent for composite objects: ""), ``crc32c`` and ``generation`` (new on every write).
     """
     if not is_gcs(root):
-        return [{"path": rel, "size": os.path.getsize(os.path.join(_local(root), rel))} for rel in list_files(root)]
+        return ({"path": rel, "size": os.path.getsize(os.path.join(_local(root), rel))} for rel in iter_files(root))
     fields = "items(name,size,md5Hash,crc32c,generation),nextPageToken"
-    return [{"path": rel, "size": int(blob.size or 0), "md5": blob.md5_hash or "", "crc32c": blob.crc32c or "",
-             "generation": int(blob.generation or 0)} for rel, blob in _list_gcs_blobs(root, fields)]
+    return _iter_gcs_blobs(root, fields, lambda rel, blob: {
+        "path": rel, "size": int(blob.size or 0), "md5": blob.md5_hash or "", "crc32c": blob.crc32c or "",
+        "generation": int(blob.generation or 0)})
 
 
 def read_bytes(uri: str) -> bytes:
@@ -161,8 +191,10 @@ def create_if_absent(uri: str, data: bytes) -> bool:
 
     Of several writers racing for one name at most one gets True: locally through ``link()``, which
     refuses an existing name (the content is written under a temporary name first), on GCS through the
-    precondition ``ifGenerationMatch=0``. A retried upload whose first attempt did land also answers
-    False, so a caller that must know whether the object is its own compares the content.
+    precondition ``ifGenerationMatch=0``. On GCS an upload whose answer was lost is sent again, and
+    then meets 412 against its own first attempt: so a 412 is checked by reading the object, and an
+    object holding exactly ``data`` counts as written by this call. Callers must therefore make ``data``
+    unique to the writer (a claim id, a batch id), or two writers of equal bytes would both win.
     """
     if is_gcs(uri):
         missing = f"bucket {_split(uri)[0]!r} does not exist (HTTP 404 writing {uri}): create it or fix the URI"
@@ -173,7 +205,8 @@ def create_if_absent(uri: str, data: bytes) -> bool:
                                               if_generation_match=0, retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
         except StorageError as err:
             if isinstance(err.__cause__, api_exceptions.PreconditionFailed):
-                return False
+                # Someone's object is there: ours when an earlier attempt of this upload landed.
+                return read_bytes_if_exists(uri) == data
             raise
         return True
     path = _local(uri)
@@ -321,28 +354,117 @@ def _blob(uri: str) -> storage.Blob:
     return _client().bucket(bucket).blob(key)
 
 
-def _list_gcs(root: str) -> list[str]:
-    # Only names are needed here.
-    return [rel for rel, _ in _list_gcs_blobs(root, "items(name),nextPageToken")]
+def _iter_gcs_blobs(root: str, fields: str, row: Callable[[str, storage.Blob], T]) -> Iterator[T]:
+    """``row(path relative to root, blob)`` of every object below ``root``, sorted by path.
 
-
-def _list_gcs_blobs(root: str, fields: str) -> list[tuple[str, storage.Blob]]:
+    The top level is listed with the delimiter '/'; its folders (a data set's classes) are each listed
+    by a thread of their own, up to ``_WORKERS`` folders ahead of the one being read, each at most
+    ``_PAGES_AHEAD`` pages (of 1,000 objects) ahead. So the listing of many class folders goes on in
+    parallel while memory holds a bounded number of pages, however large the folders; the objects of
+    a folder come in GCS's name order (which is Python's order of the decoded names).
+    """
     bucket, key = _split(root)
     # GCS has no folders: 'data' would also match 'data2/...', so always list below 'data/'.
     prefix = key.strip("/") + "/" if key.strip("/") else ""
     shown = f"{_GS}{bucket}/{prefix}"
     missing = f"bucket {bucket!r} does not exist (HTTP 404 listing {shown}): check the bucket name in the URI"
     with _gcs_errors(shown, "listing", missing):
-        # The iterator fetches every page (at most 1,000 objects each) with only the fields asked for.
-        blobs = _client().list_blobs(bucket, prefix=prefix, retry=_RETRY, fields=fields)
+        pages = _client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=_RETRY,
+                                     fields=fields.replace("),", "),prefixes,", 1))
         # An object named exactly like the prefix is a folder marker for the root itself, not a file below it.
-        found = sorted(((b.name[len(prefix) :], b) for b in blobs if b.name != prefix), key=lambda item: item[0])
+        top = [(b.name[len(prefix):], row(b.name[len(prefix):], b)) for b in pages if b.name != prefix]
+        folders = sorted(pages.prefixes)
+    # A folder sorts by its name with the '/', exactly where its objects' full paths sort.
+    parts: list[tuple[str, Any]] = sorted(top + [(name[len(prefix):], None) for name in folders],
+                                          key=lambda item: item[0])
+
+    def list_folder(rel: str) -> Iterator[list[T]]:
+        with _gcs_errors(f"{shown}{rel}", "listing", missing):
+            listing = _client().list_blobs(bucket, prefix=prefix + rel, retry=_RETRY, fields=fields)
+            for page in listing.pages:
+                yield [row(b.name[len(prefix):], b) for b in page]
+
+    found = 0
+    with _Prefetch(list_folder, [rel for rel, item in parts if item is None], _WORKERS, _PAGES_AHEAD) as ahead:
+        for rel, item in parts:
+            if item is not None:
+                found += 1
+                yield item
+                continue
+            for page in ahead.pages(rel):
+                found += len(page)
+                yield from page
     if not found:
         raise StorageError(
             f"no objects found under {shown}: check the path (in GCS a misspelled folder "
             "and an empty one look the same)"
         )
-    return found
+
+
+class _Prefetch:
+    """Runs ``produce(key)`` (a generator of pages) for the keys in order, up to ``ahead`` keys at a time
+    on threads of their own, each holding at most ``pages`` pages until ``pages(key)`` takes them."""
+
+    _DONE = object()
+
+    def __init__(self, produce: Callable[[str], Iterator[Any]], keys: list[str], ahead: int, pages: int):
+        self._produce, self._keys, self._ahead, self._size = produce, list(keys), ahead, pages
+        self._queues: dict[str, queue.Queue] = {}
+        self._next = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> _Prefetch:
+        self._start_more()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()  # an abandoned or failed listing: the producers stop at their next page
+        for thread in self._threads:
+            thread.join()
+
+    def _start_more(self) -> None:
+        while self._next < len(self._keys) and len(self._queues) < self._ahead:
+            key = self._keys[self._next]
+            self._next += 1
+            self._queues[key] = queue.Queue(self._size)
+            thread = threading.Thread(target=self._run, args=(key, self._queues[key]), daemon=True,
+                                      name=f"imgclf-list-{self._next}")
+            thread.start()
+            self._threads.append(thread)
+
+    def _run(self, key: str, out: queue.Queue) -> None:
+        try:
+            for page in self._produce(key):
+                if not self._put(out, (None, page)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the reader, who raises it
+            self._put(out, (err, None))
+            return
+        self._put(out, (None, self._DONE))
+
+    def _put(self, out: queue.Queue, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pages(self, key: str) -> Iterator[Any]:
+        """The pages of ``key``, in order (keys must be read in the order given)."""
+        source = self._queues[key]
+        while True:
+            err, page = source.get()
+            if err is not None:
+                raise err
+            if page is self._DONE:
+                break
+            yield page
+        del self._queues[key]
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._start_more()
 
 
 def _upload(uri: str, send: Callable[[storage.Blob, int, Any], None]) -> None:

@@ -1,4 +1,4 @@
-"""Checks an image-folder data set file by file; writes validation.json and a Markdown and an HTML report.
+"""Checks an image-folder data set file by file; writes validation.json, per-file lists and two reports.
 
 The data set is a folder (local path or gs:// URI) with one sub-folder per class. Every listed entry
 ends in exactly one of three lists, so that nothing is lost silently:
@@ -27,29 +27,45 @@ Class names are the top-level folder names exactly as stored; their label indice
 (two folders that look the same, or that merge on a case-insensitive file system). Identical content
 (same SHA-256) within one class is reported and kept; conversion keeps such copies in one split.
 
-validation.json (schema_version 1)::
+validation.json (schema_version 2) is the summary, a few KB however large the data set::
 
-  schema_version  1
+  schema_version  2
   data_uri        the data set validated
   parameters      {binary_mode, max_rejected_fraction, max_pixels}
   classes         class folder names, sorted(): the label index order
   class_counts    {class: accepted images}
   listed          number of entries listed (= accepted + rejected + skipped, checked)
   counts          {listed, accepted, rejected, skipped}
-  accepted        [{path, class, sha256, width, height, format, mode, bytes, exif_orientation,
-                   tensorflow_checked}]; tensorflow_checked: why TensorFlow's decode was compared with
-                   Pillow's for this file (e.g. "CMYK JPEG"), null for plain files decoded once
-  rejected        [{path, reason, code, class (when inside a class folder)}]
-  skipped         [{path, reason}]
-  duplicates      [{sha256, classes, paths, conflict}]; conflict: in several classes, all copies rejected
+  files           {accepted, rejected, skipped, duplicates}: the per-file lists' names, next to it
+  duplicates      {groups, files, conflicts}: groups of identical files, the files in them, and the
+                  groups found in several classes (all their copies rejected)
   statistics      {formats, modes, width, height, bytes ({min, median, max}), total_bytes,
-                   exif_rotated, rejected_by_code, tensorflow_checked ({reason: files})}
+                  exif_rotated, rejected_by_code, tensorflow_checked ({reason: files})}
   imbalance       {ratio (largest / smallest class count, null if one is empty), largest, smallest}
   fatal           [message, ...]; empty when the data set can be converted
-  fingerprint     SHA-256 hex digest of what a run would use (see ``compute_data_fingerprint``)
+  fingerprint     SHA-256 hex digest of what a run would use (see ``DataFingerprint``)
 
-Paths are relative to data_uri, POSIX style; lists are sorted by path. Width and height are those
-after EXIF orientation.
+The per-file lists (``trainer.layout.VALIDATION_LISTS``) hold one JSON object per line, sorted by
+path, and are read only through ``read_results``, which streams them::
+
+  accepted.jsonl    {path, class, sha256, width, height, format, mode, bytes, exif_orientation,
+                    tensorflow_checked}; tensorflow_checked: why TensorFlow's decode was compared with
+                    Pillow's for this file (e.g. "CMYK JPEG"), null for plain files decoded once
+  rejected.jsonl    {path, reason, code, class (when inside a class folder)}
+  skipped.jsonl     {path, reason}
+  duplicates.jsonl  {sha256, classes, paths, conflict} (sorted by first path); conflict: in several
+                    classes, all copies rejected
+
+Paths are relative to data_uri, POSIX style. Width and height are those after EXIF orientation.
+
+Cost that grows with the data set. The listing streams (``storage.iter_files``, one folder at a time),
+files are read and decoded by a bounded window of threads, and each result is written to a scratch
+list as it comes; what stays in memory per accepted file is about 60 bytes of numbers (content hash,
+class, size, format, mode), from which duplicates, class counts and the statistics are computed at
+the end. Identical content is found by sorting the content hashes; only files with a twin are read
+back. A file that cannot be read because storage keeps failing (after ``storage``'s retries) fails
+the step with a StorageError naming the object and the error, so that the pipeline's retry can read
+it: it is never counted as a rejected image. A corrupt image is rejected as before.
 
 The fingerprint exists for pipeline caching. The validation step is cached on the content fingerprint
 that the look-at-data step takes (``trainer.fingerprint``), and hands its fingerprint to the conversion
@@ -57,32 +73,37 @@ step as a parameter: KFP's cache key includes every input value, so new content 
 never reuse an old validation or conversion.
 
 report.md is the plain summary; report.html (``render_html_report``) is the same summary for the
-Kubeflow UI, with a few thumbnails per class and of the rejected files, all inlined in the page.
+Kubeflow UI, with a few thumbnails per class and of the rejected files, all inlined in the page. Both
+are of bounded size: counts, classes, samples and the first rows of each list, which name the file
+that lists every one.
 """
 
 from __future__ import annotations
 
+import array
 import base64
 import collections
+import contextlib
 import hashlib
+import heapq
 import html
 import io
+import itertools
 import json
 import logging
 import os
 import posixpath
-import statistics as stats
+import tempfile
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from trainer import logs, storage
-from trainer.errors import DataError, StorageError
+from trainer.errors import DataError
 from trainer.images import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_EXTENSIONS,
@@ -91,21 +112,24 @@ from trainer.images import (
     decode_image,
     expected_format,
 )
+from trainer.layout import VALIDATION_FILE, VALIDATION_LISTS, VALIDATION_SCHEMA_VERSION
+from trainer.parallel import bounded_map
 from trainer.resources import available_cores
 
 log = logging.getLogger(__name__)
 
-VALIDATION_FILE = "validation.json"
 REPORT_FILE = "report.md"
 HTML_REPORT_FILE = "report.html"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = VALIDATION_SCHEMA_VERSION
 
 # Names that operating systems and tools leave next to data; never images, never classes.
 _SYSTEM_NAMES = {"__MACOSX": "macOS archive metadata folder", "Thumbs.db": "Windows thumbnail cache",
                  "desktop.ini": "Windows folder settings file"}
 _FOLDER_MARKER = "_$folder$"
-# Rows of each list shown in report.md; validation.json always has all of them.
+# Rows of each list shown in the reports; the per-file lists always have all of them.
 _REPORT_ROWS = 200
+# Paths shown per group of identical files (a group may be large).
+_GROUP_PATHS = 10
 # report.html inlines its thumbnails, so their number and size bound the page (~3 KB each).
 THUMBNAIL_PIXELS = 64
 MAX_THUMBNAILS = 60
@@ -117,10 +141,6 @@ _REJECTED_THUMBNAILS = 12
 # maybe not an image at all.
 _PREVIEWABLE = ("nested", "outside_class", "class_conflict", "format_mismatch", "animated",
                 "tensorflow_unreadable", "decoder_mismatch")
-
-T = TypeVar("T")
-R = TypeVar("R")
-
 
 def default_workers(data_uri: str | None = None, cores: int | None = None) -> int:
     """Threads for reading and decoding files.
@@ -136,37 +156,14 @@ def default_workers(data_uri: str | None = None, cores: int | None = None) -> in
     return min(32, 4 * cores)
 
 
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
-                window: int | None = None) -> Iterator[R]:
-    """Yield ``fn(item)`` for each item, in order, computed by ``workers`` threads.
-
-    At most ``window`` (default 2 x workers) items are in flight or waiting to be consumed, so memory
-    stays bounded however many items there are (``Executor.map`` would submit them all at once).
-    """
-    window = max(window or 2 * workers, 1)
-    pending: collections.deque[Future[R]] = collections.deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgclf") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            # On an error or an abandoned generator, do not run what has not started yet.
-            for future in pending:
-                future.cancel()
-
-
 def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = False,
                      max_rejected_fraction: float = 0.01, max_pixels: int = DEFAULT_MAX_PIXELS,
                      workers: int | None = None, html_report: bool = True) -> dict[str, Any]:
-    """Check every file of an image-folder data set; write validation.json, report.md and report.html.
+    """Check every file of an image-folder data set; write validation.json, the per-file lists and the reports.
 
     Args:
       data_uri: local folder or gs:// URI holding one sub-folder per class.
-      output_dir: where validation.json and the reports are written (local or gs://).
+      output_dir: where validation.json, the per-file lists and the reports are written (local or gs://).
       binary_mode: the data set must have exactly two classes.
       max_rejected_fraction: largest share of rejected files (of accepted + rejected) tolerated.
       max_pixels: largest width * height accepted for one image.
@@ -174,11 +171,14 @@ def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = Fals
       html_report: also write report.html with thumbnails (it re-reads up to ``MAX_THUMBNAILS`` files).
 
     Returns:
-      The content of validation.json (its schema is in the module docstring).
+      The content of validation.json: the summary, without per-file entries (``read_results`` streams
+      those). Its schema is in the module docstring.
 
     Raises:
-      DataError: after writing both files, when there is any fatal problem; the message lists them all.
-      StorageError: the data set cannot be listed or the output cannot be written.
+      DataError: after writing every output, when there is any fatal problem; the message lists them all.
+      StorageError: the data set cannot be listed, a file cannot be read (storage keeps failing: the
+        step fails, naming the file, so that a retry of the step can read it; it is never counted as a
+        rejected image), or the output cannot be written.
     """
     if not 0.0 <= max_rejected_fraction <= 1.0:
         raise ValueError(f"max_rejected_fraction must be between 0 and 1, got {max_rejected_fraction!r}")
@@ -186,60 +186,35 @@ def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = Fals
         raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels!r}")
     workers = workers or default_workers(data_uri)
     started = time.monotonic()
-
-    listed = storage.list_files(data_uri)
-    log.info("Validating %s: %d entries listed", data_uri, len(listed))
-    layout = _sort_entries(data_uri, listed)
-    accepted, rejected = _check_images(data_uri, layout.candidates, max_pixels, workers)
-    rejected = layout.rejected + rejected
-    accepted, duplicates, conflicts = _find_duplicates(accepted)
-    rejected += conflicts
-    rejected.sort(key=lambda r: r["path"])
-    skipped = sorted(layout.skipped, key=lambda r: r["path"])
-
-    if len(accepted) + len(rejected) + len(skipped) != len(listed):
-        # Every listed path goes to exactly one list; a mismatch is a bug here, never bad data.
-        raise RuntimeError(f"validation lost track of files: listed {len(listed)} != accepted {len(accepted)}"
-                           f" + rejected {len(rejected)} + skipped {len(skipped)}")
-
-    classes = sorted(layout.classes)
-    class_counts = {name: 0 for name in classes}
-    for entry in accepted:
-        class_counts[entry["class"]] += 1
-    fatal = _fatal_problems(data_uri, listed, classes, class_counts, rejected, skipped, accepted,
-                            binary_mode, max_rejected_fraction)
-    result = {
-        "schema_version": SCHEMA_VERSION,
-        "data_uri": data_uri,
-        "parameters": {"binary_mode": binary_mode, "max_rejected_fraction": max_rejected_fraction,
-                       "max_pixels": max_pixels},
-        "classes": classes,
-        "class_counts": class_counts,
-        "listed": len(listed),
-        "counts": {"listed": len(listed), "accepted": len(accepted), "rejected": len(rejected),
-                   "skipped": len(skipped)},
-        "accepted": accepted,
-        "rejected": rejected,
-        "skipped": skipped,
-        "duplicates": duplicates,
-        "statistics": _statistics(accepted, rejected),
-        "imbalance": _imbalance(class_counts),
-        "fatal": fatal,
-    }
-    result["fingerprint"] = compute_data_fingerprint(result)
-    _write_outputs(output_dir, result, html_report=html_report, workers=workers)
+    with tempfile.TemporaryDirectory(prefix="imgclf-validation-") as scratch:
+        tally = _Tally(scratch)
+        progress = logs.ProgressLog("validated", None, unit="files", logger=logs.progress_logger(__name__))
+        try:
+            for kind, entry in bounded_map(lambda item: _check(data_uri, item, max_pixels),
+                                           _place_all(data_uri, tally), workers):
+                tally.add(kind, entry)
+                progress.advance()
+        finally:
+            tally.close_scratch()
+        progress.finish()
+        tally.classes |= _local_class_folders(data_uri)
+        result = tally.finish(scratch, data_uri, output_dir, binary_mode=binary_mode,
+                              max_rejected_fraction=max_rejected_fraction, max_pixels=max_pixels)
+    _write_reports(output_dir, result, html_report=html_report, workers=workers)
+    counts, fatal = result["counts"], result["fatal"]
     log.info("Validation of %s took %.1f s: %d accepted, %d rejected, %d skipped, %d classes, %d fatal",
-             data_uri, time.monotonic() - started, len(accepted), len(rejected), len(skipped), len(classes),
-             len(fatal))
+             data_uri, time.monotonic() - started, counts["accepted"], counts["rejected"], counts["skipped"],
+             len(result["classes"]), len(fatal))
     if fatal:
         raise DataError(f"the data set at {data_uri} cannot be used ({len(fatal)} problem(s); details in "
                         f"{storage.join(output_dir, REPORT_FILE)}):\n" + "\n".join(f"  - {p}" for p in fatal))
     return result
 
 
-def compute_data_fingerprint(result: dict[str, Any]) -> str:
+class DataFingerprint:
     """SHA-256 over what a run would use: each accepted file's path and content hash, and the rejected
-    and skipped paths.
+    and skipped paths; fed in the order of validation's lists (accepted, then rejected, then skipped,
+    each sorted by path), so it streams.
 
     Equal data sets give equal fingerprints whatever the listing order; one changed byte in an
     accepted file, or a file added, removed, renamed or newly rejected, gives another. The rejected and
@@ -247,24 +222,293 @@ def compute_data_fingerprint(result: dict[str, Any]) -> str:
     listed, rejected and skipped: a conversion reused from a different listing would not reconcile.
     The content of rejected files is not read again; only whether and where they are rejected counts.
     """
-    digest = hashlib.sha256(f"imgclf-data-fingerprint-v{SCHEMA_VERSION}\n".encode())
-    rows = [("accepted", e["path"], e["sha256"]) for e in result["accepted"]]
-    rows += [("rejected", e["path"], "") for e in result["rejected"]]
-    rows += [("skipped", e["path"], "") for e in result["skipped"]]
-    for row in sorted(rows):
-        # One JSON array per line: quoting makes every path unambiguous, whatever characters it holds.
-        digest.update(json.dumps(row, ensure_ascii=True).encode("ascii") + b"\n")
-    return digest.hexdigest()
-
-
-class _Layout:
-    """Listed paths sorted by where they sit: candidates, rejected, skipped, and class names."""
 
     def __init__(self) -> None:
-        self.candidates: list[tuple[str, str]] = []  # (relative path, class)
-        self.rejected: list[dict[str, Any]] = []
-        self.skipped: list[dict[str, Any]] = []
+        self._digest = hashlib.sha256(b"imgclf-data-fingerprint-v1\n")
+        self._last: tuple[str, str] = ("", "")
+
+    def add(self, kind: str, path: str, sha256: str = "") -> None:
+        if (kind, path) <= self._last:
+            # Out of order: a list was not sorted, or not fed in full; the fingerprint would be another.
+            raise DataError(f"validation list {kind} is not sorted by path at {path!r}; re-run validation")
+        self._last = (kind, path)
+        # One JSON array per line: quoting makes every path unambiguous, whatever characters it holds.
+        self._digest.update(json.dumps([kind, path, sha256], ensure_ascii=True).encode("ascii") + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def compute_data_fingerprint(validation_json: str) -> str:
+    """The data fingerprint of a written validation result, recomputed from its per-file lists."""
+    fingerprint = DataFingerprint()
+    for kind in ("accepted", "rejected", "skipped"):
+        for entry in read_results(validation_json, kind):
+            fingerprint.add(kind, entry["path"], entry.get("sha256", "") if kind == "accepted" else "")
+    return fingerprint.hexdigest()
+
+
+def _place_all(data_uri: str, tally: _Tally) -> Iterator[tuple[str, Any]]:
+    """Each listed path, in listing (path) order, as what ``_check`` takes: ready or to be read."""
+    for path in storage.iter_files(data_uri):
+        kind, entry = _place(path, tally.classes)
+        if kind == "candidate":
+            try:
+                expected_format(path)  # refuse by name before reading a possibly big unrelated file
+            except ImageRejected as e:
+                kind, entry = "rejected", _reject(path, e.reason, e.code, entry)
+        yield kind, (path, entry) if kind == "candidate" else entry
+
+
+def _check(data_uri: str, item: tuple[str, Any], max_pixels: int) -> tuple[str, dict[str, Any]]:
+    """Read and decode one candidate (in a worker thread); entries placed by name pass through."""
+    kind, entry = item
+    if kind != "candidate":
+        return kind, entry
+    path, class_name = entry
+    # A read that fails after storage's retries raises: a storage failure is not a bad image, and the
+    # step's retry may read it (StorageError names the object and the storage error).
+    data = storage.read_bytes(storage.join(data_uri, path))
+    try:
+        # One Pillow decode; TensorFlow's as well only where the two can disagree (images.check_image).
+        info, second = check_image(data, path, max_pixels)
+    except ImageRejected as e:
+        return "rejected", _reject(path, e.reason, e.code, class_name)
+    return "accepted", {"path": path, "class": class_name, "sha256": hashlib.sha256(data).hexdigest(),
+                        "width": info.width, "height": info.height, "format": info.format, "mode": info.mode,
+                        "bytes": len(data), "exif_orientation": info.exif_orientation,
+                        "tensorflow_checked": second}
+
+
+class _Codes:
+    """Small integer codes for the few distinct values of a field (formats, modes, classes)."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self._index: dict[Any, int] = {}
+
+    def code(self, value: Any) -> int:
+        found = self._index.get(value)
+        if found is None:
+            found = self._index[value] = len(self.values)
+            self.values.append(value)
+        return found
+
+
+class _Tally:
+    """What validation keeps while it streams: per accepted file a few numbers (about 60 bytes: content
+    hash, class, size, format, mode), per-class counts, and the entries themselves in scratch files,
+    never in memory."""
+
+    def __init__(self, scratch: str) -> None:
         self.classes: set[str] = set()
+        self.counts = collections.Counter()
+        self.per_class = collections.Counter()  # (class, "rejected" | "skipped") -> files
+        self.rejected_by_code = collections.Counter()
+        self.sha = bytearray()
+        self.class_code, self.format_code, self.mode_code, self.checked_code = _Codes(), _Codes(), _Codes(), _Codes()
+        self.checked_code.code(None)  # code 0: decoded once
+        self.numbers = {name: array.array(kind) for name, kind in
+                        (("class", "i"), ("width", "i"), ("height", "i"), ("bytes", "q"), ("format", "B"),
+                         ("mode", "B"), ("rotated", "B"), ("checked", "H"))}
+        self._files = {kind: open(os.path.join(scratch, f"{kind}.partial"), "w", encoding="utf-8")  # noqa: SIM115
+                       for kind in ("accepted", "rejected", "skipped")}
+
+    def add(self, kind: str, entry: dict[str, Any]) -> None:
+        self.counts[kind] += 1
+        self._files[kind].write(json.dumps(entry, ensure_ascii=False) + "\n")
+        if kind == "rejected":
+            self.rejected_by_code[entry["code"]] += 1
+            self.per_class[(entry.get("class"), "rejected")] += 1
+        elif kind == "skipped":
+            parts = entry["path"].split("/")
+            if len(parts) >= 2:
+                self.per_class[(parts[0], "skipped")] += 1
+        else:
+            self.sha += bytes.fromhex(entry["sha256"])
+            values = {"class": self.class_code.code(entry["class"]), "width": entry["width"],
+                      "height": entry["height"], "bytes": entry["bytes"],
+                      "format": self.format_code.code(entry["format"]), "mode": self.mode_code.code(entry["mode"]),
+                      "rotated": int(entry["exif_orientation"] != 1),
+                      "checked": self.checked_code.code(entry["tensorflow_checked"])}
+            for name, value in values.items():
+                self.numbers[name].append(value)
+
+    def close_scratch(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+
+    def finish(self, scratch: str, data_uri: str, output_dir: str, *, binary_mode: bool,
+               max_rejected_fraction: float, max_pixels: int) -> dict[str, Any]:
+        """Find duplicates, write the final lists to ``output_dir``, and return the summary."""
+        listed = sum(self.counts.values())
+        groups, conflicted = _duplicate_groups(os.path.join(scratch, "accepted.partial"), self.sha)
+        keep = np.ones(len(self.numbers["class"]), dtype=bool)
+        keep[sorted(conflicted)] = False
+        conflicts = _conflict_rejections(groups)
+        self.rejected_by_code["class_conflict"] += len(conflicts)
+        for entry in conflicts:
+            self.per_class[(entry["class"], "rejected")] += 1
+
+        fingerprint = DataFingerprint()
+        written = {}
+        final = os.path.join(scratch, "final")
+        os.makedirs(final)
+        with open(os.path.join(final, "accepted"), "w", encoding="utf-8") as out, \
+                open(os.path.join(scratch, "accepted.partial"), encoding="utf-8") as lines:
+            for index, line in enumerate(lines):
+                if keep[index]:
+                    out.write(line)
+                    entry = json.loads(line)
+                    fingerprint.add("accepted", entry["path"], entry["sha256"])
+        with open(os.path.join(final, "rejected"), "w", encoding="utf-8") as out, \
+                open(os.path.join(scratch, "rejected.partial"), encoding="utf-8") as lines:
+            for entry in heapq.merge((json.loads(line) for line in lines), conflicts, key=lambda e: e["path"]):
+                out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                fingerprint.add("rejected", entry["path"])
+        os.replace(os.path.join(scratch, "skipped.partial"), os.path.join(final, "skipped"))
+        with open(os.path.join(final, "skipped"), encoding="utf-8") as lines:
+            for line in lines:
+                fingerprint.add("skipped", json.loads(line)["path"])
+        with open(os.path.join(final, "duplicates"), "w", encoding="utf-8") as out:
+            for group in groups:
+                out.write(json.dumps(group, ensure_ascii=False) + "\n")
+        for kind, name in VALIDATION_LISTS.items():
+            storage.upload_file(os.path.join(final, kind), storage.join(output_dir, name))
+            written[kind] = name
+
+        counts = {"listed": listed, "accepted": int(keep.sum()),
+                  "rejected": self.counts["rejected"] + len(conflicts), "skipped": self.counts["skipped"]}
+        if counts["accepted"] + counts["rejected"] + counts["skipped"] != listed:
+            # Every listed path goes to exactly one list; a mismatch is a bug here, never bad data.
+            raise RuntimeError(f"validation lost track of files: {counts}")
+        classes = sorted(self.classes)
+        class_ids = np.frombuffer(self.numbers["class"], dtype=np.int32)[keep]
+        per_code = np.bincount(class_ids, minlength=len(self.class_code.values))
+        class_counts = {name: 0 for name in classes}
+        for code, name in enumerate(self.class_code.values):
+            class_counts[name] = int(per_code[code])
+        result = {
+            "schema_version": SCHEMA_VERSION,
+            "data_uri": data_uri,
+            "parameters": {"binary_mode": binary_mode, "max_rejected_fraction": max_rejected_fraction,
+                           "max_pixels": max_pixels},
+            "classes": classes,
+            "class_counts": class_counts,
+            "listed": listed,
+            "counts": counts,
+            "files": written,
+            "duplicates": {"groups": len(groups), "files": sum(len(g["paths"]) for g in groups),
+                           "conflicts": sum(1 for g in groups if g["conflict"])},
+            "statistics": self._statistics(keep),
+            "imbalance": _imbalance(class_counts),
+        }
+        result["fatal"] = _fatal_problems(data_uri, result, self.per_class, binary_mode, max_rejected_fraction)
+        result["fingerprint"] = fingerprint.hexdigest()
+        storage.write_bytes(storage.join(output_dir, VALIDATION_FILE),
+                            json.dumps(result, indent=1, ensure_ascii=False).encode("utf-8"))
+        return result
+
+    def _statistics(self, keep: np.ndarray) -> dict[str, Any]:
+        def column(name: str) -> np.ndarray:
+            return np.frombuffer(self.numbers[name], dtype=self.numbers[name].typecode)[keep]
+
+        def tally(name: str, codes: _Codes, skip_none: bool = False) -> dict[str, int]:
+            found = np.bincount(column(name), minlength=len(codes.values))
+            return dict(sorted((codes.values[i], int(n)) for i, n in enumerate(found)
+                               if n and not (skip_none and codes.values[i] is None)))
+
+        sizes = column("bytes")
+        return {
+            "formats": tally("format", self.format_code),
+            "modes": tally("mode", self.mode_code),
+            "width": _summary(column("width")),
+            "height": _summary(column("height")),
+            "bytes": _summary(sizes),
+            "total_bytes": int(sizes.sum()),
+            "exif_rotated": int(column("rotated").sum()),
+            "rejected_by_code": dict(sorted((k, v) for k, v in self.rejected_by_code.items() if v)),
+            "tensorflow_checked": tally("checked", self.checked_code, skip_none=True),
+        }
+
+
+def _duplicate_groups(accepted_lines: str, digests: bytearray) -> tuple[list[dict[str, Any]], set[int]]:
+    """Groups of accepted files with equal content, sorted by first path, and the line numbers of those in
+    a group of several classes (``digests``: the files' SHA-256 digests, 32 bytes each, in line order).
+    Only files with a twin are read back (from ``accepted_lines``)."""
+    if len(digests) < 64:
+        return [], set()
+    # Sort the hashes (as four big-endian words, a sort of their bytes; a view, not a copy) and compare
+    # neighbours, a column at a time: about 20 bytes a file while it runs.
+    words = np.frombuffer(digests, dtype=">u8").reshape(-1, 4)
+    order = np.lexsort(tuple(words[:, k] for k in (3, 2, 1, 0)))
+    same = np.ones(len(order) - 1, dtype=bool)
+    for k in range(4):
+        column = words[:, k][order]
+        same &= column[1:] == column[:-1]
+    twins = set(order[1:][same].tolist()) | set(order[:-1][same].tolist())
+    if not twins:
+        return [], set()
+    members: dict[bytes, list[tuple[int, str, str]]] = collections.defaultdict(list)
+    with open(accepted_lines, encoding="utf-8") as lines:
+        for index, line in enumerate(lines):
+            if index in twins:
+                entry = json.loads(line)
+                members[bytes.fromhex(entry["sha256"])].append((index, entry["path"], entry["class"]))
+    groups, conflicted = [], set()
+    for digest, group in sorted(members.items(), key=lambda kv: kv[1][0][1]):
+        classes = sorted({c for _, _, c in group})
+        groups.append({"sha256": digest.hex(), "classes": classes, "paths": [p for _, p, _ in group],
+                       "conflict": len(classes) > 1, "members": [[p, c] for _, p, c in group]})
+        if len(classes) > 1:
+            conflicted.update(i for i, _, _ in group)
+    return groups, conflicted
+
+
+def _conflict_rejections(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A rejection for every copy of content found in several classes, sorted by path."""
+    rejected = []
+    for group in groups:
+        members = group.pop("members")
+        if not group["conflict"]:
+            continue
+        for path, class_name in members:
+            others = [(p, c) for p, c in members if c != class_name]
+            shown = ", ".join(f"'{p}' (class '{c}')" for p, c in others[:3])
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            reason = (f"same content as {shown}{more}: one image cannot have two labels;"
+                      " keep it in the folder of its right class only")
+            rejected.append(_reject(path, reason, "class_conflict", class_name))
+    return sorted(rejected, key=lambda e: e["path"])
+
+
+def read_results(validation_json: str, kind: str) -> Iterator[dict[str, Any]]:
+    """The one reader of validation's per-file lists: the entries of ``kind`` (accepted, rejected,
+    skipped or duplicates), sorted by path, one at a time. The lists sit next to ``validation_json``;
+    a gs:// list is downloaded to a temporary file first and read from there."""
+    if kind not in VALIDATION_LISTS:
+        raise ValueError(f"kind must be one of {sorted(VALIDATION_LISTS)}, got {kind!r}")
+    uri = storage.join(posixpath.dirname(validation_json) if storage.is_gcs(validation_json)
+                       else os.path.dirname(validation_json), VALIDATION_LISTS[kind])
+    with contextlib.ExitStack() as stack:
+        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        if storage.is_gcs(uri):
+            local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgclf-list-")), "list")
+            storage.download_file(uri, local)
+        try:
+            lines = stack.enter_context(open(local, encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{uri} is missing: the validation result at {validation_json} is incomplete or"
+                            " of an earlier imgclf; re-run validation") from None
+        for number, line in enumerate(lines, 1):
+            try:
+                yield json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{uri} line {number} is not valid JSON ({e}); re-run validation") from None
+
+
+def _read_first(validation_json: str, kind: str, count: int) -> list[dict[str, Any]]:
+    return list(itertools.islice(read_results(validation_json, kind), count))
 
 
 def _hidden_reason(part: str) -> str | None:
@@ -278,46 +522,38 @@ def _hidden_reason(part: str) -> str | None:
     return None
 
 
-def _sort_entries(data_uri: str, listed: list[str]) -> _Layout:
-    layout = _Layout()
-    for path in listed:
-        parts = path.split("/")
-        if path.endswith("/"):
-            # A zero-byte "folder/" object that some tools create to show an empty folder.
-            layout.skipped.append({"path": path, "reason": "folder placeholder object"})
-            if len(parts) == 2 and not _hidden_reason(parts[0]):
-                layout.classes.add(parts[0])
-            continue
-        hidden = next((r for r in map(_hidden_reason, parts) if r), None)
-        if hidden:
-            layout.skipped.append({"path": path, "reason": hidden})
-            if len(parts) == 1 and parts[0].endswith(_FOLDER_MARKER):
-                # "roses_$folder$" at the top level is how S3 tools mark the (maybe empty) folder "roses".
-                marked = parts[0][: -len(_FOLDER_MARKER)]
-                if marked and not _hidden_reason(marked):
-                    layout.classes.add(marked)
-            elif len(parts) >= 2 and not _hidden_reason(parts[0]):
-                layout.classes.add(parts[0])  # e.g. "roses/.DS_Store": the class folder exists.
-            continue
-        if "" in parts:
-            layout.rejected.append(_reject(path, "path has an empty folder name ('//' or a leading '/');"
-                                                 " rename the object", "bad_path"))
-            continue
-        if len(parts) == 1:
-            layout.rejected.append(_reject(
-                path, "file at the top level of the data set, outside any class folder; move it into the"
-                      " folder of its class or delete it", "outside_class"))
-            continue
-        layout.classes.add(parts[0])
-        if len(parts) > 2:
-            layout.rejected.append(_reject(
-                path, f"inside the nested folder '{'/'.join(parts[:-1])}'; images must sit directly in their"
-                      f" class folder: move it up into '{parts[0]}/' or delete the sub-folder",
-                "nested", parts[0]))
-            continue
-        layout.candidates.append((path, parts[0]))
-    layout.classes |= _local_class_folders(data_uri)
-    return layout
+def _place(path: str, classes: set[str]) -> tuple[str, Any]:
+    """Where one listed path belongs by its name alone: ("skipped" | "rejected", entry) or
+    ("candidate", class name). Adds the class folders the path shows to ``classes``."""
+    parts = path.split("/")
+    if path.endswith("/"):
+        # A zero-byte "folder/" object that some tools create to show an empty folder.
+        if len(parts) == 2 and not _hidden_reason(parts[0]):
+            classes.add(parts[0])
+        return "skipped", {"path": path, "reason": "folder placeholder object"}
+    hidden = next((r for r in map(_hidden_reason, parts) if r), None)
+    if hidden:
+        if len(parts) == 1 and parts[0].endswith(_FOLDER_MARKER):
+            # "roses_$folder$" at the top level is how S3 tools mark the (maybe empty) folder "roses".
+            marked = parts[0][: -len(_FOLDER_MARKER)]
+            if marked and not _hidden_reason(marked):
+                classes.add(marked)
+        elif len(parts) >= 2 and not _hidden_reason(parts[0]):
+            classes.add(parts[0])  # e.g. "roses/.DS_Store": the class folder exists.
+        return "skipped", {"path": path, "reason": hidden}
+    if "" in parts:
+        return "rejected", _reject(path, "path has an empty folder name ('//' or a leading '/'); rename the object",
+                                   "bad_path")
+    if len(parts) == 1:
+        return "rejected", _reject(
+            path, "file at the top level of the data set, outside any class folder; move it into the"
+                  " folder of its class or delete it", "outside_class")
+    classes.add(parts[0])
+    if len(parts) > 2:
+        return "rejected", _reject(
+            path, f"inside the nested folder '{'/'.join(parts[:-1])}'; images must sit directly in their"
+                  f" class folder: move it up into '{parts[0]}/' or delete the sub-folder", "nested", parts[0])
+    return "candidate", parts[0]
 
 
 def _local_class_folders(data_uri: str) -> set[str]:
@@ -338,76 +574,11 @@ def _reject(path: str, reason: str, code: str, class_name: str | None = None) ->
     return entry
 
 
-def _check_images(data_uri: str, candidates: list[tuple[str, str]], max_pixels: int,
-                  workers: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read and decode every candidate in parallel; return (accepted, rejected)."""
-    accepted: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    to_read = []
-    for path, class_name in candidates:
-        try:
-            expected_format(path)  # refuse by name before reading a possibly big unrelated file
-            to_read.append((path, class_name))
-        except ImageRejected as e:
-            rejected.append(_reject(path, e.reason, e.code, class_name))
-
-    def check(item: tuple[str, str]) -> dict[str, Any]:
-        path, class_name = item
-        try:
-            data = storage.read_bytes(storage.join(data_uri, path))
-        except StorageError as e:
-            return _reject(path, f"could not be read ({e}); check the object and its permissions",
-                           "read_error", class_name)
-        try:
-            # One Pillow decode; TensorFlow's as well only where the two can disagree (images.check_image).
-            info, second = check_image(data, path, max_pixels)
-        except ImageRejected as e:
-            return _reject(path, e.reason, e.code, class_name)
-        return {"path": path, "class": class_name, "sha256": hashlib.sha256(data).hexdigest(),
-                "width": info.width, "height": info.height, "format": info.format, "mode": info.mode,
-                "bytes": len(data), "exif_orientation": info.exif_orientation, "tensorflow_checked": second}
-
-    progress = logs.ProgressLog("validated", len(to_read), logger=logs.progress_logger(__name__))
-    for entry in bounded_map(check, to_read, workers):
-        (accepted if "sha256" in entry else rejected).append(entry)
-        progress.advance()
-    progress.finish()
-    return accepted, rejected
-
-
-def _find_duplicates(accepted: list[dict[str, Any]]) -> tuple[list, list, list]:
-    """Group accepted files by content; return (still accepted, duplicate groups, conflict rejections)."""
-    by_hash: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for entry in accepted:
-        by_hash[entry["sha256"]].append(entry)
-    duplicates, conflicts, conflicting = [], [], set()
-    for digest, group in sorted(by_hash.items(), key=lambda kv: kv[1][0]["path"]):
-        if len(group) < 2:
-            continue
-        classes = sorted({e["class"] for e in group})
-        paths = sorted(e["path"] for e in group)
-        duplicates.append({"sha256": digest, "classes": classes, "paths": paths,
-                           "conflict": len(classes) > 1})
-        if len(classes) == 1:
-            continue
-        conflicting.add(digest)
-        for entry in group:
-            others = [e for e in group if e["class"] != entry["class"]]
-            shown = ", ".join(f"'{e['path']}' (class '{e['class']}')" for e in others[:3])
-            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-            reason = (f"same content as {shown}{more}: one image cannot have two labels;"
-                      " keep it in the folder of its right class only")
-            conflicts.append(_reject(entry["path"], reason, "class_conflict", entry["class"]))
-    kept = [e for e in accepted if e["sha256"] not in conflicting]
-    kept.sort(key=lambda e: e["path"])
-    return kept, duplicates, conflicts
-
-
-def _fatal_problems(data_uri: str, listed: list[str], classes: list[str], class_counts: dict[str, int],
-                    rejected: list, skipped: list, accepted: list, binary_mode: bool,
-                    max_rejected_fraction: float) -> list[str]:
+def _fatal_problems(data_uri: str, result: dict[str, Any], per_class: collections.Counter,
+                    binary_mode: bool, max_rejected_fraction: float) -> list[str]:
+    classes, class_counts, counts = result["classes"], result["class_counts"], result["counts"]
     fatal = []
-    if not listed:
+    if not counts["listed"]:
         fatal.append(f"no files found under {data_uri}; data_uri must be the folder that holds one"
                      " sub-folder of images per class")
     elif not classes:
@@ -417,13 +588,6 @@ def _fatal_problems(data_uri: str, listed: list[str], classes: list[str], class_
         fatal.append(f"only one class folder ('{classes[0]}') under {data_uri}; classification needs at"
                      " least 2 classes: add one sub-folder of images per class")
     fatal.extend(_name_collisions(classes))
-    per_class = collections.Counter()
-    for entry in rejected:
-        per_class[(entry.get("class"), "rejected")] += 1
-    for entry in skipped:
-        parts = entry["path"].split("/")
-        if len(parts) >= 2:
-            per_class[(parts[0], "skipped")] += 1
     for name in classes:
         if class_counts[name] == 0:
             fatal.append(f"class folder '{name}' has no usable images ({per_class[(name, 'rejected')]}"
@@ -433,13 +597,14 @@ def _fatal_problems(data_uri: str, listed: list[str], classes: list[str], class_
         shown = ", ".join(f"'{c}'" for c in classes[:10]) + (", ..." if len(classes) > 10 else "")
         fatal.append(f"binary_mode is True but the data set has {len(classes)} class(es) ({shown}); binary"
                      " mode needs exactly 2 class folders: set binary_mode to False or keep two classes")
-    considered = len(accepted) + len(rejected)
-    if considered and len(rejected) / considered > max_rejected_fraction:
-        share = len(rejected) / considered
-        fatal.append(f"{len(rejected)} of {considered} files ({share:.1%}) were rejected,"
+    rejected = counts["rejected"]
+    considered = counts["accepted"] + rejected
+    if considered and rejected / considered > max_rejected_fraction:
+        share = rejected / considered
+        fatal.append(f"{rejected} of {considered} files ({share:.1%}) were rejected,"
                      f" above the limit max_rejected_fraction={max_rejected_fraction:g}"
                      f" ({max_rejected_fraction:.1%}); fix or remove the rejected files listed in"
-                     f" {REPORT_FILE}, or raise max_rejected_fraction")
+                     f" {REPORT_FILE} and {VALIDATION_LISTS['rejected']}, or raise max_rejected_fraction")
     return fatal
 
 
@@ -461,25 +626,12 @@ def _name_collisions(classes: list[str]) -> list[str]:
     return problems
 
 
-def _summary(values: list[int]) -> dict[str, float] | None:
-    if not values:
+def _summary(values: np.ndarray) -> dict[str, float] | None:
+    if not len(values):
         return None
-    return {"min": min(values), "median": stats.median(values), "max": max(values)}
-
-
-def _statistics(accepted: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "formats": dict(sorted(collections.Counter(e["format"] for e in accepted).items())),
-        "modes": dict(sorted(collections.Counter(e["mode"] for e in accepted).items())),
-        "width": _summary([e["width"] for e in accepted]),
-        "height": _summary([e["height"] for e in accepted]),
-        "bytes": _summary([e["bytes"] for e in accepted]),
-        "total_bytes": sum(e["bytes"] for e in accepted),
-        "exif_rotated": sum(1 for e in accepted if e["exif_orientation"] != 1),
-        "rejected_by_code": dict(sorted(collections.Counter(e["code"] for e in rejected).items())),
-        "tensorflow_checked": dict(sorted(collections.Counter(
-            e["tensorflow_checked"] for e in accepted if e.get("tensorflow_checked")).items())),
-    }
+    median = float(np.median(values))
+    return {"min": int(values.min()), "median": int(median) if median.is_integer() else median,
+            "max": int(values.max())}
 
 
 def _checked(st: dict[str, Any]) -> str:
@@ -500,13 +652,12 @@ def _imbalance(class_counts: dict[str, int]) -> dict[str, Any] | None:
             "smallest": {"class": smallest, "count": low}}
 
 
-def _write_outputs(output_dir: str, result: dict[str, Any], *, html_report: bool, workers: int) -> None:
+def _write_reports(output_dir: str, result: dict[str, Any], *, html_report: bool, workers: int) -> None:
     # storage.write_bytes creates missing local folders and replaces files atomically.
-    storage.write_bytes(storage.join(output_dir, VALIDATION_FILE),
-                        json.dumps(result, indent=1, ensure_ascii=False).encode("utf-8"))
-    storage.write_bytes(storage.join(output_dir, REPORT_FILE), render_report(result).encode("utf-8"))
+    validation_json = storage.join(output_dir, VALIDATION_FILE)
+    storage.write_bytes(storage.join(output_dir, REPORT_FILE), render_report(result, validation_json).encode("utf-8"))
     if html_report:
-        page = render_html_report(result, result["data_uri"], workers=workers)
+        page = render_html_report(result, validation_json, workers=workers)
         storage.write_bytes(storage.join(output_dir, HTML_REPORT_FILE), page.encode("utf-8"))
 
 
@@ -517,13 +668,27 @@ def _md(text: Any) -> str:
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
+def _more(total: int, list_name: str) -> list[str]:
+    return [f"\n{total - _REPORT_ROWS} more in {list_name} (every one is listed there)."] \
+        if total > _REPORT_ROWS else []
+
+
+def _etc(paths: list[str]) -> str:
+    return f" and {len(paths) - _GROUP_PATHS} more" if len(paths) > _GROUP_PATHS else ""
+
+
 def _plain(text: str) -> str:
     """Free text (reasons) in a table cell: pipes escaped, one line."""
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_report(result: dict[str, Any]) -> str:
-    """The Markdown summary of a validation result, shown in the Kubeflow UI."""
+def render_report(result: dict[str, Any], validation_json: str) -> str:
+    """The Markdown summary of a validation result, shown in the Kubeflow UI.
+
+    Its size does not grow with the data set: counts, every class, and the first ``_REPORT_ROWS`` rows
+    of the rejected, skipped and duplicate lists (read from the lists next to ``validation_json``),
+    with the name of the list that holds the rest.
+    """
     counts, fatal = result["counts"], result["fatal"]
     lines = [f"# Data validation: {_md(result['data_uri'])}", ""]
     lines.append(f"**Result: FAILED** with {len(fatal)} fatal problem(s)." if fatal
@@ -546,20 +711,23 @@ def render_report(result: dict[str, Any]) -> str:
                       f" {_md(imbalance['smallest']['class'])}: {imbalance['smallest']['count']})."]
     lines.append("")
     for title, key in (("Rejected files", "rejected"), ("Skipped entries", "skipped")):
-        rows = result[key]
-        if not rows:
+        total = counts[key]
+        if not total:
             continue
-        lines += [f"## {title} ({len(rows)})", "", "| file | reason |", "|---|---|"]
-        lines += [f"| {_md(r['path'])} | {_plain(r['reason'])} |" for r in rows[:_REPORT_ROWS]]
-        if len(rows) > _REPORT_ROWS:
-            lines.append(f"\n{len(rows) - _REPORT_ROWS} more in {VALIDATION_FILE}.")
+        lines += [f"## {title} ({total})", "", "| file | reason |", "|---|---|"]
+        lines += [f"| {_md(r['path'])} | {_plain(r['reason'])} |"
+                  for r in _read_first(validation_json, key, _REPORT_ROWS)]
+        lines += _more(total, VALIDATION_LISTS[key])
         lines.append("")
-    if result["duplicates"]:
-        lines += [f"## Identical files ({len(result['duplicates'])} groups)", "",
+    groups = result["duplicates"]["groups"]
+    if groups:
+        lines += [f"## Identical files ({groups} groups)", "",
                   "Copies within one class are kept (and always put in the same split); copies in several"
                   " classes are rejected.", "", "| files | classes | kept |", "|---|---|---|"]
-        lines += [f"| {', '.join(_md(p) for p in d['paths'])} | {', '.join(_md(c) for c in d['classes'])} |"
-                  f" {'no' if d['conflict'] else 'yes'} |" for d in result["duplicates"][:_REPORT_ROWS]]
+        lines += [f"| {', '.join(_md(p) for p in d['paths'][:_GROUP_PATHS])}{_etc(d['paths'])} |"
+                  f" {', '.join(_md(c) for c in d['classes'])} | {'no' if d['conflict'] else 'yes'} |"
+                  for d in _read_first(validation_json, "duplicates", _REPORT_ROWS)]
+        lines += _more(groups, VALIDATION_LISTS["duplicates"])
         lines.append("")
     st = result["statistics"]
     if st["width"]:
@@ -605,23 +773,34 @@ def _previewable(entry: dict[str, Any]) -> bool:
     return entry["code"] in _PREVIEWABLE and posixpath.splitext(entry["path"])[1].lower() in SUPPORTED_EXTENSIONS
 
 
-def _pick_thumbnails(result: dict[str, Any], per_class: int) -> tuple[dict[str, list[str]], list[str]]:
-    """Paths to show: ({class: paths spread over its sorted files}, rejected paths), MAX_THUMBNAILS in all."""
-    rejected = [r["path"] for r in result["rejected"] if _previewable(r)][:_REJECTED_THUMBNAILS]
+def _pick_thumbnails(result: dict[str, Any], validation_json: str,
+                     per_class: int) -> tuple[dict[str, list[str]], list[str]]:
+    """Paths to show: ({class: paths spread over its sorted files}, rejected paths), MAX_THUMBNAILS in all.
+
+    One pass over the accepted list; the first previewable rejected files come from the rejected list.
+    """
+    rejected = []
+    if result["counts"]["rejected"]:
+        previewable = (r["path"] for r in read_results(validation_json, "rejected") if _previewable(r))
+        rejected = list(itertools.islice(previewable, _REJECTED_THUMBNAILS))
     budget = MAX_THUMBNAILS - len(rejected)
-    by_class: dict[str, list[str]] = collections.defaultdict(list)
-    for entry in result["accepted"]:
-        by_class[entry["class"]].append(entry["path"])
-    classes = result["classes"]
+    classes, class_counts = result["classes"], result["class_counts"]
     # Many classes share the budget: fewer per class, but every class gets one while any is left.
     share = min(per_class, max(1, budget // max(len(classes), 1)))
-    picks = {}
+    wanted: dict[str, set[int]] = {}
     for name in classes:
-        paths = by_class.get(name, [])
-        count = min(share, len(paths), budget)
+        count = min(share, class_counts[name], budget)
         # Spread over the class rather than its first files, which often come from one source.
-        picks[name] = [paths[i * len(paths) // count] for i in range(count)]
+        wanted[name] = {i * class_counts[name] // count for i in range(count)}
         budget -= count
+    picks: dict[str, list[str]] = {name: [] for name in classes}
+    if any(wanted.values()):
+        seen: collections.Counter = collections.Counter()
+        for entry in read_results(validation_json, "accepted"):
+            name = entry["class"]
+            if seen[name] in wanted[name]:
+                picks[name].append(entry["path"])
+            seen[name] += 1
     return picks, rejected
 
 
@@ -666,22 +845,24 @@ def _thumb_html(path: str, uri: str | None, missing: str) -> str:
     return f'<span class="none" title="{_h(path)}">{_h(missing)}</span>'
 
 
-def render_html_report(result: dict[str, Any], data_uri: str, thumbnails_per_class: int = 4, *,
+def render_html_report(result: dict[str, Any], validation_json: str, thumbnails_per_class: int = 4, *,
                        workers: int | None = None) -> str:
     """The validation result as one self-contained HTML page, for the Kubeflow UI.
 
     It shows what report.md shows, plus up to ``thumbnails_per_class`` thumbnails per class and
     thumbnails of rejected files that are still pictures (a placeholder for the others). Thumbnails
-    are re-read from ``data_uri`` through ``storage`` and decoded as for training, ``THUMBNAIL_PIXELS``
+    are re-read from the validated data set through ``storage`` and decoded as for training, ``THUMBNAIL_PIXELS``
     on their longer side, inlined as base64 JPEG data URIs: the page loads nothing from elsewhere
     (the UI shows it in a sandbox, and a bucket is rarely readable from a browser). At most
-    ``MAX_THUMBNAILS`` are shown, so the page stays small for thousands of classes. A file that cannot
-    be read or decoded now gets a placeholder; the report never fails for a thumbnail.
+    ``MAX_THUMBNAILS`` are shown, and at most ``_REPORT_ROWS`` rows of each list (the lists next to
+    ``validation_json`` hold every file), so the page's size does not grow with the data set. A file
+    that cannot be read or decoded now gets a placeholder; the report never fails for a thumbnail.
     """
     if thumbnails_per_class < 0:
         raise ValueError(f"thumbnails_per_class must be 0 or more, got {thumbnails_per_class!r}")
     max_pixels = result["parameters"].get("max_pixels", DEFAULT_MAX_PIXELS)
-    class_picks, rejected_picks = _pick_thumbnails(result, thumbnails_per_class)
+    data_uri = result["data_uri"]
+    class_picks, rejected_picks = _pick_thumbnails(result, validation_json, thumbnails_per_class)
     paths = [p for picks in class_picks.values() for p in picks] + rejected_picks
     thumbs = dict(zip(paths, bounded_map(lambda p: _thumbnail(data_uri, p, max_pixels), paths,
                                          workers or default_workers()), strict=True))
@@ -715,31 +896,33 @@ def render_html_report(result: dict[str, Any], data_uri: str, thumbnails_per_cla
                    f" {_hname(imbalance['smallest']['class'])}: {imbalance['smallest']['count']}).</p>")
 
     for title, key in (("Rejected files", "rejected"), ("Skipped entries", "skipped")):
-        rows = result[key]
-        if not rows:
+        total = counts[key]
+        if not total:
             continue
         preview = key == "rejected"
-        out.append(f"<h2>{title} ({len(rows)})</h2><table><tr>{'<th>preview</th>' if preview else ''}"
+        out.append(f"<h2>{title} ({total})</h2><table><tr>{'<th>preview</th>' if preview else ''}"
                    "<th>file</th><th>reason</th></tr>")
-        for row in rows[:_REPORT_ROWS]:
+        for row in _read_first(validation_json, key, _REPORT_ROWS):
             cell = ""
             if preview:
                 cell = "<td>" + _thumb_html(row["path"], thumbs.get(row["path"]),
                                             "cannot be shown" if row["path"] in thumbs else "no preview") + "</td>"
             out.append(f"<tr>{cell}<td>{_hname(row['path'])}</td><td>{_h(row['reason'])}</td></tr>")
         out.append("</table>")
-        if len(rows) > _REPORT_ROWS:
-            out.append(f"<p>{len(rows) - _REPORT_ROWS} more in {VALIDATION_FILE}.</p>")
+        out += [f"<p>{_h(line.strip())}</p>" for line in _more(total, VALIDATION_LISTS[key])]
 
-    if result["duplicates"]:
-        out.append(f"<h2>Identical files ({len(result['duplicates'])} groups)</h2><p>Copies within one class are"
+    groups = result["duplicates"]["groups"]
+    if groups:
+        out.append(f"<h2>Identical files ({groups} groups)</h2><p>Copies within one class are"
                    " kept (and always put in the same split); copies in several classes are rejected.</p>"
                    "<table><tr><th>files</th><th>classes</th><th>kept</th></tr>")
-        for group in result["duplicates"][:_REPORT_ROWS]:
-            out.append(f"<tr><td>{', '.join(_hname(p) for p in group['paths'])}</td>"
+        for group in _read_first(validation_json, "duplicates", _REPORT_ROWS):
+            out.append(f"<tr><td>{', '.join(_hname(p) for p in group['paths'][:_GROUP_PATHS])}"
+                       f"{_h(_etc(group['paths']))}</td>"
                        f"<td>{', '.join(_hname(c) for c in group['classes'])}</td>"
                        f"<td>{'no' if group['conflict'] else 'yes'}</td></tr>")
         out.append("</table>")
+        out += [f"<p>{_h(line.strip())}</p>" for line in _more(groups, VALIDATION_LISTS["duplicates"])]
     st = result["statistics"]
     if st["width"]:
         items = [f"formats: {', '.join(f'{k} {v}' for k, v in st['formats'].items())}",
@@ -754,7 +937,8 @@ def render_html_report(result: dict[str, Any], data_uri: str, thumbnails_per_cla
 
 
 def load_validation(validation_json: str) -> dict[str, Any]:
-    """Read a validation.json written by ``validate_dataset``."""
+    """Read the summary in a validation.json written by ``validate_dataset`` (``read_results`` streams
+    its per-file lists)."""
     try:
         result = json.loads(storage.read_bytes(validation_json))
     except json.JSONDecodeError as e:

@@ -56,8 +56,7 @@ def _assert_reconciled(summary: dict, out) -> None:
     assert summary["counts"] == {"train": 18, "validation": 6, "test": 6}
     with open(os.path.join(summary["dataset_path"], "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
-    with open(os.path.join(_validation_dir(out), "validation.json"), encoding="utf-8") as f:
-        validation = json.load(f)
+    validation = ds.validation_with_lists(_validation_dir(out))
     assert manifest["written"] == manifest["accepted"] == len(validation["accepted"]) == 30
     assert (manifest["listed"], manifest["rejected"], manifest["skipped"]) == (LISTED, 1, 1)
     assert manifest["data_fingerprint"] == validation["fingerprint"]

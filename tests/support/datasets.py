@@ -279,3 +279,15 @@ def bad_inputs_corpus(root: str | os.PathLike) -> Corpus:
 @pytest.fixture
 def bad_corpus(tmp_path) -> Corpus:
     return bad_inputs_corpus(tmp_path / "corpus")
+
+
+def validation_with_lists(output_dir: str | os.PathLike) -> dict:
+    """A written validation result, its summary with the per-file lists read back through the one reader
+    (``trainer.validation.read_results``), as one dict: {..., "accepted": [...], "rejected": [...], ...}."""
+    from trainer import layout, validation
+
+    validation_json = os.path.join(str(output_dir), layout.VALIDATION_FILE) if "://" not in str(output_dir) \
+        else f"{output_dir}/{layout.VALIDATION_FILE}"
+    result = validation.load_validation(validation_json)
+    lists = {kind: list(validation.read_results(validation_json, kind)) for kind in layout.VALIDATION_LISTS}
+    return {**result, **lists}

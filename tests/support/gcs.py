@@ -153,8 +153,10 @@ def _restore_env(previous: str | None) -> None:
 class _Rule:
     method: str
     pattern: re.Pattern[str]
-    action: int | str  # an HTTP status to answer with, or "reset": cut the connection mid-body
+    action: int | str  # an HTTP status to answer with; "reset": cut the connection mid-body; "lost": pass
+    # the request on, then answer 503 as if the reply had been lost (the request took effect)
     times: int | None  # None: every matching request
+    query: re.Pattern[str] | None = None  # also matched against the raw query string, when given
 
 
 @dataclass
@@ -170,8 +172,10 @@ class GcsFaultProxy:
 
     * Listings come in pages of at most ``page_size`` (1,000, like GCS) with ``nextPageToken``;
       the emulator always returns everything in one page.
-    * ``inject(method, path_regex, 403 | 503 | "reset", times)`` answers matching requests with an error,
-      or sends half of the emulator's body and closes the connection (a reset mid-download).
+    * ``inject(method, path_regex, 403 | 503 | "reset" | "lost", times)`` answers matching requests with
+      an error, sends half of the emulator's body and closes the connection (a reset mid-download), or
+      ("lost") lets the request take effect and answers 503, as when GCS's reply is lost on the way
+      (the client's retry then meets its own first attempt).
     * ``extra_names[bucket]`` adds object names to listings that the emulator cannot store
       (names containing '..' crash its store).
     * ``requests`` records every request, in order.
@@ -195,9 +199,16 @@ class GcsFaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
-    def inject(self, method: str, path_regex: str, action: int | str, times: int | None = 1) -> None:
+    def inject(self, method: str, path_regex: str, action: int | str, times: int | None = 1,
+               query_regex: str | None = None) -> None:
         with self._lock:
-            self._rules.append(_Rule(method, re.compile(path_regex), action, times))
+            self._rules.append(_Rule(method, re.compile(path_regex), action, times,
+                                     re.compile(query_regex) if query_regex else None))
+
+    def clear(self) -> None:
+        """Drop every injected fault: storage heals."""
+        with self._lock:
+            self._rules.clear()
 
     def seen(self, method: str, path_regex: str) -> list[SeenRequest]:
         return [r for r in self.requests if r.method == method and re.search(path_regex, r.path)]
@@ -206,9 +217,11 @@ class GcsFaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _take(self, method: str, path: str) -> int | str | None:
+    def _take(self, method: str, path: str, query: str = "") -> int | str | None:
         with self._lock:
             for rule in self._rules:
+                if rule.query is not None and not rule.query.search(unquote(query)):
+                    continue
                 if rule.method == method and rule.pattern.search(path) and rule.times != 0:
                     if rule.times is not None:
                         rule.times -= 1
@@ -262,10 +275,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         path, query = unquote(url.path), parse_qs(url.query)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         proxy.requests.append(SeenRequest(self.command, path, query, dict(self.headers.items())))
-        action = proxy._take(self.command, path)
+        action = proxy._take(self.command, path, url.query)
         if isinstance(action, int):
-            error = {"error": {"code": action, "message": f"injected by GcsFaultProxy ({action})"}}
-            return self._reply(action, [("Content-Type", "application/json")], json.dumps(error).encode())
+            return self._error(action)
         listing = re.fullmatch(r"/storage/v1/b/([^/]+)/o", path) if self.command == "GET" else None
         target = self.path
         if listing:
@@ -281,8 +293,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                                        "specified did not hold. (GcsFaultProxy)"}}
                     return self._reply(412, [("Content-Type", "application/json")], json.dumps(error).encode())
                 status, headers, data = proxy._forward(self.command, target, self.headers, body)
-                return self._reply(status, headers, data)
+                return self._error(503) if action == "lost" else self._reply(status, headers, data)
         status, headers, data = proxy._forward(self.command, target, self.headers, body)
+        if action == "lost":
+            return self._error(503)
         if listing and status == 200:
             data = proxy._page(listing.group(1), query, data)
         if action == "reset":
@@ -299,6 +313,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         return self._reply(status, headers, data)
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def _error(self, status: int) -> None:
+        error = {"error": {"code": status, "message": f"injected by GcsFaultProxy ({status})"}}
+        return self._reply(status, [("Content-Type", "application/json")], json.dumps(error).encode())
 
     def _reply(self, status: int, headers: list, data: bytes) -> None:
         self.send_response(status)

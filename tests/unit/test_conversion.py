@@ -349,7 +349,8 @@ def test_gcs_data_set_end_to_end(tiny_dataset, gcs_bucket, tmp_path):
     with pytest.raises(DataError, match="class folder 'ghost' has no usable images"):
         validate_dataset(data_uri, f"{work}/bad-validation")
     emulator_client().bucket(gcs_bucket).blob("flowers/ghost/").delete()
-    result = validate_dataset(data_uri, f"{work}/validation")
+    validate_dataset(data_uri, f"{work}/validation")
+    result = ds.validation_with_lists(f"{work}/validation")
     assert result["counts"] == {"listed": 30, "accepted": 30, "rejected": 0, "skipped": 0}
     assert "Result: passed" in storage.read_bytes(f"{work}/validation/report.md").decode()
     manifest = convert_dataset(data_uri, f"{work}/validation/validation.json", f"{work}/dataset",
@@ -373,10 +374,12 @@ def test_data_fingerprint_from_validation_is_checked_and_recorded(tiny_dataset, 
     with pytest.raises(DataError, match="belongs to other data"):
         convert_dataset(str(tiny_dataset), str(validation_json), str(tmp_path / "o2"),
                         data_fingerprint="0" * 64)
-    # A validation.json whose lists were edited no longer matches the fingerprint it records.
+    # A validation result whose lists were edited no longer matches the fingerprint it records.
     edited = json.loads(validation_json.read_text())
-    dropped = edited["accepted"].pop()
-    edited["skipped"].append({"path": dropped["path"], "reason": "edited by hand"})
+    accepted = (tmp_path / "v" / "accepted.jsonl").read_text().splitlines()
+    dropped = json.loads(accepted.pop())
+    (tmp_path / "v" / "accepted.jsonl").write_text("".join(line + "\n" for line in accepted))
+    (tmp_path / "v" / "skipped.jsonl").write_text(json.dumps({"path": dropped["path"], "reason": "edited"}) + "\n")
     edited["counts"].update(accepted=edited["counts"]["accepted"] - 1, skipped=edited["counts"]["skipped"] + 1)
     validation_json.write_text(json.dumps(edited))
     with pytest.raises(DataError, match="its fingerprint does not match its file lists"):

@@ -562,3 +562,15 @@ def test_a_baseline_that_answers_nan_is_refused_not_compared(world, tmp_path):
         registry.decide_blessing("auc", 0.6, baseline_model_uri=broken, dataset_dir=world["dataset"],
                                  output_dir=str(tmp_path / "blessing"))
     assert not (tmp_path / "blessing" / "blessing.json").exists()
+
+
+def test_a_claim_whose_reply_was_lost_keeps_its_version(gcs_bucket, gcs_proxy):
+    """The proxy stands in for GCS: it applies ifGenerationMatch=0 and loses the reply to the first claim
+    upload, so the library's retry meets 412 against the claim that landed. The push keeps version 1."""
+    registry_uri = f"gs://{gcs_bucket}/registry"
+    gcs_proxy.inject("POST", r"^/upload/", "lost", times=1)
+    claim = b'{"model_uri": "gs://runs/1/model", "claim_id": "a1"}'
+    assert registry._claim_version(registry_uri, claim, []) == "000001"
+    assert len(gcs_proxy.seen("POST", r"^/upload/")) == 2
+    # A rival's claim on the same number is still a rival's: the next push takes version 2.
+    assert registry._claim_version(registry_uri, claim.replace(b"a1", b"b2"), []) == "000002"

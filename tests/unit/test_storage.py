@@ -376,3 +376,65 @@ def test_delete_removes_one_file_and_says_whether_there_was_one(base):
     assert storage.delete(uri) is True
     assert storage.delete(uri) is False
     assert storage.list_files(storage.join(base, "a")) == ["kept"]
+
+
+def test_retried_create_that_meets_its_own_landed_attempt_counts_as_done(gcs_bucket, gcs_proxy: GcsFaultProxy):
+    """The proxy stands in for GCS twice: it applies ifGenerationMatch=0 (the emulator ignores it), and it
+    lets the first upload land but answers 503 (a reply lost on the way), so the library's retry meets 412."""
+    uri = f"gs://{gcs_bucket}/claims/000001"
+    gcs_proxy.inject("POST", r"^/upload/", "lost", times=1)
+    assert storage.create_if_absent(uri, b"writer 1, id 5f3a") is True
+    uploads = gcs_proxy.seen("POST", r"^/upload/")
+    assert len(uploads) == 2  # the first landed and its reply was lost; the retry met 412
+    assert storage.read_bytes(uri) == b"writer 1, id 5f3a"
+    # Someone else's object under the name is still someone else's, retry or not.
+    gcs_proxy.inject("POST", r"^/upload/", "lost", times=1)
+    assert storage.create_if_absent(storage.join(f"gs://{gcs_bucket}", "claims", "000002"), b"mine") is True
+    assert storage.create_if_absent(storage.join(f"gs://{gcs_bucket}", "claims", "000002"), b"another") is False
+    assert storage.read_bytes(storage.join(f"gs://{gcs_bucket}", "claims", "000002")) == b"mine"
+
+
+def test_gcs_listing_lists_class_folders_on_their_own_in_path_order(gcs_bucket, gcs_proxy, tmp_path):
+    """The proxy pages listings as GCS does; the top level is listed with a delimiter, then each folder."""
+    files = {"a.b/x.jpg": b"1", "a/y.jpg": b"2", "a/z/deep.jpg": b"3", "a0.jpg": b"4", "b/": b"",
+             "b/w.jpg": b"5", "top.jpg": b"6"}
+    uri = upload_folder(make_folder(tmp_path / "d", {k: v for k, v in files.items() if not k.endswith("/")}),
+                        gcs_bucket, "data")
+    emulator_client().bucket(gcs_bucket).blob("data/b/").upload_from_string(b"")
+    assert storage.list_files(uri) == sorted(files)
+    folders = [r.query["prefix"][0] for r in gcs_proxy.seen("GET", r"^/storage/v1/b/[^/]+/o$")]
+    assert folders[0] == "data/" and sorted(folders[1:]) == ["data/a.b/", "data/a/", "data/b/"]
+    assert [d["path"] for d in storage.iter_object_details(uri)] == sorted(files)
+
+
+def test_local_listing_streams_in_the_order_of_a_full_sort(tmp_path):
+    files = ["a.b/x.jpg", "a/y.jpg", "a/z/deep.jpg", "a0.jpg", "b-c/1.jpg", "b/2.jpg", "ü/3.jpg", "Z.jpg"]
+    make_folder(tmp_path / "d", {name: b"x" for name in files})
+    listing = storage.iter_files(str(tmp_path / "d"))
+    assert not isinstance(listing, list) and list(listing) == sorted(files)
+
+
+def test_gcs_folder_listings_run_only_a_few_pages_ahead(gcs_bucket, gcs_proxy: GcsFaultProxy, tmp_path):
+    """The proxy pages listings as GCS does, here 5 objects a page, so that paging ahead shows."""
+    import time
+
+    files = {f"c{c}/{i:03d}.jpg": b"x" for c in range(3) for i in range(40)}
+    uri = upload_folder(make_folder(tmp_path / "d", files), gcs_bucket, "data")
+    gcs_proxy.page_size = 5
+    listing = storage.iter_files(uri)
+    assert next(listing) == "c0/000.jpg"
+    time.sleep(1.0)  # let the folder listers run as far ahead as they may
+    pages = len(gcs_proxy.seen("GET", r"^/storage/v1/b/[^/]+/o$"))
+    # The top level, then per folder the pages queued (2) and one held by its lister: far from all 24.
+    assert pages <= 1 + 3 * (storage._PAGES_AHEAD + 2), pages
+    assert ["c0/000.jpg", *listing] == sorted(files)
+    assert len(gcs_proxy.seen("GET", r"^/storage/v1/b/[^/]+/o$")) == 1 + 3 * 8
+
+
+def test_a_folder_that_cannot_be_listed_fails_the_listing_naming_it(gcs_bucket, gcs_proxy, tmp_path, monkeypatch):
+    """The proxy stands in for GCS refusing one folder's listing; the retry deadline is cut to 2 s."""
+    uri = upload_folder(make_folder(tmp_path / "d", {"a/1.jpg": b"1", "b/2.jpg": b"2"}), gcs_bucket, "data")
+    monkeypatch.setattr(storage, "_RETRY", DEFAULT_RETRY.with_timeout(2))
+    gcs_proxy.inject("GET", r"^/storage/v1/b/[^/]+/o$", 503, times=None, query_regex=r"prefix=data/a/")
+    with pytest.raises(StorageError, match=rf"listing gs://{gcs_bucket}/data/a/ failed even after retries"):
+        storage.list_files(uri)

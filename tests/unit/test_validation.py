@@ -40,7 +40,8 @@ def assert_reconciles(result: dict) -> None:
 
 def test_tiny_dataset_passes(tiny_dataset, tmp_path):
     out = tmp_path / "out"
-    result = validate_dataset(str(tiny_dataset), str(out), workers=2)
+    summary = validate_dataset(str(tiny_dataset), str(out), workers=2)
+    result = ds.validation_with_lists(out)
     assert_reconciles(result)
     assert result["classes"] == ["cats", "dogs", "fish"]
     assert result["class_counts"] == {"cats": 10, "dogs": 10, "fish": 10}
@@ -51,7 +52,10 @@ def test_tiny_dataset_passes(tiny_dataset, tmp_path):
     assert result["statistics"]["formats"] == {"JPEG": 30}
     assert result["statistics"]["width"] == {"min": 40, "median": 40, "max": 40}
     assert result["imbalance"]["ratio"] == 1.0
-    assert json.loads((out / "validation.json").read_text()) == result
+    assert json.loads((out / "validation.json").read_text()) == summary
+    assert summary["files"] == {"accepted": "accepted.jsonl", "rejected": "rejected.jsonl",
+                                "skipped": "skipped.jsonl", "duplicates": "duplicates.jsonl"}
+    assert "accepted" not in json.loads((out / "validation.json").read_text())  # the lists stream from files
     report = (out / "report.md").read_text()
     assert "**Result: passed.**" in report and "| 0 | `cats` | 10 | 33.3% |" in report
 
@@ -61,7 +65,7 @@ def test_bad_inputs_corpus_every_file_accounted_for(bad_corpus, tmp_path):
     with pytest.raises(DataError) as info:
         validate_dataset(str(bad_corpus.root), str(out), max_pixels=bad_corpus.max_pixels, workers=3)
     # The files are written before the error is raised, and the error lists every fatal problem.
-    result = json.loads((out / "validation.json").read_text())
+    result = ds.validation_with_lists(out)
     assert_reconciles(result)
     assert outcome_of(result) == bad_corpus.expected
     for fragment in bad_corpus.fatal:
@@ -76,7 +80,7 @@ def test_bad_inputs_corpus_every_file_accounted_for(bad_corpus, tmp_path):
 def test_corpus_reasons_name_the_problem(bad_corpus, tmp_path):
     with pytest.raises(DataError):
         validate_dataset(str(bad_corpus.root), str(tmp_path), max_pixels=bad_corpus.max_pixels)
-    result = json.loads((tmp_path / "validation.json").read_text())
+    result = ds.validation_with_lists(tmp_path)
     reasons = {e["path"]: e["reason"] for e in result["rejected"] + result["skipped"]}
     assert "content is PNG but the extension says JPEG" in reasons["good/png_named.jpg"]
     assert "'odd #*?[] name/shared copy.jpg' (class 'odd #*?[] name')" in reasons["good/shared.jpg"]
@@ -149,7 +153,8 @@ def test_rejected_share_limit(tmp_path):
         validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"))
     assert ("1 of 10 files (10.0%) were rejected, above the limit max_rejected_fraction=0.01 (1.0%)"
             in str(info.value)) and "or raise max_rejected_fraction" in str(info.value)
-    result = validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), max_rejected_fraction=0.1)
+    validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), max_rejected_fraction=0.1)
+    result = ds.validation_with_lists(tmp_path / "out")
     assert result["counts"] == {"listed": 10, "accepted": 9, "rejected": 1, "skipped": 0}
     assert result["rejected"] == [{"path": "b/cut.jpg", "reason": result["rejected"][0]["reason"],
                                    "code": "truncated", "class": "b"}]
@@ -226,8 +231,7 @@ def test_fingerprint_follows_content_and_status_not_order(tmp_path):
     assert first["fingerprint"] == again["fingerprint"] == elsewhere["fingerprint"]
     assert json.loads((tmp_path / "v1" / "validation.json").read_text())["fingerprint"] == first["fingerprint"]
     assert f"Data fingerprint: `{first['fingerprint']}`" in (tmp_path / "v1" / "report.md").read_text()
-    shuffled = {**first, "accepted": first["accepted"][::-1]}
-    assert validation.compute_data_fingerprint(shuffled) == first["fingerprint"]
+    assert validation.compute_data_fingerprint(str(tmp_path / "v3" / "validation.json")) == first["fingerprint"]
 
     (tmp_path / "d" / "a" / "commented.jpg").write_bytes(ds.encode(picture, "JPEG", comment=b"y"))
     changed = validate_dataset(str(tmp_path / "d"), str(tmp_path / "v4"))
@@ -269,7 +273,7 @@ def test_html_report_shows_classes_thumbnails_and_rejected_files(tmp_path):
     assert "truncated JPEG file" in row and "<img" not in row and 'class="none"' in row
     assert 'alt="dogs/old/nested.jpg"' in page and "nested folder" in page
 
-    fewer = validation.render_html_report(result, str(data), thumbnails_per_class=1)
+    fewer = validation.render_html_report(result, str(tmp_path / "out" / "validation.json"), thumbnails_per_class=1)
     assert len(_img_sources(fewer)) == 3 + 1
 
 
@@ -280,7 +284,7 @@ def test_html_report_is_capped_and_survives_missing_files(tmp_path, monkeypatch)
     assert not (tmp_path / "out" / "report.html").exists()
     monkeypatch.setattr(validation, "MAX_THUMBNAILS", 4)
     (data / "class_0" / "class_0_000.jpg").unlink()  # gone since validation: a placeholder, no failure
-    page = validation.render_html_report(result, str(data))
+    page = validation.render_html_report(result, str(tmp_path / "out" / "validation.json"))
     assert len(_img_sources(page)) == 3 and page.count('class="none"') == 1
     assert all(f"<code>class_{i}</code>" in page for i in range(6))
 
@@ -293,7 +297,7 @@ def test_file_tensorflow_cannot_decode_is_rejected_so_training_never_meets_it(tm
     ds.make_image_folder(tmp_path / "d", {"a": 4, "b": 4}, fmt="png")
     (tmp_path / "d" / "a" / "wide.png").write_bytes(ds.too_wide_png())
     result = validate_dataset(str(tmp_path / "d"), str(tmp_path / "v"), max_rejected_fraction=0.2)
-    [rejected] = result["rejected"]
+    [rejected] = ds.validation_with_lists(tmp_path / "v")["rejected"]
     assert (rejected["path"], rejected["code"]) == ("a/wide.png", "tensorflow_unreadable")
     assert rejected["reason"] == (
         "Pillow reads it but TensorFlow cannot decode it (Invalid PNG. Failed to initialize decoder), and training"
@@ -328,7 +332,7 @@ def test_plain_data_set_is_validated_without_tensorflow(tmp_path):
     code = ("import sys; from trainer.validation import validate_dataset; "
             f"r = validate_dataset({str(tmp_path / 'data')!r}, {str(tmp_path / 'out')!r}); "
             "assert r['counts']['accepted'] == 6, r['counts']; "
-            "assert all(e['tensorflow_checked'] is None for e in r['accepted']); "
+            "assert r['statistics']['tensorflow_checked'] == {}; "
             "print('tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -347,9 +351,9 @@ def test_validate_data_output_is_progress_and_results_not_tensorflow_internals(t
     output = result.stdout + result.stderr
     assert "Skipping loop optimization" not in output
     assert not re.search(r"^[WE]0000 ", output, re.MULTILINE), output
-    assert "validated: 5 images" in output and "4 accepted, 1 rejected" in output
+    assert "validated: 5 files" in output and "4 accepted, 1 rejected" in output
     assert "2 classes, 4 images accepted, 1 rejected" in result.stdout
-    report = json.loads((tmp_path / "out" / "validation.json").read_text())
+    report = ds.validation_with_lists(tmp_path / "out")
     checked = {e["path"]: e["tensorflow_checked"] for e in report["accepted"]}
     assert checked == {"a/cmyk.jpg": "CMYK JPEG", "a/plain.jpg": None, "b/palette.png": "palette PNG",
                        "b/plain.png": None}
@@ -380,3 +384,81 @@ def test_default_workers_one_per_core_locally_more_for_object_storage():
     assert validation.default_workers("gs://bucket/flowers", cores=2) == 8
     assert validation.default_workers("gs://bucket/flowers", cores=64) == 32
     assert validation.default_workers(None, cores=3) == 12
+
+
+def test_storage_failure_fails_the_step_naming_the_object_but_a_corrupt_image_is_rejected(
+        gcs_bucket, gcs_proxy, tmp_path, monkeypatch):
+    """The proxy stands in for GCS failing one object for good (every download of it answers 503); the
+    emulator serves the rest. The retry deadline is cut from 120 s to 2 s to keep the test short."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    from tests.support.gcs import upload_folder
+    from trainer import storage
+    from trainer.errors import StorageError
+
+    ds.make_image_folder(tmp_path / "d", {"a": 5, "b": 5}, size=(16, 16))
+    (tmp_path / "d" / "b" / "cut.jpg").write_bytes(ds.truncate(ds.encode(ds.noise(), "JPEG")))
+    data_uri = upload_folder(tmp_path / "d", gcs_bucket, "data")
+    monkeypatch.setattr(storage, "_RETRY", DEFAULT_RETRY.with_timeout(2))
+    gcs_proxy.inject("GET", r"^/download/.*a_002\.jpg$", 503, times=None)
+    with pytest.raises(StorageError) as raised:
+        validate_dataset(data_uri, str(tmp_path / "out"), max_rejected_fraction=0.2, workers=2)
+    message = str(raised.value)
+    assert f"{data_uri}/a/a_002.jpg" in message and "failed even after retries" in message
+    assert "ServiceUnavailable" in message or "503" in message
+    assert not (tmp_path / "out" / "validation.json").exists()  # nothing is recorded as validated
+
+    # Storage heals (the pipeline's retry of the step): the corrupt image alone is rejected.
+    gcs_proxy.clear()
+    validate_dataset(data_uri, str(tmp_path / "out"), max_rejected_fraction=0.2, workers=2)
+    result = ds.validation_with_lists(tmp_path / "out")
+    assert result["counts"] == {"listed": 11, "accepted": 10, "rejected": 1, "skipped": 0}
+    assert [(r["path"], r["code"]) for r in result["rejected"]] == [("b/cut.jpg", "truncated")]
+
+
+def test_reports_stay_small_and_every_rejected_file_is_in_its_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(validation, "_REPORT_ROWS", 3)
+    ds.make_image_folder(tmp_path / "d", {"a": 6, "b": 6}, size=(8, 8))
+    for i in range(7):
+        (tmp_path / "d" / "b" / f"cut_{i}.jpg").write_bytes(b"")
+    validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), max_rejected_fraction=0.9)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    page = (tmp_path / "out" / "report.html").read_text()
+    for report, row in ((markdown, "| `b/cut_"), (page, "<td><code>b/cut_")):
+        assert report.count(row) == 3 and "4 more in rejected.jsonl (every one is listed there)." in report
+    assert "b/cut_3.jpg" not in markdown
+    listed = [e["path"] for e in validation.read_results(str(tmp_path / "out" / "validation.json"), "rejected")]
+    assert listed == [f"b/cut_{i}.jpg" for i in range(7)]
+    summary = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert summary["counts"]["rejected"] == 7 and "rejected" not in summary
+
+
+def test_memory_per_file_is_a_few_bytes_not_a_record(tmp_path):
+    """What validation and conversion keep per file: tracemalloc's peak (Python and NumPy allocations)
+    grows by well under 400 bytes a file from 400 to 2,000 files (a dict per file costs over 1 KB)."""
+    import tracemalloc
+
+    from trainer import conversion
+
+    peaks = {}
+    for count in (400, 2000):
+        data = tmp_path / f"d{count}"
+        for i in range(count):
+            folder = data / f"c{i % 4}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:05d}.png").write_bytes(ds.encode(ds.noise(4, 4, seed=i), "PNG"))
+        tracemalloc.start()
+        try:
+            # Each step's peak over what was allocated before it started.
+            validate_dataset(str(data), str(tmp_path / f"v{count}"), html_report=False, workers=2)
+            validated = tracemalloc.get_traced_memory()[1]
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            conversion.convert_dataset(str(data), str(tmp_path / f"v{count}" / "validation.json"),
+                                       str(tmp_path / f"o{count}"), workers=2)
+            peaks[count] = (validated, tracemalloc.get_traced_memory()[1] - before)
+        finally:
+            tracemalloc.stop()
+    for index, step in enumerate(("validation", "conversion")):
+        per_file = (peaks[2000][index] - peaks[400][index]) / 1600
+        assert per_file < 400, f"{step}: {per_file:.0f} bytes a file"
