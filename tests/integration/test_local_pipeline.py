@@ -69,7 +69,7 @@ def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path, capsys):
     for step in (step for step in steps if step != "deploy-model"):
         assert said[step][0] == "started" and said[step][-1].startswith("succeeded in "), (step, said[step])
     assert [text.split(":")[0] for text in said["train"] if text.startswith("Epoch")] == ["Epoch 1/2", "Epoch 2/2"]
-    assert any(text.startswith("validated: 36 images") for text in said["validate-data"])
+    assert any(text.startswith("validated: 36 files") for text in said["validate-data"])
     assert len(out.splitlines()) <= 2 * len(steps) + 8
     # Everything each step printed is in its log, beside its artifacts.
     for step in (step for step in summary["steps"] if step["name"] != "deploy-model"):
