@@ -346,7 +346,9 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
         for entry in entries:
             formats[_RECORD_FORMATS[entry["format"]].decode()] += 1
         split_info[split] = {"count": count, "class_counts": class_counts, "bytes": total_bytes, "files": files,
-                             "formats": formats, "turned": sum(orientations[e["path"]] != 1 for e in entries)}
+                             "formats": formats, "turned": sum(orientations[e["path"]] != 1 for e in entries),
+                             layout.MANIFEST_JPEG_SHORT_SIDE: max(
+                                 (min(e["width"], e["height"]) for e in entries if e["format"] == "JPEG"), default=0)}
     elapsed = progress.finish()
 
     written = sum(info["count"] for info in split_info.values())

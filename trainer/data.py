@@ -55,6 +55,7 @@ from trainer.layout import (  # noqa: F401  (re-exported: the data set's contrac
     FORMAT_VERSION,
     LABEL_MAP_FILE,
     MANIFEST_FILE,
+    MANIFEST_JPEG_SHORT_SIDE,
     SPLITS,
     check_format_version,
     read_manifest,
@@ -432,24 +433,35 @@ def _upright_jpegs(local_dir: str, split: str) -> bool:
     return isinstance(formats, dict) and formats.get("png") == 0 and info.get("turned") == 0
 
 
+def _any_scaled_jpeg(local_dir: str, split: str, image_size: int) -> bool:
+    """Whether ``images.jpeg_scale`` may scale a JPEG of the split at ``image_size``: its largest JPEG's
+    shorter side, as conversion recorded it, is large enough (unknown, in earlier manifests: it may)."""
+    info = read_manifest(local_dir)["splits"].get(split) or {}
+    side = info.get(MANIFEST_JPEG_SHORT_SIDE)
+    if not isinstance(side, int) or isinstance(side, bool):
+        return True
+    return int(images.jpeg_scale(side, side, image_size)) > 1
+
+
 def _decoder(image_size: int, interpolation: str, local_dir: str, split: str) -> Callable[
         [tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """``(encoded, label, orientation)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's decode
-    and resize (the record's orientation, when known, spares the search of the bytes for it: the same
-    value serving finds, see ``images.decode_tensor``). When conversion recorded ``split`` of the data
-    set in ``local_dir`` as upright JPEGs only, every record is decoded by
-    ``images.decode_upright_jpeg_tensor`` (the same pixels, without control flow).
+    """``(encoded, label, orientation)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's
+    ``images.model_input`` (the record's orientation, when known, spares the search of the bytes for it:
+    the same value serving finds, see ``images.decode_tensor``). When conversion recorded ``split`` of the
+    data set in ``local_dir`` as upright JPEGs only, every record is decoded as one
+    (``images.decode_upright_jpeg_tensor``: the same pixels, without control flow); when no JPEG of the
+    split is large enough to be decoded scaled down, none is asked about its size (the same pixels again).
 
     Run inside ``_records``' parallel map, deterministic (the order of the records is kept), so a
     seeded run repeats.
     """
     upright_jpegs = _upright_jpegs(local_dir, split)
+    scaled = _any_scaled_jpeg(local_dir, split, image_size)
 
     def decode(encoded: tf.Tensor, label: tf.Tensor, orientation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        decoded = (images.decode_upright_jpeg_tensor(encoded) if upright_jpegs
-                   else images.decode_tensor(encoded, orientation))
-        pixels = images.resize_image(decoded, image_size, interpolation)
-        return tf.ensure_shape(pixels, [image_size, image_size, 3]), label
+        pixels = images.model_input(encoded, image_size, interpolation, orientation, upright_jpeg=upright_jpegs,
+                                    scaled=scaled)
+        return pixels, label
 
     return decode
 
