@@ -8,14 +8,14 @@ stated in ``trainer/layout.py``::
     DATASET_DIR/manifest.json                            format_version 2, classes, splits: {split: {count, ...}}
 
 Records hold each image file's original bytes (see ``trainer/conversion.py`` for the decision), so
-one data set serves every model size. The input pipeline decodes them with ``images.decode_tensor``
-and resizes them with ``images.resize_image`` -- the functions the serving signature uses, with the
-model's image size and interpolation -- several at a time (twice as many as cores, order kept, so
-seeded runs repeat). Records carry the EXIF orientation serving would find in their bytes, so
-training does not search for it, and a split conversion recorded as upright JPEGs only is decoded
-without control flow (``images.decode_upright_jpeg_tensor``): the same pixels, a fifth less work per
-photo. That happens ONCE per pipeline: the resized uint8 pixels are cached, in memory
-when they fit in ``cache_bytes``, else in a cache file on local disk (``$IMGCLF_CACHE_DIR`` or the
+one data set serves every model size. The input pipeline decodes and resizes them with
+``images.model_input`` -- the function the serving signature uses, with the model's image size and
+interpolation, big JPEGs decoded scaled down by ``images.jpeg_scale`` -- several at a time (twice
+as many as cores, order kept, so seeded runs repeat). Records carry the EXIF orientation serving
+would find in their bytes, so training does not search for it, and a split conversion recorded as
+upright JPEGs only is decoded without control flow (``images.decode_upright_jpeg_tensor``): the
+same pixels, a fifth less work per photo. That happens ONCE per pipeline: the resized uint8 pixels
+are cached, in memory when they fit in ``cache_bytes``, else in a cache file on local disk (``$IMGCLF_CACHE_DIR`` or the
 system temp directory) when it has room, so every epoch after the first reads pixels and does no
 decoding. Only when neither fits does every epoch decode again, and the log says so. After the cache
 come the shuffle (training: the order of each epoch is a function of the seed and the epoch's number,

@@ -1,7 +1,7 @@
 """Image decoding and resizing shared by validation, training, evaluation, prediction and serving.
 
-``decode_image`` (Pillow) is the strict gate every data-set file passes at validation, and the
-decoder of the Python prediction path. It turns whatever the user stored into one canonical form,
+``decode_image`` (Pillow) is the strict gate every data-set file passes at validation. It turns
+whatever the user stored into one canonical form,
 an RGB uint8 array [height, width, 3], by these rules:
 
 * Only JPEG (``.jpg``/``.jpeg``) and PNG (``.png``) files are accepted, extension case-insensitive,
@@ -48,6 +48,14 @@ TensorFlow is imported on first use (``LazyModule``), so that validating plain f
 do not pay its import.
 
 ``resize_image`` is the one resize, used by training, evaluation, batch prediction and serving.
+
+``model_input`` is the one preparation of a picture for the network (``decode_tensor``, then
+``resize_image``), in TensorFlow ops: the training input pipeline, evaluation and the SavedModel's
+serving signature run it in their graphs, and ``model_input_array`` runs it for ``predict``, batch
+prediction, the host side of a TFLite app and a model server, after Pillow's header checks. A JPEG at
+least twice the model's input in both sides is decoded scaled down in the DCT domain (1/2, 1/4 or 1/8:
+``jpeg_scale``, the one rule), so big photos cost a fraction of a full decode and every path sees the
+same pixels.
 """
 
 from __future__ import annotations
