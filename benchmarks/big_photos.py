@@ -1,6 +1,6 @@
 """Benchmark: big photos decoded scaled down in the DCT domain against decoded in full, same model, same data.
 
-    .venv/bin/python benchmarks/big_photos.py [--images 300] [--upscale 4] [--image-size 96] [--epochs 4]
+    .venv/bin/python benchmarks/big_photos.py [--images 300] [--upscale 4] [--image-size 96] [--epochs 20]
 
 The synthetic photos of ``synthetic.py`` (about 500x375, 10 classes) are enlarged ``--upscale`` times (4:
 about 2000x1500, 3 megapixels; 8: about 4000x3000, 12 megapixels), given fresh sensor noise at the new
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--upscale", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="timed first epochs of each, alternating")
     parser.add_argument("--workdir", help="keep the photos and data set here (default: a temporary folder)")
     args = parser.parse_args()
