@@ -12,8 +12,11 @@ each step is what differs. ``--full-network`` trains every layer.
 Each epoch also reports where its time went, so a slow round can be told from a busy machine: this
 process's CPU seconds (its threads, Linux schedstat), its threads' seconds waiting for a CPU, and the
 cores the machine's other processes used meanwhile. A round below 0.75 of its input's fastest round is
-counted in ``slow_rounds``. (The slow mode the issue saw, exactly 62.5 images/s for 640 images, was epochs
-held to 10.24 s by tf.data's autotuning thread: see ``trainer.data._pipeline_options``.)
+counted in ``slow_rounds`` (on a shared machine another process's load is enough). The slow mode the
+issue saw, exactly 62.5 images/s for 640 images, was epochs held to 10.24 s by tf.data's autotuning
+thread (see ``trainer.data._pipeline_options`` and ``benchmarks/iterator_release.py``): an epoch that ends
+within 0.25 s after one of that thread's wake-ups (2.55, 5.11, 10.23, 20.47, 40.95, ... s) is counted in
+``pinned_rounds``.
 
 On a GPU machine it runs unchanged, over all visible GPUs (the global batch is split across them),
 and reports images/s per GPU too.
@@ -26,8 +29,8 @@ input pipeline (``input_bound``). The step-by-step epoch pays Python's per-step 
 ``fit`` does not, so its images/s are not reported: only the share.
 
 The last line is a JSON object with ``speedup`` (the median images/s of ours over the reference's),
-``speedup_per_round``, ``slow_rounds`` and each input's median, min, max and spread, and
-``input_wait_share`` per input.
+``speedup_per_round``, ``slow_rounds``, ``pinned_rounds`` and each input's median, min, max and spread,
+and ``input_wait_share`` per input.
 """
 
 from __future__ import annotations
@@ -53,8 +56,13 @@ from synthetic import write_photos  # noqa: E402
 from trainer import data, model, training  # noqa: E402
 from trainer.hyperparameters import Hyperparameters  # noqa: E402
 
-# A round whose rate is below this share of the input's fastest round is counted as a slow round.
+# A round whose rate is below this share of the input's fastest round is counted as a slow round (on a shared
+# machine, another process's load is enough for that: see each epoch's "other processes" cores).
 SLOW_ROUND_SHARE = 0.75
+# tf.data's autotuning thread wakes up 10 * (2**k - 1) ms after an iterator starts; an epoch held back by it
+# (see trainer.data._pipeline_options) ends just after one of these: such a round is counted as pinned.
+TUNER_WAKE_UPS = [10 * (2**k - 1) / 1000 for k in range(8, 14)]  # 2.55 s ... 81.91 s
+PINNED_WITHIN = 0.25  # seconds after a wake-up (the thread and then fit's return take some time)
 
 
 def thread_times() -> tuple[float, float] | None:
@@ -102,12 +110,18 @@ def timed_epoch(network: keras.Model, dataset: tf.data.Dataset, count: int) -> d
     return epoch
 
 
+def pinned(seconds: float) -> bool:
+    """Whether an epoch of ``seconds`` ended just after a wake-up of tf.data's autotuning thread."""
+    return any(0 <= seconds - wake_up <= PINNED_WITHIN for wake_up in TUNER_WAKE_UPS)
+
+
 def summary(epochs: list[dict]) -> dict:
     rates = [e["images_per_second"] for e in epochs]
     median = statistics.median(rates)
     result = {"median": round(median, 1), "min": round(min(rates), 1), "max": round(max(rates), 1),
               "spread": round((max(rates) - min(rates)) / median, 3),
-              "slow_rounds": sum(rate < SLOW_ROUND_SHARE * max(rates) for rate in rates)}
+              "slow_rounds": sum(rate < SLOW_ROUND_SHARE * max(rates) for rate in rates),
+              "pinned_rounds": sum(pinned(e["seconds"]) for e in epochs)}
     for key in ("cpu_seconds", "cpu_queue_seconds", "other_processes_cores"):
         if all(key in e for e in epochs):
             result[f"median_{key}"] = round(statistics.median(e[key] for e in epochs), 2)
@@ -200,6 +214,7 @@ def main() -> None:
         "speedup": round(summaries["ours"]["median"] / summaries["reference"]["median"], 2),
         "speedup_per_round": [round(x, 2) for x in per_round],
         "slow_rounds": {name: summaries[name]["slow_rounds"] for name in inputs},
+        "pinned_rounds": {name: summaries[name]["pinned_rounds"] for name in inputs},
         "ours": summaries["ours"], "reference": summaries["reference"],
         "input_wait_share": {name: round(share, 4) for name, share in waits.items()},
         "input_bound": {name: share > INPUT_BOUND_SHARE for name, share in waits.items()},
