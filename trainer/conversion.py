@@ -164,6 +164,9 @@ class AcceptedFiles:
         self.label = array.array("i")
         self.size = array.array("q")
         self.format = array.array("B")  # index into _FORMAT_NAMES
+        # A JPEG's shorter side (0 for other formats): the manifest's largest per split lets training skip the
+        # choice of a scaled decode for splits of small photos (images.jpeg_scale).
+        self.jpeg_short_side = array.array("i")
 
     def append(self, entry: dict[str, Any]) -> None:
         path = entry["path"].encode("utf-8")
@@ -178,6 +181,7 @@ class AcceptedFiles:
         self.label.append(self._labels[entry["class"]])
         self.size.append(entry["bytes"])
         self.format.append(_FORMAT_NAMES.index(entry["format"]))
+        self.jpeg_short_side.append(min(entry["width"], entry["height"]) if entry["format"] == "JPEG" else 0)
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -397,6 +401,7 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
     splits = split_dataset(accepted, validation_split_ratio, test_split_ratio, random_seed)
     labels = {name: index for index, name in enumerate(classes)}
     sizes, formats_of = accepted.column(accepted.size), accepted.column(accepted.format)
+    jpeg_short_sides = accepted.column(accepted.jpeg_short_side)
 
     local = not storage.is_gcs(output_dir)
     if local:
@@ -433,7 +438,8 @@ def convert_dataset(data_uri: str, validation_json: str, output_dir: str, *,
         per_format = np.bincount(formats_of[members], minlength=len(_FORMAT_NAMES))
         formats = {_RECORD_FORMATS[name].decode(): int(per_format[code]) for code, name in enumerate(_FORMAT_NAMES)}
         split_info[split] = {"count": count, "class_counts": class_counts, "bytes": total_bytes, "files": files,
-                             "formats": formats, "turned": int((orientations[members] != 1).sum())}
+                             "formats": formats, "turned": int((orientations[members] != 1).sum()),
+                             layout.MANIFEST_JPEG_SHORT_SIDE: int(jpeg_short_sides[members].max()) if count else 0}
     elapsed = progress.finish()
 
     written = sum(info["count"] for info in split_info.values())

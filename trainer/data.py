@@ -8,14 +8,14 @@ stated in ``trainer/layout.py``::
     DATASET_DIR/manifest.json                            format_version 2, classes, splits: {split: {count, ...}}
 
 Records hold each image file's original bytes (see ``trainer/conversion.py`` for the decision), so
-one data set serves every model size. The input pipeline decodes them with ``images.decode_tensor``
-and resizes them with ``images.resize_image`` -- the functions the serving signature uses, with the
-model's image size and interpolation -- several at a time (twice as many as cores, order kept, so
-seeded runs repeat). Records carry the EXIF orientation serving would find in their bytes, so
-training does not search for it, and a split conversion recorded as upright JPEGs only is decoded
-without control flow (``images.decode_upright_jpeg_tensor``): the same pixels, a fifth less work per
-photo. That happens ONCE per pipeline: the resized uint8 pixels are cached, in memory
-when they fit in ``cache_bytes``, else in a cache file on local disk (``$IMGCLF_CACHE_DIR`` or the
+one data set serves every model size. The input pipeline decodes and resizes them with
+``images.model_input`` -- the function the serving signature uses, with the model's image size and
+interpolation, big JPEGs decoded scaled down by ``images.jpeg_scale`` -- several at a time (twice
+as many as cores, order kept, so seeded runs repeat). Records carry the EXIF orientation serving
+would find in their bytes, so training does not search for it, and a split conversion recorded as
+upright JPEGs only is decoded without control flow (``images.decode_upright_jpeg_tensor``): the
+same pixels, a fifth less work per photo. That happens ONCE per pipeline: the resized uint8 pixels
+are cached, in memory when they fit in ``cache_bytes``, else in a cache file on local disk (``$IMGCLF_CACHE_DIR`` or the
 system temp directory) when it has room, so every epoch after the first reads pixels and does no
 decoding. Only when neither fits does every epoch decode again, and the log says so. After the cache
 come the shuffle (training: the order of each epoch is a function of the seed and the epoch's number,
@@ -55,6 +55,7 @@ from trainer.layout import (  # noqa: F401  (re-exported: the data set's contrac
     FORMAT_VERSION,
     LABEL_MAP_FILE,
     MANIFEST_FILE,
+    MANIFEST_JPEG_SHORT_SIDE,
     SPLITS,
     check_format_version,
     read_manifest,
@@ -202,7 +203,7 @@ def read_split(dataset_dir: str, split: str, *, image_size: int, interpolation: 
     """
     _check_resize(image_size, interpolation)
     local = local_dataset_dir(dataset_dir, (split,))
-    return _within_cpu_quota(_records(local, split, shuffle_files=False, seed=None,
+    return _pipeline_options(_records(local, split, shuffle_files=False, seed=None,
                                       then=_decoder(image_size, interpolation, local, split)))
 
 
@@ -222,8 +223,8 @@ def read_examples(dataset_dir: str, split: str, indices: set[int] | list[int], *
     records = _records(local, split, shuffle_files=False, seed=None).enumerate()
     chosen = records.filter(lambda index, record: tf.reduce_any(tf.equal(index, wanted)))
     pixels = chosen.map(lambda index, record: (index, *decode(record[0], record[1], tf.constant(0, tf.int64))),
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for index, image, label in _within_cpu_quota(pixels).as_numpy_iterator():
+                        num_parallel_calls=_decode_calls(), deterministic=True)
+    for index, image, label in _pipeline_options(pixels).as_numpy_iterator():
         found[int(index)] = (image, int(label))
     return found
 
@@ -293,7 +294,7 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
         return images_batch, targets
 
     dataset = dataset.map(to_inputs)
-    return _within_cpu_quota(dataset.prefetch(tf.data.AUTOTUNE))
+    return _pipeline_options(dataset.prefetch(tf.data.AUTOTUNE))
 
 
 def epoch_variable() -> tf.Variable:
@@ -366,8 +367,8 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
                                                                       reshuffle_each_iteration=False)
             # Several shards read at once keep the CPU busy while one waits on a network volume, and mix
             # the shards; the order stays a function of the seed, so runs are reproducible.
-            records = order.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            records = order.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), _READ_CALLS),
+                                       num_parallel_calls=min(len(files), _READ_CALLS), deterministic=True)
         if record_buffer > 1:
             # Encoded records are small next to their pixels: shuffling them here varies the first epoch
             # with the seed without a buffer of decoded images that would wait for the whole split.
@@ -394,16 +395,32 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
     return dataset.apply(tf.data.experimental.assert_cardinality(count))
 
 
-def _within_cpu_quota(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """``dataset`` run by a thread pool of its own sized to the cores a cgroup quota allows, when the
-    quota allows fewer than the CPU affinity shows (a pod limited to 8 CPUs of a 96-core node): tf.data
-    sizes its shared pool by the affinity, and 96 threads under an 8-CPU quota are throttled in bursts."""
-    cores = resources.available_cores()
-    if cores >= resources.affinity_cores():
-        return dataset
+def _pipeline_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``dataset`` without tf.data's autotuning thread, and run by a thread pool of its own sized to the cores
+    a cgroup quota allows when the quota allows fewer than the CPU affinity shows.
+
+    Autotuning: every iterator of an autotuned pipeline starts a thread that wakes up to re-tune after 10 ms,
+    then after 20, 40, ... ms (10 * (2**k - 1) ms after the start). Keras ends a training epoch after its
+    steps, before the iterator reaches the data's end, and deleting such an iterator could wait for that
+    thread's next wake-up: measured here, deleting a partly read iterator took 0.9 s and ended 5.12-5.17 s
+    after its start (the wake-up at 5.11 s), and training epochs of 5-7 s of work took exactly 10.24 s (62.5
+    images/s for 640 images; 20.5 and 41.0 s on a busier machine, the wake-ups at 20.47 and 40.95 s). Every
+    stage here has its parallelism set (decoding: ``_decode_calls``; reading shards: ``_READ_CALLS``; the
+    prefetch buffer grows on its own), so nothing is left for the tuner.
+
+    Quota: a pod limited to 8 CPUs of a 96-core node: tf.data sizes its shared pool by the affinity, and 96
+    threads under an 8-CPU quota are throttled in bursts.
+    """
     options = tf.data.Options()
-    options.threading.private_threadpool_size = cores
+    options.autotune.enabled = False
+    cores = resources.available_cores()
+    if cores < resources.affinity_cores():
+        options.threading.private_threadpool_size = cores
     return dataset.with_options(options)
+
+
+# Shards read at once by a training pipeline (at most; a split with fewer shards reads them all at once).
+_READ_CALLS = 8
 
 
 def _decode_calls() -> int:
@@ -432,24 +449,35 @@ def _upright_jpegs(local_dir: str, split: str) -> bool:
     return isinstance(formats, dict) and formats.get("png") == 0 and info.get("turned") == 0
 
 
+def _any_scaled_jpeg(local_dir: str, split: str, image_size: int) -> bool:
+    """Whether ``images.jpeg_scale`` may scale a JPEG of the split at ``image_size``: its largest JPEG's
+    shorter side, as conversion recorded it, is large enough (unknown, in earlier manifests: it may)."""
+    info = read_manifest(local_dir)["splits"].get(split) or {}
+    side = info.get(MANIFEST_JPEG_SHORT_SIDE)
+    if not isinstance(side, int) or isinstance(side, bool):
+        return True
+    return int(images.jpeg_scale(side, side, image_size)) > 1
+
+
 def _decoder(image_size: int, interpolation: str, local_dir: str, split: str) -> Callable[
         [tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """``(encoded, label, orientation)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's decode
-    and resize (the record's orientation, when known, spares the search of the bytes for it: the same
-    value serving finds, see ``images.decode_tensor``). When conversion recorded ``split`` of the data
-    set in ``local_dir`` as upright JPEGs only, every record is decoded by
-    ``images.decode_upright_jpeg_tensor`` (the same pixels, without control flow).
+    """``(encoded, label, orientation)`` -> ``(uint8 [S, S, 3], label)``: the serving signature's
+    ``images.model_input`` (the record's orientation, when known, spares the search of the bytes for it:
+    the same value serving finds, see ``images.decode_tensor``). When conversion recorded ``split`` of the
+    data set in ``local_dir`` as upright JPEGs only, every record is decoded as one
+    (``images.decode_upright_jpeg_tensor``: the same pixels, without control flow); when no JPEG of the
+    split is large enough to be decoded scaled down, none is asked about its size (the same pixels again).
 
     Run inside ``_records``' parallel map, deterministic (the order of the records is kept), so a
     seeded run repeats.
     """
     upright_jpegs = _upright_jpegs(local_dir, split)
+    scaled = _any_scaled_jpeg(local_dir, split, image_size)
 
     def decode(encoded: tf.Tensor, label: tf.Tensor, orientation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        decoded = (images.decode_upright_jpeg_tensor(encoded) if upright_jpegs
-                   else images.decode_tensor(encoded, orientation))
-        pixels = images.resize_image(decoded, image_size, interpolation)
-        return tf.ensure_shape(pixels, [image_size, image_size, 3]), label
+        pixels = images.model_input(encoded, image_size, interpolation, orientation, upright_jpeg=upright_jpegs,
+                                    scaled=scaled)
+        return pixels, label
 
     return decode
 

@@ -12,12 +12,13 @@ The layout (pinned; prediction, evaluation and serving code read it)::
     model_dir/model.tflite                           TFLite, float32 pixels in (see trainer.tflite)
     model_dir/model_dynamic_range.tflite             the same, int8 weights (tflite_quantization=dynamic_range)
 
-The SavedModel carries the pre-processing, so a client sends the file's bytes: they are decoded
-by ``trainer.images.decode_tensor`` and resized by ``trainer.images.resize_image``, the very
-functions the training input pipeline applied to the training images, with the model's image size
-and ``image_resize_interpolation``. (``decode_tensor`` gives the pixels of ``decode_image``, the
-Pillow decoder validation checked every training file with.) Binary models answer [1 - p, p], so
-every model returns one probability per label.
+The SavedModel carries the pre-processing, so a client sends the file's bytes: they go through
+``trainer.images.model_input`` (decoded by ``decode_tensor``, JPEGs at least twice the model's input
+in both sides scaled down while decoding by ``jpeg_scale``'s rule, then resized by ``resize_image``),
+the very function the training input pipeline applied to the training images, with the model's image
+size and ``image_resize_interpolation``. (At full size ``decode_tensor`` gives the pixels of
+``decode_image``, the Pillow decoder validation checked every training file with.) Binary models
+answer [1 - p, p], so every model returns one probability per label.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def serving_function(model: keras.Model, *, image_size: int, interpolation: str,
     pixels_spec = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
 
     def prepare(data: tf.Tensor) -> tf.Tensor:
-        return images.resize_image(images.decode_tensor(data), image_size, interpolation)
+        return images.model_input(data, image_size, interpolation)
 
     outputs = model.output_shape[-1]
 

@@ -1,7 +1,7 @@
 """Image decoding and resizing shared by validation, training, evaluation, prediction and serving.
 
-``decode_image`` (Pillow) is the strict gate every data-set file passes at validation, and the
-decoder of the Python prediction path. It turns whatever the user stored into one canonical form,
+``decode_image`` (Pillow) is the strict gate every data-set file passes at validation. It turns
+whatever the user stored into one canonical form,
 an RGB uint8 array [height, width, 3], by these rules:
 
 * Only JPEG (``.jpg``/``.jpeg``) and PNG (``.png``) files are accepted, extension case-insensitive,
@@ -48,6 +48,14 @@ TensorFlow is imported on first use (``LazyModule``), so that validating plain f
 do not pay its import.
 
 ``resize_image`` is the one resize, used by training, evaluation, batch prediction and serving.
+
+``model_input`` is the one preparation of a picture for the network (``decode_tensor``, then
+``resize_image``), in TensorFlow ops: the training input pipeline, evaluation and the SavedModel's
+serving signature run it in their graphs, and ``model_input_array`` runs it for ``predict``, batch
+prediction, the host side of a TFLite app and a model server, after Pillow's header checks. A JPEG at
+least twice the model's input in both sides is decoded scaled down in the DCT domain (1/2, 1/4 or 1/8:
+``jpeg_scale``, the one rule), so big photos cost a fraction of a full decode and every path sees the
+same pixels.
 """
 
 from __future__ import annotations
@@ -480,7 +488,76 @@ def resize_image(image: tf.Tensor, image_size: int, interpolation: str) -> tf.Te
 # The TensorFlow decoder: training, evaluation and serving
 # ---------------------------------------------------------------------------------------------
 
-def decode_tensor(data: tf.Tensor, orientation: tf.Tensor | None = None) -> tf.Tensor:
+# JPEG decoding scaled in the DCT domain: libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size,
+# computing each 8x8 block's pixels from its lowest frequencies only (a 4x4, 2x2 or 1x1 inverse DCT), so
+# a 4000x3000 photo costs about a tenth of its full decode and never exists at full size.
+JPEG_SCALES = (1, 2, 4, 8)
+
+
+def jpeg_scale(height, width, image_size: int):
+    """THE rule for how much a JPEG is scaled down while it is decoded: the denominator 1, 2, 4 or 8.
+
+    The largest of ``JPEG_SCALES`` at which the picture still has at least ``image_size`` pixels in both
+    sides; so a photo is scaled only when it is at least twice the model's input in both sides, and the
+    resize that follows always shrinks (never enlarges) the scaled picture. ``height`` and ``width`` are
+    the picture's stored size (the JPEG header's, ``tf.image.extract_jpeg_shape``); its EXIF orientation
+    does not change the result: a quarter turn swaps the two sides, the model's input is square, and the
+    rule depends on the shorter side only.
+
+    Training, evaluation, the serving signature, ``predict`` and batch prediction all decode through
+    ``model_input``, which applies this rule; an app that feeds the TFLite file decodes the same way
+    (Android's ``BitmapFactory.Options.inSampleSize`` is the same libjpeg scaling). Python ints or
+    TensorFlow integer tensors in; an int64 tensor out.
+    """
+    shorter = tf.minimum(tf.cast(height, tf.int64), tf.cast(width, tf.int64))
+    scale = tf.constant(JPEG_SCALES[0], tf.int64)
+    for candidate in JPEG_SCALES[1:]:
+        scale = tf.where(shorter >= candidate * image_size, tf.constant(candidate, tf.int64), scale)
+    return scale
+
+
+def _decode_jpeg(data: tf.Tensor, image_size: int | None) -> tf.Tensor:
+    """JPEG bytes -> RGB uint8, scaled by ``jpeg_scale`` of its header's size when ``image_size`` is given."""
+    def at(scale: int) -> tf.Tensor:
+        # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, the IDCT Pillow uses; TF's default is faster but
+        # differs by a level here and there. The scale is an attribute of the op, hence one op per scale.
+        return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE", ratio=scale)
+
+    if image_size is None:
+        return at(1)
+    shape = tf.image.extract_jpeg_shape(data)
+    scale = jpeg_scale(shape[0], shape[1], image_size)
+    index = tf.reduce_sum(tf.cast(scale >= tf.constant(JPEG_SCALES[1:], tf.int64), tf.int32))
+    image = tf.switch_case(index, [lambda s=s: at(s) for s in JPEG_SCALES])
+    image.set_shape([None, None, 3])
+    return image
+
+
+def model_input(data: tf.Tensor, image_size: int, interpolation: str,
+                orientation: tf.Tensor | None = None, *, upright_jpeg: bool = False,
+                scaled: bool = True) -> tf.Tensor:
+    """Encoded JPEG/PNG bytes (scalar tf.string) -> the model's input pixels, uint8 [S, S, 3].
+
+    THE preparation of a picture for the network, in TensorFlow ops: ``decode_tensor`` with JPEGs scaled
+    by ``jpeg_scale``, then ``resize_image``. The training input pipeline, evaluation and the SavedModel's
+    serving signature run it in their graphs, and ``model_input_array`` (``predict``, batch prediction,
+    the host-side decode before a TFLite interpreter, a model server) runs it on one file's bytes, so the
+    pixels a model is trained on are the pixels it is served.
+
+    ``orientation``: as ``decode_tensor``'s. ``upright_jpeg``: the caller knows ``data`` is a JPEG in
+    which ``exif_orientation`` finds no turn (``decode_upright_jpeg_tensor``). ``scaled=False``: the
+    caller knows ``jpeg_scale`` is 1 for it (the training pipeline, from conversion's record of the
+    largest JPEG of the split), which spares the header read and the choice; the pixels are the same.
+    """
+    size = image_size if scaled else None
+    decoded = (decode_upright_jpeg_tensor(data, size) if upright_jpeg
+               else decode_tensor(data, orientation, image_size=size))
+    pixels = resize_image(decoded, image_size, interpolation)
+    return tf.ensure_shape(pixels, [image_size, image_size, 3])
+
+
+def decode_tensor(data: tf.Tensor, orientation: tf.Tensor | None = None, *,
+                  image_size: int | None = None) -> tf.Tensor:
     """Encoded JPEG/PNG bytes (scalar tf.string) -> RGB uint8 [H, W, 3], in TensorFlow ops.
 
     The one TensorFlow decoder used by training, evaluation and serving; pixel for pixel equal to
@@ -491,11 +568,12 @@ def decode_tensor(data: tf.Tensor, orientation: tf.Tensor | None = None) -> tf.T
     ``orientation``: the EXIF orientation of ``data`` as ``exif_orientation`` finds it, when known
     (conversion stores ``tensorflow_orientation``, the same search in Python, in each record), so the
     input pipeline skips the search; 0 or None means unknown, and the bytes are searched (serving).
+
+    ``image_size``: the model's input size; a JPEG is then decoded scaled down by ``jpeg_scale`` (libjpeg's
+    DCT scaling: the pixels Pillow's ``draft`` gives at that scale). None: at full size, as Pillow decodes.
     """
     def jpeg() -> tf.Tensor:
-        # INTEGER_ACCURATE is libjpeg's JDCT_ISLOW, the IDCT Pillow uses; TF's default is faster
-        # but differs by a level here and there.
-        return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+        return _decode_jpeg(data, image_size)
 
     def png() -> tf.Tensor:
         # A tRNS chunk (a transparent colour or palette entry) comes before the first IDAT chunk;
@@ -529,16 +607,16 @@ def decode_tensor(data: tf.Tensor, orientation: tf.Tensor | None = None) -> tf.T
     return tf.cond(orientation == 1, lambda: image, lambda: apply_orientation(image, orientation))
 
 
-def decode_upright_jpeg_tensor(data: tf.Tensor) -> tf.Tensor:
+def decode_upright_jpeg_tensor(data: tf.Tensor, image_size: int | None = None) -> tf.Tensor:
     """``decode_tensor`` of JPEG bytes in which ``exif_orientation`` finds no turn (orientation 1): the
     same pixels, without the control flow of the format dispatch and of the orientation.
 
     Inside tf.data a ``tf.cond`` turns the map function into a graph of switches run by the general
     executor, and the data-dependent turn of ``apply_orientation`` costs even an upright picture a few
     small ops: together about 0.2-0.3 ms per photo, a fifth of its decode. The training input pipeline
-    uses this for a split that conversion recorded as upright JPEGs only.
+    uses this for a split that conversion recorded as upright JPEGs only. ``image_size``: as ``decode_tensor``'s.
     """
-    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+    return _decode_jpeg(data, image_size)
 
 
 def _out_of_line(name: str, branch):
@@ -670,6 +748,47 @@ def tensorflow_decoder():
             _quiet_tensorflow_import()
             _decoder = tf.function(decode_tensor).get_concrete_function(tf.TensorSpec([], tf.string))
         return _decoder
+
+
+_model_inputs: dict[tuple[int, str], object] = {}
+
+
+def model_input_array(data: bytes, name: str, image_size: int, interpolation: str,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One file's bytes -> the model's input pixels, uint8 numpy [S, S, 3]: what ``predict``, batch
+    prediction, the host side of a TFLite app and a model server do with a picture.
+
+    First the checks of ``decode_image`` that need no pixels (the extension against the content, empty
+    and animated files, the pixel limit, PNG chunk checksums), refused with ``ImageRejected`` naming the
+    file as validation words them; then ``model_input``, the very graph the SavedModel's serving signature
+    runs (traced once per size and interpolation), so ``predict`` and the served model see the same
+    pixels, also for files Pillow and TensorFlow decode differently (validation keeps those out of
+    training; e.g. a 16-bit PNG with a transparent colour, which Pillow reads without its transparency).
+    A file TensorFlow cannot decode (truncated, CMYK) raises ``ImageRejected`` naming it.
+    """
+    expected = expected_format(name)
+    if not data:
+        raise ImageRejected("empty file (0 bytes): re-copy it from its source or remove it", "empty", name)
+    try:
+        _open(data, expected, name, max_pixels)
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside Pillow means the file is unusable.
+        raise _decode_failure(e, expected, name) from e
+    key = (image_size, interpolation)
+    with _decoder_lock:
+        if key not in _model_inputs:
+            _quiet_tensorflow_import()
+            _model_inputs[key] = tf.function(
+                lambda encoded: model_input(encoded, image_size, interpolation)).get_concrete_function(
+                    tf.TensorSpec([], tf.string))
+        prepare = _model_inputs[key]
+    try:
+        return prepare(tf.constant(data)).numpy()
+    except tf.errors.OpError as e:
+        raise ImageRejected(
+            f"TensorFlow cannot decode it ({_op_error_text(e)}), and the served model decodes with TensorFlow;"
+            " re-save it as a baseline JPEG or PNG", "tensorflow_unreadable", name) from e
 
 
 def _quiet_tensorflow_import() -> None:

@@ -92,6 +92,10 @@ RECORD_FEATURES = {
     FEATURE_ORIENTATION: "int64: the EXIF orientation 1-8 the serving decoder finds in the bytes "
                          "(images.tensorflow_orientation); absent or 0: unknown",
 }
+# In each split's entry of the manifest: the shorter side, in pixels, of the split's largest JPEG (0 when it
+# has none; absent from earlier conversions' manifests). Training reads it to know, before decoding, whether
+# any JPEG of the split is large enough to be decoded scaled down (images.jpeg_scale).
+MANIFEST_JPEG_SHORT_SIDE = "largest_jpeg_short_side"
 SHARD_PATTERN = re.compile(r"^part-\d{5}-of-\d{5}\.tfrecord$")
 
 

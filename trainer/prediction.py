@@ -2,11 +2,10 @@
 
 ``predict`` answers the way the reference endpoint does: ``{"probabilities": [...]}``, or with
 ``verbose`` also ``"labels"`` and ``"predicted_label"`` (``Accept: application/json;verbose``).
-Images are decoded with ``images.decode_image`` (Pillow, with its checks and messages naming the
-file) and resized with ``images.resize_image`` to the model's size and interpolation: the pixels the
-training input pipeline and the serving signature compute with ``images.decode_tensor`` (validation
-checks that the two decoders agree on every training file), so the network sees the same pixels in
-training and in production.
+Images are prepared by ``images.model_input_array`` (Pillow's header checks, with messages naming the
+file, then ``images.model_input``, the graph the SavedModel's serving signature and the training input
+pipeline run) at the model's size and interpolation, so ``predict``, batch prediction, the served model
+and training see the same pixels, big JPEGs scaled down while decoding included.
 """
 
 from __future__ import annotations
@@ -213,10 +212,9 @@ def predict(model_dir: str, image_uris: list[str], *, verbose: bool = False,
 
 
 def preprocess(name: str, data: bytes, loaded: LoadedModel) -> np.ndarray:
-    """Decode and resize one encoded image to the model's uint8 [S, S, 3] input, as training does."""
-    # decode_image refuses other extensions and mismatched contents with a message naming the file.
-    image = images.decode_image(data, name)
-    return np.asarray(images.resize_image(image, loaded.image_size, loaded.interpolation))
+    """One encoded image as the model's uint8 [S, S, 3] input, as training and the SavedModel prepare it
+    (``images.model_input_array``: ImageRejected naming the file when it cannot be used)."""
+    return images.model_input_array(data, name, loaded.image_size, loaded.interpolation)
 
 
 def _answer(probabilities: np.ndarray, labels: Sequence[str], verbose: bool) -> dict:

@@ -10,7 +10,11 @@ Input contract (what a mobile app feeds it), the same for both files:
   input  "image": float32 [N, S, S, 3], RGB, values 0-255 (not normalised: the model carries its
          backbone's preprocessing), the image already resized to S x S (S = the model's input size,
          ``image_size`` in hyperparameters.yaml) with its ``image_resize_interpolation``; N is 1
-         unless the app resizes the input tensor.
+         unless the app resizes the input tensor. A JPEG at least twice S in both sides is decoded
+         scaled down by libjpeg first, by 1/2, 1/4 or 1/8 (``images.jpeg_scale``: the largest that
+         leaves both sides at least S; Android's ``BitmapFactory.Options.inSampleSize`` asks libjpeg
+         for the same scaling), as in
+         training: ``images.model_input_array`` is this decode on the host (``predict`` uses it).
   output "probabilities": float32 [N, K], one probability per class in the order of
          class_label_to_prediction_index.json (binary models too: [1 - p, p]).
 It differs from the SavedModel's only in that decoding and resizing happen in the app: TFLite has

@@ -105,6 +105,28 @@ def png_header_only(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def pillow_model_input(data: bytes, image_size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """The model's input pixels [S, S, 3] of an opaque JPEG/PNG, computed without trainer.images' decoders.
+
+    The rule as the README states it, written out again here: a JPEG is decoded scaled down by the largest
+    of 2, 4 and 8 that leaves both its sides at least ``image_size`` (Pillow's ``draft``: libjpeg's DCT
+    scaling), then turned by its EXIF orientation (Pillow), then resized by the shared ``resize_image``.
+    """
+    from PIL import ImageOps
+
+    from trainer.images import resize_image
+
+    image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG":
+        width, height = image.size
+        scale = max(s for s in (1, 2, 4, 8) if s == 1 or min(width, height) >= s * image_size)
+        if scale > 1:
+            image.draft("RGB", (width // scale, height // scale))
+            assert image.size == (-(-width // scale), -(-height // scale)), (image.size, scale)
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    return resize_image(np.asarray(image), image_size, interpolation).numpy()
+
+
 def truncate(data: bytes) -> bytes:
     """The first half of a file: what an interrupted copy leaves."""
     return data[: len(data) // 2]

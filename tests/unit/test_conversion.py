@@ -83,7 +83,8 @@ def test_records_hold_the_original_bytes_and_labels(tiny_dataset, tmp_path):
 def test_training_reads_the_pixels_validation_checked(tmp_path):
     """Through validation, conversion and the training input pipeline, every image arrives as
     ``resize_image(decode_image(file))``: Pillow's pixels, for JPEG and PNG, EXIF-rotated, palette,
-    transparent, grayscale, 16-bit and CMYK files, at any model size."""
+    transparent, grayscale, 16-bit and CMYK files, at any model size (JPEGs at least twice the model's
+    size decoded scaled down, as Pillow's ``draft`` decodes them)."""
     folder = tmp_path / "d"
     ds.make_image_folder(folder, {"a": 3, "b": 3}, size=(23, 17))
     rgba = np.dstack([ds.noise(30, 40, seed=3), np.random.default_rng(4).integers(0, 256, (30, 40), np.uint8)])
@@ -116,13 +117,18 @@ def test_training_reads_the_pixels_validation_checked(tmp_path):
     pngs = sum(path.endswith(".png") for path in paths)
     assert manifest["splits"]["train"]["formats"] == {"jpeg": len(paths) - pngs, "png": pngs}
     assert manifest["splits"]["train"]["turned"] == 2
+    assert manifest["splits"]["train"]["largest_jpeg_short_side"] == 31  # progressive.jpg, 41 x 31
     for size, method in [(12, "bilinear"), (20, "area")]:
         batches = data.make_dataset(str(out), "train", batch_size=5, training=False, seed=None, num_classes=2,
                                     binary_mode=False, image_size=size, interpolation=method)
         got = np.concatenate([pixels for pixels, _ in batches.as_numpy_iterator()])
         for path, pixels in zip(paths, got, strict=True):
-            expected = images.resize_image(images.decode_image((folder / path).read_bytes(), path), size, method)
-            np.testing.assert_array_equal(pixels, expected.numpy().astype(np.float32), err_msg=path)
+            blob = (folder / path).read_bytes()
+            if path.endswith(".jpg"):  # decoded scaled down (Pillow's draft) when at least twice the size
+                expected = ds.pillow_model_input(blob, size, method)
+            else:
+                expected = images.resize_image(images.decode_image(blob, path), size, method).numpy()
+            np.testing.assert_array_equal(pixels, expected, err_msg=path)
 
 
 def test_conversion_does_not_depend_on_the_model(tiny_dataset, tmp_path, capsys):
@@ -212,7 +218,8 @@ def test_class_too_small_to_split(tmp_path):
     # Without a test split two images are enough; the test split gets no folder.
     out, manifest = validate_and_convert(tmp_path / "d", tmp_path, "two", test_split_ratio=0)
     assert manifest["splits"]["test"] == {"count": 0, "class_counts": {"big": 0, "small": 0}, "bytes": 0, "files": [],
-                                        "formats": {"jpeg": 0, "png": 0}, "turned": 0}
+                                        "formats": {"jpeg": 0, "png": 0}, "turned": 0,
+                                        "largest_jpeg_short_side": 0}
     assert not (out / "test").exists()
     assert manifest["splits"]["validation"]["class_counts"] == {"big": 2, "small": 1}
 

@@ -270,6 +270,8 @@ def test_a_cpu_quota_below_the_affinity_gets_a_thread_pool_of_its_size(dataset, 
     for pipeline in (make(dataset, "validation", batch_size=5, training=True, seed=1),
                      data.read_split(dataset, "validation", **PIXELS)):
         assert pipeline.options().threading.private_threadpool_size == private_pool
+        # No autotuning thread, whose wake-ups a deleted iterator could wait for (see data._pipeline_options).
+        assert pipeline.options().autotune.enabled is False
     pixels = next(iter(make(dataset, "validation", batch_size=5)))[0].numpy()
     np.testing.assert_array_equal(pixels, arrays[1]["validation"][0])
 

@@ -6,13 +6,12 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
-from trainer import prediction
+from tests.support import datasets as ds
+from trainer import export, prediction
 from trainer.errors import DataError, ImgclfError, ModelError
 from trainer.hyperparameters import Hyperparameters
-from trainer.images import resize_image
 
 SIZE = 16
 FLOWERS = ("dandelion", "roses", "tulips")
@@ -39,27 +38,9 @@ def save_model_dir(path, model, label_map, **hyperparameters):
 
 
 def export_saved_model(model, model_dir, binary=False):
-    """A serving signature as the export contract states: encoded bytes in, probabilities out."""
-
-    def decode(data):
-        # decode_jpeg's accurate integer DCT is the one Pillow (libjpeg's default) uses.
-        return tf.cond(tf.io.is_jpeg(data),
-                       lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-                       lambda: tf.io.decode_png(data, channels=3))
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve(image_bytes):
-        images = tf.map_fn(lambda data: resize_image(decode(data), SIZE, INTERPOLATION), image_bytes,
-                           fn_output_signature=tf.TensorSpec([SIZE, SIZE, 3], tf.uint8))
-        probabilities = model(tf.cast(images, tf.float32), training=False)
-        if binary:
-            probabilities = tf.concat([1.0 - probabilities, probabilities], axis=1)
-        return {"probabilities": probabilities}
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", serve)
-    archive.write_out(f"{model_dir}/saved_model", verbose=False)
+    """The SavedModel as training exports it (its serving signature decodes and resizes in its graph)."""
+    export.write_saved_model(model, f"{model_dir}/saved_model", image_size=SIZE, interpolation=INTERPOLATION,
+                             binary=binary)
 
 
 def encode(image, fmt, **options):
@@ -87,7 +68,7 @@ def flowers(tmp_path_factory):
     images = root / "images"
     images.mkdir()
     files = {
-        "big.jpg": encode(photo(120, 90, 1), "JPEG", quality=90),
+        "big.jpg": encode(photo(120, 90, 1), "JPEG", quality=90),  # decoded at 1/4 (90 >= 4 x 16)
         "small.jpeg": encode(photo(10, 12, 2), "JPEG"),  # smaller than the model input: upscaled
         "wide.png": encode(photo(64, 20, 3), "PNG"),
         "gray.png": encode(photo(30, 30, 4).convert("L"), "PNG"),
@@ -99,10 +80,11 @@ def flowers(tmp_path_factory):
 
 
 def expected_probabilities(model, path):
-    """The model's answer computed without trainer.prediction: Pillow decode, shared resize, Keras."""
-    pixels = np.asarray(Image.open(path).convert("RGB"))
-    resized = resize_image(pixels, SIZE, INTERPOLATION).numpy().astype(np.float32)
-    return model.predict(resized[None], verbose=0)[0]
+    """The model's answer computed without trainer.prediction: Pillow decode (big JPEGs scaled down while
+    decoding, as the rule says), shared resize, Keras."""
+    with open(path, "rb") as handle:
+        pixels = ds.pillow_model_input(handle.read(), SIZE, INTERPOLATION)
+    return model.predict(pixels[None].astype(np.float32), verbose=0)[0]
 
 
 def test_predict_answers_in_the_reference_format(flowers):
