@@ -30,6 +30,19 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 CONTAINER_USER = "1000"
 
 
+def _run_container(client: Any, image: str, command: list[str], volumes: dict[str, Any],
+                   **container_run_args: Any) -> int:
+    """Run one step's container, print its output, and return its real exit code; then remove it."""
+    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
+                                      volumes=volumes, **container_run_args)
+    try:
+        for line in container.logs(stream=True):
+            print(line.decode(errors="replace"), end="")
+        return container.wait()["StatusCode"]
+    finally:
+        container.remove(force=True)
+
+
 def _docker_runner(data_uri: str, pipeline_root: str) -> local.DockerRunner:
     """Run each step in the project's image as a non-root user, without a network.
 
@@ -38,7 +51,13 @@ def _docker_runner(data_uri: str, pipeline_root: str) -> local.DockerRunner:
     the host's, so that a GCS emulator on loopback (STORAGE_EMULATOR_HOST) is reachable too.
     """
     import docker.types
+    from kfp.local import docker_task_handler
 
+    # kfp.local's own run_docker_container starts the container with auto_remove and, when the container is
+    # already gone by the time it asks for the exit code (a fast failure while the logs are still being
+    # read), assumes success: a failed step then "succeeds" with no outputs. Ours keeps the container until
+    # its exit code is read.
+    docker_task_handler.run_docker_container = _run_container
     os.chmod(pipeline_root, 0o777)
     options: dict[str, Any] = {"user": CONTAINER_USER, "network_mode": "none"}
     if storage.is_gcs(data_uri):

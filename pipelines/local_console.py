@@ -261,7 +261,7 @@ class StepConsole(io.TextIOBase):
 
     def _open_log(self, state: _Thread, task_dir: str) -> None:
         state.step.task_dir = task_dir
-        os.makedirs(task_dir, exist_ok=True)
+        _make_shared_dirs(task_dir)
         state.log = open(os.path.join(task_dir, layout.STEP_LOG_FILE), "a", encoding="utf-8")
         for line in state.pending:
             state.log.write(line + "\n")
@@ -305,3 +305,20 @@ class StepConsole(io.TextIOBase):
     def _say(self, name: str, text: str) -> None:
         self.terminal.write(f"{time.strftime('%H:%M:%S')}  {name:<{self.width}}  {text}\n")
         self.terminal.flush()
+
+
+def _make_shared_dirs(path: str) -> None:
+    """Create ``path`` and its missing parents writable by every user, as ``pipeline_root`` itself is.
+
+    The log is opened before the step runs; with the Docker runner the step runs as another user
+    (uid 1000) and writes its outputs into this same folder, which it could not if we had created it
+    with the default mode.
+    """
+    missing = []
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(path, exist_ok=True)
+    for folder in missing:
+        os.chmod(folder, 0o777)

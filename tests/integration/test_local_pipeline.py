@@ -63,7 +63,8 @@ def test_whole_pipeline_succeeds_pushes_and_predicts(tmp_path, capsys):
     said = _steps_printed(out)
     steps = ["look-at-data", "validate-data", "convert-to-tfrecords", "train", "evaluate", "bless-model",
              "push-model", "deploy-model", "batch-predict"]
-    assert list(said) == steps
+    # kfp.local runs the steps after the gate in no fixed order (push and batch prediction are siblings).
+    assert list(said)[:6] == steps[:6] and sorted(said) == sorted(steps), list(said)
     # No serving namespace on the form: the deploy step is skipped, in one line.
     assert len(said["deploy-model"]) == 1 and said["deploy-model"][0].startswith("skipped"), said["deploy-model"]
     for step in (step for step in steps if step != "deploy-model"):
