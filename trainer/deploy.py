@@ -138,9 +138,11 @@ def apply_and_wait(manifest: dict[str, Any], *, api_client=None, timeout_s: floa
             exists = False
         verb = "patch" if exists else "create"
         if exists:
+            # A merge patch (RFC 7386) keeps what it leaves out: null ends an earlier canary split.
+            predictor = {"canaryTrafficPercent": None, **manifest["spec"]["predictor"]}
             patch = {"metadata": {"labels": manifest["metadata"]["labels"],
                                   "annotations": manifest["metadata"]["annotations"]},
-                     "spec": manifest["spec"]}
+                     "spec": {**manifest["spec"], "predictor": predictor}}
             applied = api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
         else:
             applied = api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)

@@ -115,6 +115,16 @@ def test_an_existing_service_is_patched_and_the_new_generation_awaited():
     assert api.reads[("serving", "flowers")] == 3
 
 
+def test_a_canary_split_ends_when_the_next_deploy_asks_for_none():
+    """Updates are JSON merge patches (RFC 7386): a field left out keeps its old value, so 0% must send null."""
+    with FakeKubernetesAPI(ready_after(1)) as api:
+        _deploy(api, canary_traffic_percent=10)
+        _deploy(api, uri="gs://models/flowers/000004", canary_traffic_percent=0)
+        stored = api.objects[("serving", "flowers")]
+    assert "canaryTrafficPercent" not in stored["spec"]["predictor"]
+    assert stored["spec"]["predictor"]["containers"][0]["args"][1] == "gs://models/flowers/000004"
+
+
 def test_a_model_that_fails_to_load_fails_with_kserves_reason():
     def script(obj, reads):
         return {"observedGeneration": obj["metadata"]["generation"],
