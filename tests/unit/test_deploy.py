@@ -170,3 +170,25 @@ def test_the_pipeline_component_returns_the_url(monkeypatch):
         url = deploy_model.python_func(version_uri=URI, serving_namespace="serving", serving_model_name="flowers",
                                        image=IMAGE)
     assert url == "http://flowers.serving.example.com"
+
+
+def test_without_a_model_name_the_service_is_named_after_the_registry_folder(monkeypatch):
+    """serving_namespace alone deploys: the name comes from the registry folder, made a valid name."""
+    with FakeKubernetesAPI(ready_after(1)) as api:
+        monkeypatch.setattr(deploy, "kubernetes_api", api.api_client)
+        deploy_model.python_func(version_uri="gs://models/Flowers_V2/000004", serving_namespace="serving",
+                                 serving_model_name="", image=IMAGE)
+        stored = api.objects[("serving", "flowers-v2")]
+    assert stored["spec"]["predictor"]["containers"][0]["args"][-1] == "flowers-v2"
+
+
+@pytest.mark.parametrize("uri, name", [("gs://m/2026 Cats & Dogs!/000001", "cats-dogs"),
+                                       ("gs://m/" + "a" * 70 + "/000001", "a" * 63)])
+def test_the_default_name_is_a_valid_inferenceservice_name(uri, name):
+    assert deploy.default_service_name(uri) == name
+
+
+def test_a_registry_folder_without_letters_needs_a_model_name():
+    with pytest.raises(DeployError, match=r"registry folder's name '2026' gives no InferenceService name.*set "
+                                          r"serving_model_name"):
+        deploy.default_service_name("gs://m/2026/000001")
