@@ -23,7 +23,7 @@ def deploy_model(
         version_uri: The registry version push-model wrote (a gs:// URI the serving pod reads).
         serving_namespace: The namespace of the InferenceService; this step's service account needs get, create
             and patch on inferenceservices.serving.kserve.io there.
-        serving_model_name: The InferenceService's name, also the model name in /v1/models/NAME:predict.
+        serving_model_name: The InferenceService's name and model name in its URLs ("": the registry folder's).
         serving_gpus: NVIDIA GPUs for the server (0: CPUs only; use the image's GPU variant with GPUs).
         serving_canary_traffic_percent: 1-99 sends that share of the traffic to this version and the rest to
             the one served before (KServe's Serverless mode); 0 sends it all here.

@@ -105,7 +105,7 @@ def build_pipeline(settings: ClusterSettings | None = None) -> dsl.graph_compone
             batch_data_uri: Images to classify with a blessed model, written as JSON lines.
             serving_namespace: Kubernetes namespace where a pushed version is served as a KServe InferenceService
                 ("" : not deployed).
-            serving_model_name: The InferenceService's name (and model name in its URLs).
+            serving_model_name: The InferenceService's name (and model name in its URLs); "": the registry folder's.
             serving_gpus: GPUs of the model server (0: CPUs).
             serving_canary_traffic_percent: Share of traffic (1-99) for the new version beside the one served
                 before; 0 sends it all to the new version.

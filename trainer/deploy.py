@@ -21,6 +21,7 @@ RBAC the step's service account needs in the serving namespace: ``get``, ``creat
 from __future__ import annotations
 
 import logging
+import posixpath
 import re
 import time
 from collections.abc import Callable
@@ -47,6 +48,19 @@ _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 class DeployError(ImgclfError):
     """The InferenceService could not be written, applied or made Ready; the message says why."""
+
+
+def default_service_name(model_uri: str) -> str:
+    """The InferenceService name for a registry version when none is set: the registry folder's name
+    (``gs://models/Flowers_v2/000004`` -> ``flowers-v2``) made a name KServe takes: lower case, runs of other
+    characters as one '-', starting with a letter, at most 63 characters. DeployError when nothing is left."""
+    registry = posixpath.basename(posixpath.dirname(model_uri.rstrip("/")))
+    name = re.sub(r"^[^a-z]+", "", re.sub(r"[^a-z0-9]+", "-", registry.lower()))[:63].rstrip("-")
+    if not _NAME.fullmatch(name):
+        raise DeployError(f"serving_model_name is not set and the registry folder's name {registry!r} gives no "
+                          "InferenceService name (lower-case letters, digits and '-', starting with a letter); "
+                          "set serving_model_name")
+    return name
 
 
 def inference_service(name: str, namespace: str, model_uri: str, *, image: str, cpu: str = DEFAULT_CPU,
@@ -138,9 +152,11 @@ def apply_and_wait(manifest: dict[str, Any], *, api_client=None, timeout_s: floa
             exists = False
         verb = "patch" if exists else "create"
         if exists:
+            # A merge patch (RFC 7386) keeps what it leaves out: null ends an earlier canary split.
+            predictor = {"canaryTrafficPercent": None, **manifest["spec"]["predictor"]}
             patch = {"metadata": {"labels": manifest["metadata"]["labels"],
                                   "annotations": manifest["metadata"]["annotations"]},
-                     "spec": manifest["spec"]}
+                     "spec": {**manifest["spec"], "predictor": predictor}}
             applied = api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
         else:
             applied = api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
@@ -220,8 +236,12 @@ def deploy(model_uri: str, *, name: str, namespace: str, image: str, cpu: str = 
            timeout_s: float = DEFAULT_TIMEOUT_S, api_client=None) -> dict[str, Any]:
     """Write the InferenceService for ``model_uri`` and apply it, waiting for Ready; the pipeline's deploy step.
 
-    Returns ``apply_and_wait``'s result with the ``manifest``.
+    An empty ``name`` is ``default_service_name(model_uri)``. Returns ``apply_and_wait``'s result with the
+    ``manifest``.
     """
+    if not name:
+        name = default_service_name(model_uri)
+        log.info("serving_model_name not set: the InferenceService is named %r after the registry folder", name)
     manifest = inference_service(name, namespace, model_uri, image=image, cpu=cpu, memory=memory, gpus=gpus,
                                  canary_traffic_percent=canary_traffic_percent)
     result = apply_and_wait(manifest, api_client=api_client, timeout_s=timeout_s)

@@ -758,23 +758,14 @@ def model_input_array(data: bytes, name: str, image_size: int, interpolation: st
     """One file's bytes -> the model's input pixels, uint8 numpy [S, S, 3]: what ``predict``, batch
     prediction, the host side of a TFLite app and a model server do with a picture.
 
-    First the checks of ``decode_image`` that need no pixels (the extension against the content, empty
-    and animated files, the pixel limit, PNG chunk checksums), refused with ``ImageRejected`` naming the
-    file as validation words them; then ``model_input``, the very graph the SavedModel's serving signature
+    First ``check_header`` (the checks of ``decode_image`` that need no pixels, as the model server checks
+    a request's images); then ``model_input``, the very graph the SavedModel's serving signature
     runs (traced once per size and interpolation), so ``predict`` and the served model see the same
     pixels, also for files Pillow and TensorFlow decode differently (validation keeps those out of
     training; e.g. a 16-bit PNG with a transparent colour, which Pillow reads without its transparency).
     A file TensorFlow cannot decode (truncated, CMYK) raises ``ImageRejected`` naming it.
     """
-    expected = expected_format(name)
-    if not data:
-        raise ImageRejected("empty file (0 bytes): re-copy it from its source or remove it", "empty", name)
-    try:
-        _open(data, expected, name, max_pixels)
-    except (ImageRejected, MemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure inside Pillow means the file is unusable.
-        raise _decode_failure(e, expected, name) from e
+    check_header(data, name, max_pixels)
     key = (image_size, interpolation)
     with _decoder_lock:
         if key not in _model_inputs:
@@ -786,9 +777,31 @@ def model_input_array(data: bytes, name: str, image_size: int, interpolation: st
     try:
         return prepare(tf.constant(data)).numpy()
     except tf.errors.OpError as e:
-        raise ImageRejected(
-            f"TensorFlow cannot decode it ({_op_error_text(e)}), and the served model decodes with TensorFlow;"
-            " re-save it as a baseline JPEG or PNG", "tensorflow_unreadable", name) from e
+        raise tensorflow_unreadable(e, name) from e
+
+
+def check_header(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """The checks of ``decode_image`` that need no pixels, before a file is given to the model's decoder:
+    the extension against the content, empty and animated files, the pixel limit (from the header: a
+    decompression bomb costs nothing), PNG chunk checksums. ``ImageRejected`` naming the file, worded as
+    validation words it. ``predict``, batch prediction and the model server check every image so.
+    """
+    expected = expected_format(name)
+    if not data:
+        raise ImageRejected("empty file (0 bytes): re-copy it from its source or remove it", "empty", name)
+    try:
+        _open(data, expected, name, max_pixels)
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside Pillow means the file is unusable.
+        raise _decode_failure(e, expected, name) from e
+
+
+def tensorflow_unreadable(error: tf.errors.OpError, name: str) -> ImageRejected:
+    """The rejection of a file the model's TensorFlow decoder refused with ``error``."""
+    return ImageRejected(
+        f"TensorFlow cannot decode it ({_op_error_text(error)}), and the served model decodes with TensorFlow;"
+        " re-save it as a baseline JPEG or PNG", "tensorflow_unreadable", name)
 
 
 def _quiet_tensorflow_import() -> None:

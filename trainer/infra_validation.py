@@ -3,8 +3,10 @@
 Before a model is pushed, ``validate_serving`` starts ``imgclf serve`` (``python -m trainer serve``) in a
 process of its own on 127.0.0.1, waits for it to be ready, sends test-split images as TF Serving REST V1,
 SageMaker ``/invocations`` (verbose) and Open Inference Protocol V2 requests, and compares every answer with
-the model's in-process predictions (``trainer.prediction``: the Keras model on the Pillow-decoded pixels,
-what ``imgclf predict`` answers). A model that does not load, is not ready in time, answers an error or
+the model's in-process predictions (``trainer.prediction``: the Keras model on the pixels of
+``prediction.preprocess``, TensorFlow's decode as in the serving signature, what ``imgclf predict`` answers).
+The server's request bound is raised to fit the largest test image, and V1 and V2 requests carry as many
+images as fit under it. A model that does not load, is not ready in time, answers an error or
 answers other probabilities (more than ``TOLERANCE`` apart) or labels fails, with the reason. This is what
 TFX's InfraValidator does for TF Serving.
 """
@@ -25,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.client import HTTPException
 from typing import Any
 
 import numpy as np
@@ -115,13 +118,18 @@ def _tail(log_path: str, lines: int = 6) -> str:
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
          timeout: float = 60) -> tuple[int, bytes]:
-    """One request; the status and body, also for 4xx and 5xx answers."""
+    """One request; the status and body, also for 4xx and 5xx answers. ServerFailed, with the reason, when
+    no answer comes (the server closed the connection or died, refused it, or did not answer in time)."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, answer.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
+    except (urllib.error.URLError, HTTPException, OSError) as err:
+        # URLError wraps a refused connection; RemoteDisconnected and timeouts come through as they are.
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        raise ServerFailed(f"{method} {url} got no answer: {type(reason).__name__}: {reason}") from None
 
 
 def split_images(dataset_dir: str, count: int = DEFAULT_IMAGES, split: str = "test") -> list[tuple[str, bytes]]:
@@ -141,13 +149,18 @@ def split_images(dataset_dir: str, count: int = DEFAULT_IMAGES, split: str = "te
 
 
 def validate_serving(model_dir: str, dataset_dir: str, *, count: int = DEFAULT_IMAGES,
-                     log_path: str | None = None) -> dict[str, Any]:
+                     log_path: str | None = None, max_request_bytes: int | None = None) -> dict[str, Any]:
     """Serve ``model_dir`` on loopback and check its answers in every contract against in-process predictions.
+
+    The server's request bound is ``max_request_bytes`` (``imgclf serve``'s default when None), raised to
+    twice the largest one-image request, and V1 and V2 requests carry as many images as fit under it, so
+    large photos are validated, not refused with 413.
 
     Returns ``{"passed", "reason", "images", "max_abs_diff", "contracts": {name: max diff}, "seconds"}``;
     never raises for a model that cannot be served (that is a failed validation, with its reason).
     """
     from trainer import prediction
+    from trainer.serving import DEFAULT_MAX_REQUEST_BYTES
 
     started = time.monotonic()
     result: dict[str, Any] = {"passed": False, "images": 0, "max_abs_diff": None, "contracts": {}}
@@ -159,11 +172,12 @@ def validate_serving(model_dir: str, dataset_dir: str, *, count: int = DEFAULT_I
                                                   for name, blob in samples]))
         if not np.all(np.isfinite(expected)):
             raise ServerFailed("the model's own probabilities are not finite (NaN or infinity)")
-        with running_server(model_dir, log_path=log_path) as server:
-            answers = _ask_every_contract(server.url, [blob for _, blob in samples])
+        requests = _Requests([blob for _, blob in samples])
+        bound = max(max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, 2 * requests.largest_one_image_body())
+        with running_server(model_dir, log_path=log_path, extra_args=("--max-request-bytes", str(bound))) as server:
+            answers = requests.ask_every_contract(server.url, bound)
         labels = list(loaded.labels)
         for contract, (rows, extra) in answers.items():
-            rows = np.asarray(rows, dtype=np.float64)
             if rows.shape != expected.shape or not np.all(np.isfinite(rows)):
                 raise ServerFailed(f"{contract}: answered probabilities of shape {list(rows.shape)} "
                                    f"({'finite' if np.all(np.isfinite(rows)) else 'not finite'}), expected "
@@ -190,32 +204,83 @@ def validate_serving(model_dir: str, dataset_dir: str, *, count: int = DEFAULT_I
     return result
 
 
-def _ask_every_contract(url: str, blobs: list[bytes]) -> dict[str, tuple[list, list[dict]]]:
-    """Each contract's probabilities for ``blobs`` (and the verbose answers where the contract has them)."""
-    encoded = [base64.b64encode(blob).decode("ascii") for blob in blobs]
-    answers: dict[str, tuple[list, list[dict]]] = {}
-
-    v1 = _json_call(url, f"/v1/models/{MODEL_NAME}:predict", {"instances": [{"b64": e} for e in encoded]})
-    answers["tf-serving-v1"] = (v1.get("predictions"), [])
-
-    verbose = [_json_call(url, "/invocations", blob, {"Content-Type": "application/x-image",
-                                                      "Accept": "application/json;verbose"}) for blob in blobs]
-    answers["sagemaker"] = ([answer.get("probabilities") for answer in verbose], verbose)
-
-    v2 = _json_call(url, f"/v2/models/{MODEL_NAME}/infer", {"inputs": [
-        {"name": "image_bytes", "shape": [len(blobs)], "datatype": "BYTES", "data": encoded}]})
-    outputs = v2.get("outputs") or [{}]
-    answers["open-inference-v2"] = (np.reshape(outputs[0].get("data", []), outputs[0].get("shape", [-1])).tolist(),
-                                    [])
-    return answers
+V1_PATH = f"/v1/models/{MODEL_NAME}:predict"
+V2_PATH = f"/v2/models/{MODEL_NAME}/infer"
+# What a server's answer can raise when it is not shaped as its contract says (a missing key, a list for an
+# object, ragged rows, a shape its data does not fill).
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError)
 
 
-def _json_call(url: str, path: str, payload: Any, headers: dict[str, str] | None = None) -> dict:
-    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
+class _Requests:
+    """The test images as each contract's requests: V1 and V2 carry as many images as fit under a bound."""
+
+    def __init__(self, blobs: list[bytes]):
+        self.blobs = blobs
+        self.encoded = [base64.b64encode(blob).decode("ascii") for blob in blobs]
+
+    @staticmethod
+    def v1(encoded: list[str]) -> bytes:
+        return json.dumps({"instances": [{"b64": e} for e in encoded]}).encode("utf-8")
+
+    @staticmethod
+    def v2(encoded: list[str]) -> bytes:
+        return json.dumps({"inputs": [{"name": "image_bytes", "shape": [len(encoded)], "datatype": "BYTES",
+                                       "data": encoded}]}).encode("utf-8")
+
+    def largest_one_image_body(self) -> int:
+        return max(max(len(self.v1([e])), len(self.v2([e])), len(blob))
+                   for e, blob in zip(self.encoded, self.blobs, strict=True))
+
+    def chunks(self, build, bound: int) -> Iterator[tuple[int, bytes]]:
+        """(image count, body) of consecutive requests, each as many images as fit in ``bound`` bytes (at
+        least one)."""
+        start = 0
+        while start < len(self.encoded):
+            end = start + 1
+            body = build(self.encoded[start:end])
+            while end < len(self.encoded) and len(grown := build(self.encoded[start:end + 1])) <= bound:
+                end, body = end + 1, grown
+            yield end - start, body
+            start = end
+
+    def ask_every_contract(self, url: str, bound: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
+        """Each contract's probabilities [N, K] (and the verbose answers where the contract has them);
+        ServerFailed naming the contract for an answer that is an error or not shaped as it says."""
+        v1 = [_rows("tf-serving-v1", V1_PATH, _json_call(url, V1_PATH, body), count,
+                    lambda answer: answer["predictions"]) for count, body in self.chunks(self.v1, bound)]
+        verbose = [_json_call(url, "/invocations", blob, {"Content-Type": "application/x-image",
+                                                          "Accept": "application/json;verbose"})
+                   for blob in self.blobs]
+        sagemaker = [_rows("sagemaker", "/invocations", answer, 1, lambda answer: [answer["probabilities"]])
+                     for answer in verbose]
+        v2 = [_rows("open-inference-v2", V2_PATH, _json_call(url, V2_PATH, body), count,
+                    lambda answer: np.reshape(answer["outputs"][0]["data"], answer["outputs"][0]["shape"]))
+              for count, body in self.chunks(self.v2, bound)]
+        return {"tf-serving-v1": (np.concatenate(v1), []), "sagemaker": (np.concatenate(sagemaker), verbose),
+                "open-inference-v2": (np.concatenate(v2), [])}
+
+
+def _rows(contract: str, path: str, answer: dict, count: int, pick) -> np.ndarray:
+    """``pick(answer)`` as probabilities [count, K]; ServerFailed when the answer is not shaped so."""
+    try:
+        rows = np.asarray(pick(answer), dtype=np.float64)
+    except _MALFORMED as err:
+        raise ServerFailed(f"{contract}: POST {path} answered {json.dumps(answer)[:200]}, which holds no "
+                           f"probabilities ({type(err).__name__}: {err})") from None
+    if rows.ndim != 2 or rows.shape[0] != count:
+        raise ServerFailed(f"{contract}: POST {path} answered probabilities of shape {list(rows.shape)} for "
+                           f"{count} image(s)")
+    return rows
+
+
+def _json_call(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> dict:
     status, content = http("POST", url + path, body, headers or {"Content-Type": "application/json"})
     if status != 200:
         raise ServerFailed(f"POST {path} answered {status}: {content[:300].decode('utf-8', 'replace')}")
     try:
-        return json.loads(content)
+        answer = json.loads(content)
     except ValueError:
         raise ServerFailed(f"POST {path} answered invalid JSON: {content[:200]!r}") from None
+    if not isinstance(answer, dict):
+        raise ServerFailed(f"POST {path} answered JSON that is not an object: {content[:200]!r}")
+    return answer

@@ -73,10 +73,11 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
       output_dir: if given, ``blessing.json`` is written there, and the baseline's evaluation
         (evaluation.json, report.md) below it in ``baseline/``.
       split: the split ``eval_value`` was measured on.
-      model_dir: the run's model folder; when given, infra validation (``trainer.infra_validation``) serves
-        it on loopback with ``imgclf serve`` and asks it about test-split images in every contract: a model
-        that does not load or answers other probabilities than its own in-process ones is not blessed. The
-        server's log is written to ``output_dir``'s ``INFRA_VALIDATION_LOG``.
+      model_dir: the run's model folder; when given and the metrics pass, infra validation
+        (``trainer.infra_validation``) serves it on loopback with ``imgclf serve`` and asks it about
+        test-split images in every contract: a model that does not load or answers other probabilities than
+        its own in-process ones is not blessed. The server's log is written to ``output_dir``'s
+        ``INFRA_VALIDATION_LOG``. A model not blessed on metrics is not served.
 
     Returns:
       ``{"blessed", "reason", "eval_metric", "eval_value", "min_eval_value", "baseline_model_uri",
@@ -109,14 +110,16 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
         reason = "blessed: " + (_comparison(eval_metric, eval_value, ">=", passed) if passed else
                                 f"{eval_metric} {eval_value:.4f}; no quality gate (min_eval_value 0, no baseline)")
     infra = None
-    if model_dir:
+    if model_dir and failed:
+        reason = f"{reason}; infra validation not run: not blessed on metrics"
+    elif model_dir:
         log_path = None
         if output_dir and not storage.is_gcs(output_dir):
             os.makedirs(output_dir, exist_ok=True)
             log_path = os.path.join(output_dir, INFRA_VALIDATION_LOG)
         infra = infra_validation.validate_serving(model_dir, dataset_dir, log_path=log_path)
         if not infra["passed"]:
-            reason = (f"{reason}; {infra['reason']}" if failed else f"not blessed: {infra['reason']}")
+            reason = f"not blessed: {infra['reason']}"
             failed.append(("infra validation", 0.0, ""))
         else:
             reason = f"{reason}; {infra['reason']}"

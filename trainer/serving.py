@@ -15,11 +15,12 @@ One server, three contracts, one model call:
   parser re-encodes binary BYTES as UTF-8 and answers 500 (measured, ``../shared/reference/serving.md``).
 
 Every request's images go through one queue (``Batcher``): a worker gathers the images of concurrent
-requests, up to ``max_batch`` of them, checks each with the Pillow decoder validation uses
-(``images.check_image``: bad bytes, truncation, decompression bombs are refused before TensorFlow sees
-them) and runs the SavedModel's serving signature once for all, in a thread of its own, so the event loop
-only parses and answers requests. A bad image fails only its own request (400 naming the instance); the
-server never stops on a request. Bodies above ``max_request_bytes`` get 413 before they are read.
+requests, up to ``max_batch`` of them, checks each header as ``imgclf predict`` does (``images.check_header``:
+wrong formats, animations, decompression bombs are refused before TensorFlow sees them) and runs the
+SavedModel's serving signature once for all, in a thread of its own, so the event loop only parses and
+answers requests. A bad image, also one the signature's TensorFlow decoder refuses, fails only its own
+request (400 naming the instance); the server never stops on a request. Bodies above
+``max_request_bytes`` get 413 before they are read.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ class ModelFailure(ImgclfError):
 def check_request_image(data: bytes, where: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> None:
     """Refuse what the model must not be given, with the reason: BadImage naming ``where``.
 
-    JPEG or PNG by content (a request has no file name), decodable and whole (Pillow, as validation checks
-    every training file), at most ``max_pixels`` pixels (read from the header: a decompression bomb costs
-    nothing), and, where TensorFlow's decoder could differ from Pillow's, decoded alike by both.
+    JPEG or PNG by content (a request has no file name), then the header checks ``imgclf predict`` applies
+    (``images.check_header``: at most ``max_pixels`` pixels, read from the header, so a decompression bomb
+    costs nothing; no animation; PNG chunk checksums). The pixels are decoded once, by the serving
+    signature's TensorFlow decoder, as ``predict`` decodes them; an image it cannot decode fails its own
+    request with 400.
     """
     if not data:
         raise BadImage(f"{where}: empty (0 bytes); send the image file's bytes")
@@ -95,7 +98,7 @@ def check_request_image(data: bytes, where: str, max_pixels: int = images.DEFAUL
         raise BadImage(f"{where}: not a JPEG or PNG image (it starts with {data[:8]!r}); send a .jpg, .jpeg or "
                        ".png file's bytes")
     try:
-        images.check_image(data, name, max_pixels)
+        images.check_header(data, name, max_pixels)
     except images.ImageRejected as err:
         raise BadImage(f"{where}: {err.reason}") from None
 
@@ -161,10 +164,11 @@ class _Item:
 class Batcher:
     """Gathers the images of concurrent requests and classifies them with one model call per batch.
 
-    ``run`` (encoded images -> probabilities [N, K]) and ``check`` (refuses an image with BadImage) run in
-    one worker thread, never on the event loop. A batch closes when ``max_batch`` images are in it, or
-    when no request that has arrived is still on its way to the queue, or ``max_wait_s`` after its first
-    image, whichever comes first: a lone request is never held back.
+    ``run`` (encoded images -> probabilities [N, K]; BadImage when its decoder refuses an image) and
+    ``check`` (refuses an image with BadImage) run in one worker thread, never on the event loop. A batch
+    closes when ``max_batch`` images are in it, or when no request that has arrived is still on its way to
+    the queue, or ``max_wait_s`` after its first image, whichever comes first: a lone request is never held
+    back.
     """
 
     def __init__(self, run: Callable[[list[bytes]], np.ndarray], check: Callable[[bytes, str], None], *,
@@ -269,6 +273,8 @@ class Batcher:
     def _run_one(self, data: bytes, where: str) -> np.ndarray | Exception:
         try:
             return self._run([data])[0]
+        except BadImage as err:
+            return BadImage(f"{where}: {err}")
         except Exception as err:  # noqa: BLE001
             text = str(err).strip().splitlines()
             return ModelFailure(f"{where}: the model could not classify this image ({type(err).__name__}: "
@@ -315,6 +321,8 @@ def build_app(model_dir: str, options: ServerOptions = ServerOptions()):
 
     Raises ModelError when the model cannot be loaded or its serving signature is not what it must be.
     """
+    import tensorflow as tf
+
     from trainer import prediction
 
     kserve, model_server = _import_kserve()
@@ -331,7 +339,13 @@ def build_app(model_dir: str, options: ServerOptions = ServerOptions()):
     started = time.monotonic()
     signature = prediction.load_serving_signature(model_dir)
     labels = prediction.read_labels(model_dir)
-    batcher = Batcher(signature, lambda data, where: check_request_image(data, where, options.max_pixels),
+    def run(data: list[bytes]) -> np.ndarray:
+        try:
+            return signature(data)
+        except tf.errors.InvalidArgumentError as err:  # the decoder refused an image (truncated, CMYK, ...)
+            raise BadImage(images.tensorflow_unreadable(err, "").reason) from None
+
+    batcher = Batcher(run, lambda data, where: check_request_image(data, where, options.max_pixels),
                       max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1000)
     # Compile the signature's graph before the first request: readiness then means answering at full speed.
     warm = signature([_blank_png()])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import hashlib
+import io
 import os
 import posixpath
 import queue
@@ -162,6 +165,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             lambda blob, gen, retry: blob.upload_from_string(
                 data, content_type="application/octet-stream", if_generation_match=gen, retry=retry
             ),
+            lambda: _md5(io.BytesIO(data)),
         )
     else:
         with _atomic_file(_local(uri)) as out:
@@ -192,8 +196,8 @@ def create_if_absent(uri: str, data: bytes) -> bool:
     Of several writers racing for one name at most one gets True: locally through ``link()``, which
     refuses an existing name (the content is written under a temporary name first), on GCS through the
     precondition ``ifGenerationMatch=0``. On GCS an upload whose answer was lost is sent again, and
-    then meets 412 against its own first attempt: so a 412 is checked by reading the object, and an
-    object holding exactly ``data`` counts as written by this call. Callers must therefore make ``data``
+    then meets 412 against its own first attempt: so a 412 is checked by the object's MD5 (``_landed``), and
+    an object holding exactly ``data`` counts as written by this call. Callers must therefore make ``data``
     unique to the writer (a claim id, a batch id), or two writers of equal bytes would both win.
     """
     if is_gcs(uri):
@@ -206,7 +210,7 @@ def create_if_absent(uri: str, data: bytes) -> bool:
         except StorageError as err:
             if isinstance(err.__cause__, api_exceptions.PreconditionFailed):
                 # Someone's object is there: ours when an earlier attempt of this upload landed.
-                return read_bytes_if_exists(uri) == data
+                return _landed(uri, _md5(io.BytesIO(data)))
             raise
         return True
     path = _local(uri)
@@ -288,6 +292,7 @@ def upload_file(local_path: str, uri: str) -> None:
                 lambda blob, gen, retry: blob.upload_from_filename(
                     _local(local_path), if_generation_match=gen, retry=retry
                 ),
+                lambda: _md5(open(_local(local_path), "rb")),
             )
     else:
         download_file(local_path, uri)
@@ -467,14 +472,41 @@ class _Prefetch:
         self._start_more()
 
 
-def _upload(uri: str, send: Callable[[storage.Blob, int, Any], None]) -> None:
+def _upload(uri: str, send: Callable[[storage.Blob, int, Any], None], md5: Callable[[], str]) -> None:
+    """Send an upload conditional on the generation it replaces; ``md5`` (base64, of what is sent) tells a
+    412 against this upload's own landed attempt from another writer's change."""
     missing = f"bucket {_split(uri)[0]!r} does not exist (HTTP 404 writing {uri}): create it or fix the URI"
-    with _gcs_errors(uri, "writing", missing):
+    try:
+        with _gcs_errors(uri, "writing", missing):
+            blob = _blob(uri)
+            current = blob.bucket.get_blob(blob.name, retry=_RETRY)
+            # An upload is only safe to resend when it is conditional on the generation it replaces (0: none),
+            # so the library's conditional policy turns retries on exactly then.
+            send(blob, current.generation if current else 0, DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+    except StorageError as err:
+        if not (isinstance(err.__cause__, api_exceptions.PreconditionFailed) and _landed(uri, md5())):
+            raise
+
+
+def _landed(uri: str, md5: str) -> bool:
+    """After a conditional upload met 412: whether the object now holds exactly what was sent (MD5, base64).
+
+    The library resends an upload whose answer was lost; when the first attempt had landed, the resend
+    meets 412 against it, and the write is done. Another writer's object (other content) is not.
+    """
+    with _gcs_errors(uri, "reading", _NO_OBJECT.format(uri=uri)):
         blob = _blob(uri)
         current = blob.bucket.get_blob(blob.name, retry=_RETRY)
-        # An upload is only safe to resend when it is conditional on the generation it replaces (0: none),
-        # so the library's conditional policy turns retries on exactly then.
-        send(blob, current.generation if current else 0, DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+    return current is not None and current.md5_hash == md5
+
+
+def _md5(source: IO[bytes]) -> str:
+    """The base64 MD5 of a stream's content (as GCS reports ``md5Hash``); the stream is closed."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with source:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode("ascii")
 
 
 @contextlib.contextmanager

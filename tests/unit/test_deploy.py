@@ -115,6 +115,16 @@ def test_an_existing_service_is_patched_and_the_new_generation_awaited():
     assert api.reads[("serving", "flowers")] == 3
 
 
+def test_a_canary_split_ends_when_the_next_deploy_asks_for_none():
+    """Updates are JSON merge patches (RFC 7386): a field left out keeps its old value, so 0% must send null."""
+    with FakeKubernetesAPI(ready_after(1)) as api:
+        _deploy(api, canary_traffic_percent=10)
+        _deploy(api, uri="gs://models/flowers/000004", canary_traffic_percent=0)
+        stored = api.objects[("serving", "flowers")]
+    assert "canaryTrafficPercent" not in stored["spec"]["predictor"]
+    assert stored["spec"]["predictor"]["containers"][0]["args"][1] == "gs://models/flowers/000004"
+
+
 def test_a_model_that_fails_to_load_fails_with_kserves_reason():
     def script(obj, reads):
         return {"observedGeneration": obj["metadata"]["generation"],
@@ -160,3 +170,25 @@ def test_the_pipeline_component_returns_the_url(monkeypatch):
         url = deploy_model.python_func(version_uri=URI, serving_namespace="serving", serving_model_name="flowers",
                                        image=IMAGE)
     assert url == "http://flowers.serving.example.com"
+
+
+def test_without_a_model_name_the_service_is_named_after_the_registry_folder(monkeypatch):
+    """serving_namespace alone deploys: the name comes from the registry folder, made a valid name."""
+    with FakeKubernetesAPI(ready_after(1)) as api:
+        monkeypatch.setattr(deploy, "kubernetes_api", api.api_client)
+        deploy_model.python_func(version_uri="gs://models/Flowers_V2/000004", serving_namespace="serving",
+                                 serving_model_name="", image=IMAGE)
+        stored = api.objects[("serving", "flowers-v2")]
+    assert stored["spec"]["predictor"]["containers"][0]["args"][-1] == "flowers-v2"
+
+
+@pytest.mark.parametrize("uri, name", [("gs://m/2026 Cats & Dogs!/000001", "cats-dogs"),
+                                       ("gs://m/" + "a" * 70 + "/000001", "a" * 63)])
+def test_the_default_name_is_a_valid_inferenceservice_name(uri, name):
+    assert deploy.default_service_name(uri) == name
+
+
+def test_a_registry_folder_without_letters_needs_a_model_name():
+    with pytest.raises(DeployError, match=r"registry folder's name '2026' gives no InferenceService name.*set "
+                                          r"serving_model_name"):
+        deploy.default_service_name("gs://m/2026/000001")

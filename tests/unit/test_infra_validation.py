@@ -1,16 +1,19 @@
 """Infra validation in the quality gate: the model served on loopback must answer every contract as it predicts
 in-process; a model with a broken serving signature or NaN outputs is not blessed, and so never pushed."""
 
+import contextlib
 import json
 import re
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.support.datasets import make_image_folder
 from tests.support.serving import break_signature, small_model_dir
-from trainer import conversion, registry, validation
+from trainer import conversion, infra_validation, registry, validation
 from trainer.errors import ModelError
 from trainer.layout import BLESSING_FILE, INFRA_VALIDATION_LOG, SAVED_MODEL_DIR
 
@@ -69,3 +72,88 @@ def test_a_model_that_cannot_serve_is_not_blessed_and_not_pushed(dataset, tmp_pa
     with pytest.raises(ModelError, match="refusing to push"):
         registry.push_model(model_dir, str(tmp_path / "registry"), metadata=decision)
     assert not Path(tmp_path / "registry").exists()
+
+
+@pytest.fixture(scope="module")
+def servable(tmp_path_factory):
+    return small_model_dir(tmp_path_factory.mktemp("servable") / "model", LABELS)
+
+
+def test_images_too_large_for_one_request_are_sent_in_several_under_a_raised_bound(dataset, servable):
+    """Photos of a few MB each would not fit one request under serve's default bound: the gate raises the
+    server's bound to twice the largest one-image request and splits V1 and V2 requests under it."""
+    blobs = [blob for _, blob in infra_validation.split_images(dataset)]
+    requests = infra_validation._Requests(blobs)
+    bound = 2 * requests.largest_one_image_body()
+    assert len(requests.v1(requests.encoded)) > bound  # one request of all images would get 413
+    result = infra_validation.validate_serving(servable, dataset, max_request_bytes=1000)
+    assert result["passed"] is True, result["reason"]
+    assert result["images"] == 6
+    sizes = [count for count, body in requests.chunks(requests.v1, bound)]
+    assert sum(sizes) == 6 and len(sizes) > 1
+
+
+class GarbageServer:
+    """A model server that answers wrongly (a stand-in for a broken ``imgclf serve`` on loopback)."""
+
+    def __init__(self, answer: bytes | None):
+        served = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if served.answer is None:  # the server dies mid-request: the connection closes unanswered
+                    self.close_connection = True
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(served.answer)))
+                self.end_headers()
+                self.wfile.write(served.answer)
+
+        self.answer = answer
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (None, r"POST http://127\.0\.0\.1:\d+/v1/models/imgclf:predict got no answer: RemoteDisconnected"),
+    (b'{"predictions": [[0.1, 0.2, 0.7], [0.5]]}', r"tf-serving-v1: POST /v1/models/imgclf:predict answered "
+                                                  r"\{\"predictions\".*which holds no probabilities \(ValueError"),
+    (b'{"predictions": [0.1, 0.2, 0.7]}', r"tf-serving-v1: POST /v1/models/imgclf:predict answered "
+                                         r"probabilities of shape \[3\] for \d image\(s\)"),
+    (b"[[0.1, 0.2, 0.7]]", r"POST /v1/models/imgclf:predict answered JSON that is not an object"),
+])
+def test_a_server_answering_garbage_or_dying_fails_validation_with_the_reason(dataset, servable, monkeypatch,
+                                                                            answer, reason):
+    server = GarbageServer(answer)
+
+    @contextlib.contextmanager
+    def garbage(model_dir, **kwargs):
+        yield infra_validation.RunningServer(server.url, 0, 0.0)
+
+    monkeypatch.setattr(infra_validation, "running_server", garbage)
+    try:
+        result = infra_validation.validate_serving(servable, dataset)
+    finally:
+        server.close()
+    assert result["passed"] is False
+    assert re.match("infra validation failed: " + reason, result["reason"]), result["reason"]
+
+
+def test_a_model_not_blessed_on_metrics_is_not_served(dataset, tmp_path):
+    """Infra validation costs a server start: it is skipped when the metrics already refuse the model."""
+    decision = registry.decide_blessing("accuracy", 0.5, dataset_dir=dataset, min_eval_value=0.9,
+                                        model_dir=str(tmp_path / "never-read"))
+    assert decision["blessed"] is False
+    assert decision["reason"] == ("not blessed: accuracy 0.5000 < threshold 0.9000; infra validation not run: "
+                                  "not blessed on metrics")
+    assert "infra_validation" not in decision

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.support.datasets import encode, noise, png_header_only, truncate
+from tests.support.datasets import encode, noise, png16_gray_transparent_key, png_header_only, truncate
 from tests.support.gcs import upload_folder
 from tests.support.serving import break_signature, small_model_dir
 from trainer import prediction, registry, serving
@@ -94,6 +94,16 @@ def test_every_contract_answers_what_imgclf_predict_answers(server, model_dir, p
         assert np.abs(np.array(got["probabilities"]) - exp["probabilities"]).max() <= 1e-5
 
 
+def test_images_are_checked_and_decoded_as_predict_does(server, model_dir, tmp_path):
+    """A 16-bit PNG with a transparent colour: Pillow and TensorFlow decode it differently, so validation keeps it
+    out of training; predict and the served model both decode it with TensorFlow, so both answer, alike."""
+    blob = png16_gray_transparent_key()
+    (tmp_path / "key.png").write_bytes(blob)
+    [expected] = prediction.predict(model_dir, [str(tmp_path / "key.png")])
+    served = answer(post_json(server, "/invocations", blob, IMAGE))["probabilities"]
+    assert np.abs(np.array(served) - expected["probabilities"]).max() <= 1e-5
+
+
 def test_health_and_readiness(server):
     assert http("GET", server + "/ping") == (200, b'{"status":"ready"}')
     assert http("GET", server + "/v2/health/live")[0] == 200
@@ -109,7 +119,7 @@ IMAGE = {"Content-Type": "application/x-image"}
 BAD_REQUESTS = {
     "not an image": ("/invocations", b"hello, not an image", IMAGE, 400, "not a JPEG or PNG image"),
     "empty body": ("/invocations", b"", IMAGE, 400, "empty"),
-    "truncated JPEG": ("/invocations", truncate(PICTURE), IMAGE, 400, "truncated"),
+    "truncated JPEG": ("/invocations", truncate(PICTURE), IMAGE, 400, "the request body: TensorFlow cannot decode it"),
     "GIF": ("/invocations", b"GIF89a" + bytes(20), IMAGE, 400, "not a JPEG or PNG"),
     "decompression bomb": ("/invocations", png_header_only(20_000, 20_000), IMAGE, 400, "pixels"),
     "wrong content type": ("/invocations", PICTURE, {"Content-Type": "text/plain"}, 415, "not an image type"),
@@ -120,7 +130,7 @@ BAD_REQUESTS = {
     "wrong shape": (V1, {"instances": [[[0, 0, 0]]]}, None, 400, 'instances[0]: expected {"b64"'),
     "no instances": (V1, {"images": []}, None, 400, '"instances"'),
     "a bad image among good": (V1, {"instances": [{"b64": b64(PICTURE)}, {"b64": b64(truncate(PICTURE))}]}, None,
-                               400, "instances[1]: truncated"),
+                               400, "instances[1]: TensorFlow cannot decode it"),
     "V2 wrong datatype": ("/v2/models/imgclf/infer", {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
                                                                   "data": [1.0]}]}, None, 400, "BYTES"),
     "V2 binary extension": ("/v2/models/imgclf/infer", b"{}", {"Inference-Header-Content-Length": "2"}, 415,
@@ -247,6 +257,17 @@ def test_an_image_the_model_cannot_take_fails_alone():
     results = run_requests(serving.Batcher(model, refuse_x, max_batch=8), [[b"ok"], [b"bad"], [b"fine"]])
     assert results[0] == [[2.0, 1.0]] and results[2] == [[4.0, 1.0]]
     assert isinstance(results[1], serving.ModelFailure) and "could not classify" in str(results[1])
+
+
+def test_an_image_the_models_decoder_refuses_is_a_bad_image_of_its_own_request():
+    def model(blobs):
+        if b"cmyk" in blobs:
+            raise serving.BadImage("TensorFlow cannot decode it")
+        return np.ones((len(blobs), 2), dtype=np.float32)
+
+    results = run_requests(serving.Batcher(model, refuse_x, max_batch=8), [[b"ok"], [b"fine", b"cmyk"]])
+    assert results[0] == [[1.0, 1.0]]
+    assert isinstance(results[1], serving.BadImage) and str(results[1]) == "i1: TensorFlow cannot decode it"
 
 
 def test_the_event_loop_runs_while_the_model_computes():

@@ -394,6 +394,21 @@ def test_retried_create_that_meets_its_own_landed_attempt_counts_as_done(gcs_buc
     assert storage.read_bytes(storage.join(f"gs://{gcs_bucket}", "claims", "000002")) == b"mine"
 
 
+def test_retried_upload_that_meets_its_own_landed_attempt_counts_as_done(gcs_bucket, gcs_proxy: GcsFaultProxy,
+                                                                        tmp_path):
+    """As above for upload_file and write_bytes (conditional on generation 0 for a new object): the first upload
+    lands, its reply is lost, the retry meets 412, and the object's MD5 is what was sent, so the write is done."""
+    local = tmp_path / "model.bin"
+    local.write_bytes(b"weights " * 1000)
+    gcs_proxy.inject("POST", r"^/upload/", "lost", times=1)
+    storage.upload_file(str(local), f"gs://{gcs_bucket}/model/model.bin")
+    assert len(gcs_proxy.seen("POST", r"^/upload/")) == 2
+    assert storage.read_bytes(f"gs://{gcs_bucket}/model/model.bin") == local.read_bytes()
+    gcs_proxy.inject("POST", r"^/upload/", "lost", times=1)
+    storage.write_bytes(f"gs://{gcs_bucket}/model/labels.json", b'{"a": 0}')
+    assert storage.read_bytes(f"gs://{gcs_bucket}/model/labels.json") == b'{"a": 0}'
+
+
 def test_gcs_listing_lists_class_folders_on_their_own_in_path_order(gcs_bucket, gcs_proxy, tmp_path):
     """The proxy pages listings as GCS does; the top level is listed with a delimiter, then each folder."""
     files = {"a.b/x.jpg": b"1", "a/y.jpg": b"2", "a/z/deep.jpg": b"3", "a0.jpg": b"4", "b/": b"",
