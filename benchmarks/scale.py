@@ -1,7 +1,7 @@
 """Benchmark: how the data path's cost grows with the number of images (time per image, peak memory).
 
     .venv/bin/python benchmarks/scale.py [--sizes 10000,40000,200000] [--gcs-sizes 300,1500]
-                                         [--big-photos 32] [--workdir DIR]
+                                         [--big-photos 160] [--workdir DIR]
 
 For each size a folder of small generated JPEGs (32x32 pixels, every one distinct, 10 classes) is
 written once (not timed), then each step runs in its own process, making the call its pipeline
@@ -24,13 +24,13 @@ is the emulator's and its ``cpu_growth`` is ours. The defaults took 4.6 minutes 
 the images of an earlier run in ``--workdir`` (writing 250,000 small JPEGs adds a few minutes);
 ``--sizes 10000,100000,1000000`` is the run to a million (about 1M x 4 KB of files on disk).
 
-Measured on the shared 2-core development machine (load average 3-6 from other work), defaults:
-time_growth look 0.73, validate 1.00, convert 0.88 (cpu_growth 0.70, 0.99, 0.84); memory_growth
-1.08, 1.28, 1.31 (peak RSS 57 -> 62, 79 -> 101 and 80 -> 105 MiB from 10,000 to 200,000 images);
-epoch (measured only) time_growth 0.41, memory_growth 1.64 (627 -> 1027 MiB: trainer.data's buffers);
-gs:// 300 -> 1,500 images, cpu_growth 0.10, 0.69, 0.64, memory_growth 1.07. First epoch on 32
-12-megapixel JPEGs: 0.21 (ours 5.5 s, image_dataset_from_directory 1.2 s), before the DCT-scaled
-decode.
+Measured on the shared 2-core development machine, defaults, after the merges of 2026-12-03 (load
+average 0.1-1.5): time_growth look 0.92, validate 1.01, convert 0.96; memory_growth 1.08, 1.29, 1.34
+(peak RSS 56 -> 60, 76 -> 98 and 77 -> 103 MiB from 10,000 to 200,000 images); epoch (measured only)
+time_growth 0.30, memory_growth 1.45 (665 -> 965 MiB); gs:// 300 -> 1,500 images cpu_growth 0.13, 0.68,
+0.69, memory_growth 1.04. First epoch on 12-megapixel JPEGs with the DCT-scaled decode: 1.27 on 160
+photos (ours 2.2 s, image_dataset_from_directory 2.8 s), 0.79 on 32 (0.87 s against 0.69 s: building
+the pipeline weighs more than the photos there).
 
 Then, unless ``--big-photos 0``, the first epoch on 12-megapixel JPEGs (4000x3000, photo-like) fed by
 ``trainer.data.make_dataset`` at 224 px (whatever decode trainer.data does) against
@@ -87,7 +87,9 @@ CHILD = {
               "num_classes=10, binary_mode=False, image_size=32, interpolation='bilinear', cache_bytes=0); "
               "n = sum(int(b[0].shape[0]) for b in d); print('epoch images', n)"),
 }
-BIG_OURS = ("import sys, time, json; from trainer import data; t = time.perf_counter(); "
+# Both children import TensorFlow before the clock starts (trainer.data imports it lazily, on first use), so
+# both times are building the input pipeline and its first epoch.
+BIG_OURS = ("import sys, time, json, tensorflow as tf; from trainer import data; t = time.perf_counter(); "
             "d = data.make_dataset(sys.argv[1], 'train', batch_size=16, training=True, seed=0, num_classes=2, "
             "binary_mode=False, image_size=224, interpolation='bilinear'); "
             "n = sum(int(b[0].shape[0]) for b in d); print(json.dumps([n, time.perf_counter() - t]))")
@@ -270,7 +272,7 @@ def main() -> None:
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"images per run on a volume (default {DEFAULT_SIZES})")
     parser.add_argument("--gcs-sizes", default="300,1500",
                         help="images per run on the GCS emulator (it serves about 40 objects/s); '' for none")
-    parser.add_argument("--big-photos", type=int, default=32, help="12-megapixel JPEGs for the speedup; 0 for none")
+    parser.add_argument("--big-photos", type=int, default=160, help="12-megapixel JPEGs for the speedup; 0 for none")
     parser.add_argument("--workdir", help="keep the images here between runs (default: a temporary folder)")
     args = parser.parse_args()
     sizes, gcs_sizes = _sizes(args.sizes), _sizes(args.gcs_sizes)
