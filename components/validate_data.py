@@ -17,6 +17,7 @@ def validate_data(
     validation: Output[Artifact],
     report: Output[Markdown],
     report_html: Output[HTML],
+    listed_files: int = 0,
 ) -> NamedTuple("Outputs", [("num_classes", int), ("accepted", int), ("rejected", int), ("fingerprint", str)]):
     """Validates a class-folder data set (local/volume path or gs:// URI).
 
@@ -29,6 +30,7 @@ def validate_data(
         validation: Folder holding validation.json (classes, counts) and the per-file lists.
         report: Markdown summary shown in the Kubeflow UI.
         report_html: The same with thumbnails of each class and of the rejected files.
+        listed_files: How many files the look listed (0: unknown): the total of the progress lines.
 
     Returns:
         Counts, and the fingerprint of the content: it changes whenever a file does, so the
@@ -45,7 +47,7 @@ def validate_data(
     os.makedirs(validation.path, exist_ok=True)
     try:
         result = validate_unchanged(data_uri, validation.path, content_fingerprint, binary_mode=binary_mode,
-                                    max_rejected_fraction=max_rejected_fraction)
+                                    max_rejected_fraction=max_rejected_fraction, expected_files=listed_files)
     finally:
         # The reports are worth showing even when the data set is refused.
         for name, target in (("report.md", report.path), ("report.html", report_html.path)):

@@ -42,6 +42,7 @@ def prepare_data(data_uri: Any, *, binary_mode: Any, max_rejected_fraction: Any,
     settings.apply(look, "look", display_name="Look at data")
 
     validation = validate_data(data_uri=data_uri, content_fingerprint=look.outputs["fingerprint"],
+                               listed_files=look.outputs["files"],
                                binary_mode=binary_mode, max_rejected_fraction=max_rejected_fraction)
     validation.set_retry(num_retries=2, backoff_duration="30s")
     settings.apply(validation, "validate", display_name="Validate data")

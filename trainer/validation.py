@@ -158,7 +158,8 @@ def default_workers(data_uri: str | None = None, cores: int | None = None) -> in
 
 def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = False,
                      max_rejected_fraction: float = 0.01, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     workers: int | None = None, html_report: bool = True) -> dict[str, Any]:
+                     workers: int | None = None, html_report: bool = True,
+                     expected_files: int | None = None) -> dict[str, Any]:
     """Check every file of an image-folder data set; write validation.json, the per-file lists and the reports.
 
     Args:
@@ -169,6 +170,8 @@ def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = Fals
       max_pixels: largest width * height accepted for one image.
       workers: threads reading and decoding files (default ``default_workers()``).
       html_report: also write report.html with thumbnails (it re-reads up to ``MAX_THUMBNAILS`` files).
+      expected_files: how many files the look at the data listed, if known: the progress line's total, so it
+        can say the share done and the time left while the listing streams (nothing else depends on it).
 
     Returns:
       The content of validation.json: the summary, without per-file entries (``read_results`` streams
@@ -188,7 +191,8 @@ def validate_dataset(data_uri: str, output_dir: str, *, binary_mode: bool = Fals
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="imgclf-validation-") as scratch:
         tally = _Tally(scratch)
-        progress = logs.ProgressLog("validated", None, unit="files", logger=logs.progress_logger(__name__))
+        progress = logs.ProgressLog("validated", expected_files or None, unit="files",
+                                    logger=logs.progress_logger(__name__))
         try:
             for kind, entry in bounded_map(lambda item: _check(data_uri, item, max_pixels),
                                            _place_all(data_uri, tally), workers):

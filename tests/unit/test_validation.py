@@ -1,6 +1,7 @@
 """validate_dataset puts every listed file in exactly one list, with a reason, and names what is fatal."""
 
 import base64
+import functools
 import io
 import json
 import logging
@@ -209,6 +210,19 @@ def test_progress_log_reports_rate_and_time_left(caplog):
     progress.advance(4)
     progress.finish()
     assert "validated: 4/10 images (40%)" in caplog.text and "left" in caplog.text and "images/s" in caplog.text
+
+
+def test_validation_progress_has_a_total_and_time_left_when_the_look_counted_the_files(tmp_path, caplog,
+                                                                                       monkeypatch):
+    """The listing streams, so only the look's count gives validation's progress line its total."""
+    ds.make_image_folder(tmp_path / "d", {"a": 3, "b": 3})
+    monkeypatch.setattr(validation.logs, "ProgressLog", functools.partial(logs.ProgressLog, interval=0.0))
+    caplog.set_level(logging.INFO, logger="trainer.validation.progress")
+    validation.validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), expected_files=6, html_report=False)
+    assert re.search(r"validated: [1-6]/6 files \(\d+%\), .* files/s, about .* left", caplog.text), caplog.text
+    caplog.clear()
+    validation.validate_dataset(str(tmp_path / "d"), str(tmp_path / "out2"), html_report=False)
+    assert "left" not in caplog.text and "validated: 6 files" in caplog.text
 
 
 def test_report_shows_odd_names_verbatim(tmp_path):
