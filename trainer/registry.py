@@ -17,7 +17,6 @@ next run, the ``initial_model_uri`` of incremental training, or the model of ``i
 
 from __future__ import annotations
 
-import base64
 import datetime
 import hashlib
 import json
@@ -339,21 +338,9 @@ def model_digest(model_dir: str, files: Mapping[str, str] | None = None) -> str:
     details = {entry["path"]: entry for entry in storage.list_object_details(model_dir)}
     lines = []
     for target, source in files.items():
-        checksum = details[source].get("md5") or _md5(storage.join(model_dir, source))
+        checksum = details[source].get("md5") or storage.file_md5(storage.join(model_dir, source))
         lines.append(f"{target}\t{details[source]['size']}\t{checksum}\n")
     return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-
-
-def _md5(uri: str) -> str:
-    """The file's MD5 as GCS states it (base64 of the digest)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    if storage.is_gcs(uri):
-        digest.update(storage.read_bytes(uri))
-    else:
-        with open(storage.local_path(uri), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return base64.b64encode(digest.digest()).decode("ascii")
 
 
 def _pushed_digest(registry_uri: str, version: str, record: Mapping[str, Any]) -> str | None:

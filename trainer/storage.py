@@ -500,6 +500,13 @@ def _landed(uri: str, md5: str) -> bool:
     return current is not None and current.md5_hash == md5
 
 
+def file_md5(uri: str) -> str:
+    """A file's MD5, base64 as GCS reports ``md5Hash``, computed from its content (local path or gs://)."""
+    if is_gcs(uri):
+        return _md5(io.BytesIO(read_bytes(uri)))
+    return _md5(open(_local(uri), "rb"))
+
+
 def _md5(source: IO[bytes]) -> str:
     """The base64 MD5 of a stream's content (as GCS reports ``md5Hash``); the stream is closed."""
     digest = hashlib.md5(usedforsecurity=False)
