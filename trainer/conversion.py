@@ -73,10 +73,13 @@ picture can never be both trained and evaluated on. Ratios count such groups (di
 split with a ratio above 0 gets at least one image of every class. The order of records inside every
 split is shuffled (seeded), so consecutive records and every shard mix the classes.
 
-Shards hold about ``TARGET_SHARD_BYTES`` (256 MiB) of images at most: a split is cut into
-ceil(bytes / 256 MiB) shards of equal image counts, from validation's byte counts, so shards hold
-128-256 MiB once a split is larger than one shard (enough for training to read several in parallel
-on large data sets, few enough to open quickly). Shards are written one at a time: files are read and
+Shards hold about ``TARGET_SHARD_BYTES`` (256 MiB) of images and ``TARGET_SHARD_IMAGES`` (50,000) images
+at most: a split is cut into the larger of ceil(bytes / 256 MiB) and ceil(images / 50,000) shards of equal
+image counts, from validation's byte counts, so shards hold 128-256 MiB once a split is larger than one
+shard (enough for training to read several in parallel on large data sets, few enough to open quickly).
+The image cap is for small pictures (a million 32-pixel images are about 1.5 GB): training caches its
+decoded pixels on disk one file per shard, and tf.data keeps an index entry per element of a cache
+file in memory until the file is complete. Shards are written one at a time: files are read and
 checked against the SHA-256 that validation recorded (a file changed since validation is an error, so
 the fingerprint always describes what was written) by a bounded pool of threads, and appended in a
 fixed order, so peak memory depends on the number of threads and the size of the images in flight,
@@ -133,17 +136,21 @@ _RECORD_FORMATS = {"JPEG": b"jpeg", "PNG": b"png"}
 _FORMAT_NAMES = tuple(_RECORD_FORMATS)
 # Automatic sharding: at most 256 MiB of images per shard (so 128-256 MiB once a split needs two).
 TARGET_SHARD_BYTES = 256 * 2**20
+# ... and at most this many images (training's disk cache holds about 1.3 KB of memory per image of a shard).
+TARGET_SHARD_IMAGES = 50_000
 _TEMP_PREFIX = ".tmp-"
 
 
 def default_num_shards(count: int, total_bytes: int) -> int:
-    """Shards for ``count`` images of ``total_bytes`` encoded bytes: at most ~TARGET_SHARD_BYTES each.
+    """Shards for ``count`` images of ``total_bytes`` encoded bytes: at most ~TARGET_SHARD_BYTES and
+    TARGET_SHARD_IMAGES each.
 
     Never more shards than images, and at least one for a non-empty split.
     """
     if count <= 0:
         return 0
-    return max(1, min(count, math.ceil(total_bytes / TARGET_SHARD_BYTES)))
+    needed = max(math.ceil(total_bytes / TARGET_SHARD_BYTES), math.ceil(count / TARGET_SHARD_IMAGES))
+    return max(1, min(count, needed))
 
 
 def _round_half_up(x: float) -> int:

@@ -7,20 +7,20 @@ stated in ``trainer/layout.py``::
     DATASET_DIR/class_label_to_prediction_index.json     {class: index}, alphabetical
     DATASET_DIR/manifest.json                            format_version 2, classes, splits: {split: {count, ...}}
 
-Records hold each image file's original bytes (see ``trainer/conversion.py`` for the decision), so
-one data set serves every model size. The input pipeline decodes and resizes them with
+Records hold each image file's original bytes (see ``trainer/conversion.py`` for the decision), so one
+data set serves every model size. The input pipeline decodes and resizes them with
 ``images.model_input`` -- the function the serving signature uses, with the model's image size and
-interpolation, big JPEGs decoded scaled down by ``images.jpeg_scale`` -- several at a time (twice
-as many as cores, order kept, so seeded runs repeat). Records carry the EXIF orientation serving
-would find in their bytes, so training does not search for it, and a split conversion recorded as
-upright JPEGs only is decoded without control flow (``images.decode_upright_jpeg_tensor``): the
-same pixels, a fifth less work per photo. That happens ONCE per pipeline: the resized uint8 pixels
-are cached, in memory when they fit in ``cache_bytes``, else in a cache file on local disk (``$IMGCLF_CACHE_DIR`` or the
-system temp directory) when it has room, so every epoch after the first reads pixels and does no
+interpolation, big JPEGs decoded scaled down by ``images.jpeg_scale`` -- several at a time (twice as
+many as cores, order kept, so seeded runs repeat). Records carry the EXIF orientation serving would find
+in their bytes, so training does not search for it, and a split conversion recorded as upright JPEGs
+only is decoded without control flow (``images.decode_upright_jpeg_tensor``): the same pixels, a fifth
+less work per photo. That happens ONCE per pipeline: the resized uint8 pixels are cached, in memory when
+they fit in ``cache_bytes``, else in cache files on local disk, one per shard (``$IMGCLF_CACHE_DIR`` or
+the system temp directory) when it has room, so every epoch after the first reads pixels and does no
 decoding. Only when neither fits does every epoch decode again, and the log says so. After the cache
 come the shuffle (training: the order of each epoch is a function of the seed and the epoch's number,
-see ``make_dataset``; the first epoch streams decoded images into training as they come), batching
-and prefetching; batches stay uint8 (the model casts them to float32 in its step, on the accelerator).
+see ``make_dataset``; the first epoch streams decoded images into training as they come), batching and
+prefetching; batches stay uint8 (the model casts them to float32 in its step, on the accelerator).
 
 gs:// data sets are copied to a local cache directory, one per manifest content (so a re-conversion
 into the same URI is never read from an old copy), before reading (``local_dataset_dir``) rather than
@@ -263,11 +263,18 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
     shuffled = training and count > 1
     if seed is None and shuffled:
         seed = int.from_bytes(os.urandom(4), "little")
+    where, folder = _cache_place(f"{local}/{split}", count, image_size, cache_bytes)
     dataset = _records(local, split, shuffle_files=shuffled, seed=seed,
                        then=_decoder(image_size, interpolation, local, split),
-                       record_buffer=_record_buffer(local, split, count) if shuffled else 0)
+                       record_buffer=_record_buffer(local, split, count) if shuffled else 0, cache_folder=folder)
     image_bytes = image_size * image_size * 3
-    dataset, where = _cache(dataset, f"{local}/{split}", count, image_size, cache_bytes, read_ahead=not shuffled)
+    if where == "memory":
+        dataset = dataset.cache()
+    elif where == "disk":
+        # Iterators keep their dataset alive, so the folder outlives every reader of the cache.
+        weakref.finalize(dataset, shutil.rmtree, folder, ignore_errors=True)
+    if where != "none" and not shuffled:
+        dataset = _read_ahead(dataset, count)
     if shuffled:
         buffer = count if where == "memory" else max(batch_size, min(count, SHUFFLE_BUFFER_BYTES // image_bytes))
         # The pass that fills the cache is not shuffled again (a buffer of 2 gives the elements out nearly
@@ -339,14 +346,20 @@ def _check_resize(image_size: int, interpolation: str) -> None:
 
 def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | None,
              then: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], Any] | None = None,
-             record_buffer: int = 0) -> tf.data.Dataset:
+             record_buffer: int = 0, cache_folder: str | None = None) -> tf.data.Dataset:
     """``(encoded image, label)`` pairs of a split from a local data set directory, parsed; or, with
     ``then``, what ``then(encoded, label, orientation)`` returns for them (orientation: the record's
     EXIF orientation, 0 when unknown), computed with the parsing in one parallel map (each map stage
     costs every element a function call and a hand-over between threads).
 
     ``shuffle_files``: the shards in an order drawn from ``seed`` (the same on every pass), several
-    read at once, and the records shuffled in a buffer of ``record_buffer`` records (when above 1)."""
+    read at once, and the records shuffled in a buffer of ``record_buffer`` records (when above 1).
+
+    ``cache_folder`` (with ``then``): what ``then`` returns is cached on disk there, one cache file per
+    shard, the shards read one after the other (each shuffled in its own buffer). tf.data's cache file
+    keeps an index entry per element in memory until the file is complete (about 1.3 KB an element,
+    measured: 370 MiB for 300,000 images in one file), so one file for a split would hold memory in
+    proportion to the split; one per shard holds it to a shard's images (conversion caps those)."""
     count = split_count(local_dir, split)
     files = shard_files(local_dir, split)
     if count and not files:
@@ -359,6 +372,28 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
     if not files:
         empty = tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int64)))
         return empty.map(lambda encoded, label: then(encoded, label, tf.constant(0, tf.int64))) if then else empty
+    features = record_features()
+    wanted = {key: features[key] for key in (FEATURE_ENCODED, FEATURE_LABEL, FEATURE_ORIENTATION)}
+
+    def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        example = tf.io.parse_single_example(record, wanted)
+        return example[FEATURE_ENCODED], example[FEATURE_LABEL], example[FEATURE_ORIENTATION]
+
+    if cache_folder is not None and then is not None:
+        order = tf.data.Dataset.from_tensor_slices(files)
+        if shuffle_files:
+            order = order.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
+
+        def shard(path: tf.Tensor) -> tf.data.Dataset:
+            records = tf.data.TFRecordDataset(path)
+            if shuffle_files and record_buffer > 1:
+                records = records.shuffle(record_buffer, seed=seed, reshuffle_each_iteration=False)
+            decoded = records.map(lambda record: then(*parse(record)), num_parallel_calls=_decode_calls(),
+                                  deterministic=True)
+            # A later pass finds the file complete and reads it; the shard is then not read at all.
+            return decoded.cache(tf.strings.join([cache_folder, "/", tf.strings.split(path, "/")[-1]]))
+
+        return order.flat_map(shard).apply(tf.data.experimental.assert_cardinality(count))
     if shuffle_files:
         if len(files) == 1:
             records = tf.data.TFRecordDataset(files)
@@ -376,13 +411,6 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
     else:
         # Evaluation reads in conversion's order, so results line up with the manifest.
         records = tf.data.TFRecordDataset(files)
-
-    features = record_features()
-    wanted = {key: features[key] for key in (FEATURE_ENCODED, FEATURE_LABEL, FEATURE_ORIENTATION)}
-
-    def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        example = tf.io.parse_single_example(record, wanted)
-        return example[FEATURE_ENCODED], example[FEATURE_LABEL], example[FEATURE_ORIENTATION]
 
     if then:
         # Parsing and decoding in one function: one parallel stage, one hand-over between threads.
@@ -482,50 +510,44 @@ def _decoder(image_size: int, interpolation: str, local_dir: str, split: str) ->
     return decode
 
 
-def _cache(dataset: tf.data.Dataset, name: str, count: int, image_size: int, cache_bytes: int, *,
-           read_ahead: bool) -> tuple[tf.data.Dataset, str]:
-    """Cache the decoded pixels of the first pass; return the dataset and where they are cached:
-    "memory", "disk" or "none".
+def _cache_place(name: str, count: int, image_size: int, cache_bytes: int) -> tuple[str, str | None]:
+    """Where the decoded pixels of the first pass are cached: ``("memory", None)``, ``("disk", folder)``
+    or ``("none", None)``.
 
-    In memory when ``count`` images fit in ``cache_bytes``; else in a cache file in a new temporary
-    folder on local disk (removed when the dataset is garbage-collected or the process ends) when
-    that file system keeps ``CACHE_DISK_RESERVE_BYTES`` free; else not at all, which is logged.
+    In memory when ``count`` images fit in ``cache_bytes``; else in cache files (one per shard, see
+    ``_records``) in a new temporary folder on local disk (removed when the dataset is garbage-collected
+    or the process ends) when that file system keeps ``CACHE_DISK_RESERVE_BYTES`` free; else not at all,
+    which is logged.
 
-    ``read_ahead``: tf.data completes a cache only once its input has reported its end, and Keras
-    starts the next epoch's iterator as soon as it has taken an epoch's last batch. Without a shuffle
-    buffer (which reads to the end before giving out its last elements) that end could come too late:
-    a memory cache would then be dropped and refilled, and a second writer of a cache file fails
-    ("concurrent caching iterator"). ``_read_ahead`` makes the end arrive before the last element.
+    A cached pipeline that is not shuffled needs ``_read_ahead``: tf.data completes a cache only once its
+    input has reported its end, and Keras starts the next epoch's iterator as soon as it has taken an
+    epoch's last batch. Without a shuffle buffer (which reads to the end before giving out its last
+    elements) that end could come too late: a memory cache would then be dropped and refilled, and a
+    second writer of a cache file fails ("concurrent caching iterator").
     """
     if count == 0:
-        return dataset, "memory"
+        return "memory", None
     needed = count * image_size * image_size * 3
     if needed <= cache_bytes:
         log.info("%s: %d images of %d px are decoded once, in the first pass, and kept in memory (%.0f MiB)",
                  name, count, image_size, needed / 2**20)
-        cached, where = dataset.cache(), "memory"
-    else:
-        root = os.environ.get(CACHE_DIR_ENV) or tempfile.gettempdir()
-        os.makedirs(root, exist_ok=True)
-        free = shutil.disk_usage(root).free
-        if free - needed < CACHE_DISK_RESERVE_BYTES:
-            log.warning("%s: not caching the decoded images: %d images of %d px need %.1f GiB, more than "
-                        "cache_bytes (%.1f GiB) and than %s can spare (%.1f GiB free); every epoch decodes and "
-                        "resizes them again. Set %s to a larger local disk to cache them there", name, count,
-                        image_size, needed / 2**30, cache_bytes / 2**30, root, free / 2**30, CACHE_DIR_ENV)
-            return dataset, "none"
-        folder = tempfile.mkdtemp(prefix="imgclf-pixels-", dir=root)
-        log.info("%s: %d images of %d px are decoded once, in the first pass, and cached in %s (%.1f GiB)",
-                 name, count, image_size, folder, needed / 2**30)
-        # When it completes the file, tf.data logs "The calling iterator did not fully read the dataset
-        # being cached ... will be discarded": a false alarm (its writer looks for its pre-merge file
-        # name once the files are merged). Nothing is discarded; later epochs read the file.
-        cached, where = dataset.cache(os.path.join(folder, "pixels")), "disk"
-        # Iterators keep their dataset alive, so the folder outlives every reader of the cache.
-        weakref.finalize(cached, shutil.rmtree, folder, ignore_errors=True)
-    if read_ahead:
-        cached = _read_ahead(cached, count)
-    return cached, where
+        return "memory", None
+    root = os.environ.get(CACHE_DIR_ENV) or tempfile.gettempdir()
+    os.makedirs(root, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free - needed < CACHE_DISK_RESERVE_BYTES:
+        log.warning("%s: not caching the decoded images: %d images of %d px need %.1f GiB, more than "
+                    "cache_bytes (%.1f GiB) and than %s can spare (%.1f GiB free); every epoch decodes and "
+                    "resizes them again. Set %s to a larger local disk to cache them there", name, count,
+                    image_size, needed / 2**30, cache_bytes / 2**30, root, free / 2**30, CACHE_DIR_ENV)
+        return "none", None
+    folder = tempfile.mkdtemp(prefix="imgclf-pixels-", dir=root)
+    log.info("%s: %d images of %d px are decoded once, in the first pass, and cached in %s (%.1f GiB)",
+             name, count, image_size, folder, needed / 2**30)
+    # When it completes a file, tf.data logs "The calling iterator did not fully read the dataset
+    # being cached ... will be discarded": a false alarm (its writer looks for its pre-merge file
+    # name once the files are merged). Nothing is discarded; later epochs read the files.
+    return "disk", folder
 
 
 def _read_ahead(dataset: tf.data.Dataset, count: int) -> tf.data.Dataset:

@@ -246,6 +246,8 @@ def test_explicit_shards_and_default_sharding(tiny_dataset, tmp_path):
     assert conversion.default_num_shards(2_000, 256 * mib) == 1
     assert conversion.default_num_shards(20_000, 900 * mib) == 4  # 225 MiB each
     assert conversion.default_num_shards(3, 2_000 * mib) == 3  # never more shards than images
+    # Small pictures: capped by images (a disk cache file per shard holds memory per image until complete).
+    assert conversion.default_num_shards(140_000, 200 * mib) == 3
 
 
 def test_leftover_shards_and_temp_files_are_never_listed(tiny_dataset, tmp_path):

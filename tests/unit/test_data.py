@@ -359,6 +359,8 @@ def test_a_split_too_large_for_memory_is_cached_on_local_disk(dataset, cache_dir
     [folder] = cache_dir.iterdir()
     assert any(str(folder) in r.getMessage() and "decoded once" in r.getMessage() for r in caplog.records)
     first = sorted(_order(ds))
+    # One cache file per shard: tf.data holds a cache file's index in memory until the file is complete.
+    assert len(list(folder.glob("*.index"))) == len(data.shard_files(dataset, "train")) == 3
     _remove_shards(dataset)
     assert sorted(_order(ds)) == first
     del ds
