@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 from tests.unit.test_training import write_digits
-from trainer import evaluation, prediction, tflite, training
 from trainer.errors import ModelError
+from trainer.evaluate import evaluation
 from trainer.hyperparameters import Hyperparameters
+from trainer.serve import prediction
+from trainer.train import tflite, training
 
 SIZE = 16
 
@@ -108,7 +110,7 @@ def test_predict_with_a_missing_quantised_file_says_how_to_get_it(digits_model, 
 
 
 def test_binary_tflite_answers_both_probabilities():
-    from trainer import model as model_lib
+    from trainer.train import model as model_lib
 
     hp = Hyperparameters(model="small_cnn", weights="none", image_size=SIZE, binary_mode=True)
     model = model_lib.build_model(hp, 2)
