@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.unit.test_training import write_digits
+from trainer.data import reader
 from trainer.errors import ModelError
 from trainer.evaluate import evaluation
 from trainer.hyperparameters import Hyperparameters
@@ -34,8 +35,8 @@ def digits_model(tmp_path_factory):
     _, keras_probabilities, lite = evaluation._predict_split(
         loaded, dataset, "test", 64, prediction.load_tflite_models(model_dir))
     pixels = np.concatenate([images.numpy() for images, _ in
-                             evaluation.data.read_split(dataset, "test", image_size=SIZE,
-                                                        interpolation="bilinear").batch(256)])
+                             reader.read_split(dataset, "test", image_size=SIZE,
+                                               interpolation="bilinear").batch(256)])
     return dataset, model_dir, pixels, keras_probabilities, lite
 
 
