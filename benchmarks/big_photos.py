@@ -40,8 +40,10 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from synthetic import write_photos  # noqa: E402
-from trainer import conversion, data, images, model, training, validation  # noqa: E402
+from trainer import images  # noqa: E402
+from trainer.data import conversion, reader, validation  # noqa: E402
 from trainer.hyperparameters import Hyperparameters  # noqa: E402
+from trainer.train import model, training  # noqa: E402
 
 
 def enlarge(source: Path, target: Path, upscale: int) -> None:
@@ -66,7 +68,7 @@ def enlarge(source: Path, target: Path, upscale: int) -> None:
 def first_epoch_seconds(dataset_dir: str, image_size: int) -> float:
     """Read, decode and resize the training split once (the first epoch's input work), no model."""
     started = time.perf_counter()
-    for _ in data.read_split(dataset_dir, "train", image_size=image_size, interpolation="bilinear"):
+    for _ in reader.read_split(dataset_dir, "train", image_size=image_size, interpolation="bilinear"):
         pass
     return time.perf_counter() - started
 
@@ -75,10 +77,10 @@ def train_and_evaluate(dataset_dir: str, hp: Hyperparameters, classes: int) -> f
     keras.utils.set_random_seed(0)
     network = model.build_model(hp, classes)
     network.compile(optimizer=training.make_optimizer(hp), loss=training.make_loss(hp), metrics=["accuracy"])
-    network.fit(data.make_dataset(dataset_dir, "train", batch_size=hp.batch_size, training=True, seed=0,
+    network.fit(reader.make_dataset(dataset_dir, "train", batch_size=hp.batch_size, training=True, seed=0,
                                   num_classes=classes, binary_mode=False, image_size=hp.input_size,
                                   interpolation=hp.image_resize_interpolation), epochs=hp.epochs, verbose=0)
-    test = data.make_dataset(dataset_dir, "test", batch_size=hp.batch_size, training=False, seed=None,
+    test = reader.make_dataset(dataset_dir, "test", batch_size=hp.batch_size, training=False, seed=None,
                              num_classes=classes, binary_mode=False, image_size=hp.input_size,
                              interpolation=hp.image_resize_interpolation)
     return float(network.evaluate(test, verbose=0, return_dict=True)["accuracy"])
@@ -102,7 +104,7 @@ def main() -> None:
     dataset_dir = str(work / "dataset")
     conversion.convert_dataset(str(folder), str(work / "validation" / "validation.json"), dataset_dir,
                                validation_split_ratio=0.1, test_split_ratio=0.1, random_seed=0)
-    classes = len(data.read_label_map(dataset_dir))
+    classes = len(reader.read_label_map(dataset_dir))
     hp = Hyperparameters(model="small_cnn", weights="none", image_size=args.image_size, epochs=args.epochs,
                          batch_size=32, learning_rate=0.002)
     with Image.open(next(folder.rglob("*.jpg"))) as sample:
@@ -126,7 +128,7 @@ def main() -> None:
     print(json.dumps({
         "first_epoch_speedup": round(min(seconds["full"]) / min(seconds["scaled"]), 2),
         "accuracy_scaled": round(accuracy["scaled"], 4), "accuracy_full": round(accuracy["full"], 4),
-        "test_images": data.split_count(dataset_dir, "test"), "photo_size": list(size), "scale": scale,
+        "test_images": reader.split_count(dataset_dir, "test"), "photo_size": list(size), "scale": scale,
         "image_size": hp.input_size, "epochs": hp.epochs,
     }))
 

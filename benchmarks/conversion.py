@@ -11,13 +11,13 @@ its peak resident memory (the kernel's ru_maxrss for that process, from wait4) b
 * plain: one thread, the loop of TensorFlow's TFRecord tutorial, as the conversion issue defines it:
   read a file, decode it (``tf.io.decode_image``) to check it, write a tf.train.Example holding the
   file's ORIGINAL BYTES.
-* ours: ``trainer.conversion.convert_dataset``: reads with a bounded pool of threads, checks every
+* ours: ``trainer.data.conversion.convert_dataset``: reads with a bounded pool of threads, checks every
   file's SHA-256 against validation (which decoded these very bytes) and
   writes the ORIGINAL BYTES into split, shuffled shards. Run at 1x and at ``--scale`` x for peak memory.
 * pixels (for the record, not what the pipeline runs): what conversion did up to format version 1,
   the same threads decoding every file (``images.decode_image``) and resizing it once to
   ``--image-size`` (``images.resize_image``), storing the uint8 pixels. It shows why records now hold
-  the original bytes (see trainer/conversion.py's docstring).
+  the original bytes (see trainer/data/conversion.py's docstring).
 
 Each 1x measurement is repeated ``--repeat`` times (default 3), interleaved, and the fastest run of
 each counts, so another process briefly busy on a shared machine does not decide the result. Files
@@ -87,9 +87,9 @@ def pixels_loop(data_dir: str, validation_json: str, out_dir: str, image_size: i
     import tensorflow as tf
 
     from trainer import storage
+    from trainer.data.validation import default_workers, load_validation, read_results
     from trainer.images import decode_image, resize_image
     from trainer.parallel import bounded_map
-    from trainer.validation import default_workers, load_validation, read_results
 
     validation = load_validation(validation_json)
     labels = {name: index for index, name in enumerate(validation["classes"])}
@@ -116,7 +116,7 @@ def run_child(args: argparse.Namespace) -> None:
     """One measurement; prints {"images", "seconds", "cpu_seconds", "rss_before_mb"} as JSON on stdout."""
     import tensorflow as tf  # noqa: F401 - imported before the clock starts, as every kind needs it
 
-    from trainer.conversion import convert_dataset
+    from trainer.data.conversion import convert_dataset
 
     os.makedirs(args.out, exist_ok=True)
     rss_before = _rss_mb()
@@ -170,7 +170,7 @@ def validate(data: Path, out: Path, log: Path) -> None:
     if result.exists() and result.stat().st_mtime > stamp.stat().st_mtime:
         return
     shutil.rmtree(out, ignore_errors=True)
-    code = (f"from trainer.validation import validate_dataset; "
+    code = (f"from trainer.data.validation import validate_dataset; "
             f"validate_dataset({str(data)!r}, {str(out)!r}, html_report=False)")
     with open(log, "a") as err:
         subprocess.run([sys.executable, "-c", code], check=True, stderr=err, env=_child_env())

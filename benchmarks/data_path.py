@@ -82,10 +82,10 @@ def run_plain(data: Path, work: Path, log: Path) -> float:
 
 
 # What the look-at-data and validate-data components call (components/look_at_data.py, validate_data.py).
-LOOK = ("import sys; from trainer.fingerprint import look_at_data; "
+LOOK = ("import sys; from trainer.data.fingerprint import look_at_data; "
         "open(sys.argv[2], 'w').write(look_at_data(sys.argv[1]).fingerprint)")
 VALIDATE = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
-            "from trainer.fingerprint import validate_unchanged; "
+            "from trainer.data.fingerprint import validate_unchanged; "
             "validate_unchanged(sys.argv[1], sys.argv[2], open(sys.argv[3]).read())")
 
 
@@ -106,7 +106,7 @@ def run_ours(data: Path, work: Path, log: Path) -> float:
 
 def validation_rates(data: Path, work: Path, images: int) -> dict[str, float]:
     """Steady images/s of validation alone (in this process, imports done) with 1 worker and one per core."""
-    from trainer import validation
+    from trainer.data import validation
 
     cores = available_cores()
     rates = {}

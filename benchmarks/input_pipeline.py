@@ -8,7 +8,7 @@ size, and each is iterated for ``--epochs`` epochs in this one process:
 * reference: ``keras.utils.image_dataset_from_directory`` over the class folders, as the reference
   script does: every epoch reads, decodes and resizes every file again (with prefetch, to be fair),
   and yields float32 batches.
-* ours: ``trainer.data.make_dataset`` over the shards ``trainer.conversion`` wrote (the original
+* ours: ``trainer.data.reader.make_dataset`` over the shards ``trainer.data.conversion`` wrote (the original
   files' bytes): the first epoch reads, decodes (the serving signature's pixels; for these upright
   JPEGs ``images.decode_upright_jpeg_tensor``) and resizes every image, streams it into the batches
   and caches the resized pixels; later epochs read the cache, shuffle, batch and prefetch. Its batches
@@ -50,7 +50,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from synthetic import write_photos  # noqa: E402
-from trainer import conversion, data, validation  # noqa: E402
+from trainer.data import conversion, reader, validation  # noqa: E402
 
 TARGET = 3.0
 TARGET_FIRST_EPOCH = 1.0
@@ -125,7 +125,7 @@ def main() -> None:
           f"({args.images / conversion_seconds:.0f} images/s)", flush=True)
 
     size = (args.image_size, args.image_size)
-    num_classes = len(data.read_label_map(str(dataset_dir)))
+    num_classes = len(reader.read_label_map(str(dataset_dir)))
     ref_runs, ours_runs, ref_cpu, ours_cpu = [], [], [], []
     for _ in range(args.rounds):
         reference = keras.utils.image_dataset_from_directory(
@@ -136,7 +136,7 @@ def main() -> None:
               f" then {steady_rate(ref_runs[-1], args.images):.0f}", flush=True)
         del reference
         settle()
-        ours = data.make_dataset(str(dataset_dir), "train", batch_size=args.batch_size, training=True, seed=0,
+        ours = reader.make_dataset(str(dataset_dir), "train", batch_size=args.batch_size, training=True, seed=0,
                                  num_classes=num_classes, binary_mode=False, image_size=args.image_size,
                                  interpolation="bilinear")
         ours_runs.append(epoch_seconds(ours, args.epochs, ours_cpu))

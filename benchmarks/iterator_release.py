@@ -6,7 +6,7 @@ Keras ends a training epoch after its steps, without reading the data to its end
 deleted then. Each input here is read as Keras reads it (every batch of one epoch, ``--step`` seconds of
 "training" after each, never past the last batch) and then deleted, ``--epochs`` times:
 
-* ``ours``: ``trainer.data.make_dataset`` as training builds it (no autotuning: ``data._pipeline_options``);
+* ``ours``: ``trainer.data.reader.make_dataset`` as training builds it (no autotuning: ``reader._pipeline_options``);
 * ``ours_autotuned``: the same pipeline with tf.data's autotuning switched back on;
 * ``reference``: ``image_dataset_from_directory`` with ``prefetch(AUTOTUNE)`` (autotuned, as tf.data's default).
 
@@ -38,7 +38,7 @@ import tensorflow as tf  # noqa: E402
 
 from input_pipeline import convert  # noqa: E402
 from synthetic import write_photos  # noqa: E402
-from trainer import data  # noqa: E402
+from trainer.data import reader  # noqa: E402
 
 WAKE_UPS = [10 * (2**k - 1) / 1000 for k in range(1, 14)]
 
@@ -59,8 +59,8 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="imgclf-release-bench-"))
     write_photos(work / "photos", args.images)
     dataset_dir, _ = convert(work / "photos", work)
-    classes = len(data.read_label_map(str(dataset_dir)))
-    ours = data.make_dataset(str(dataset_dir), "train", batch_size=32, training=True, seed=0, num_classes=classes,
+    classes = len(reader.read_label_map(str(dataset_dir)))
+    ours = reader.make_dataset(str(dataset_dir), "train", batch_size=32, training=True, seed=0, num_classes=classes,
                              binary_mode=False, image_size=224, interpolation="bilinear")
     autotuned = tf.data.Options()
     autotuned.autotune.enabled = True

@@ -11,7 +11,7 @@ component makes, so that process start and imports count as they do in a pipelin
 * validate: ``fingerprint.validate_unchanged`` (components/validate_data.py): validation with its
             reports, then the second look.
 * convert:  ``conversion.convert_dataset`` (components/convert_to_tfrecords.py).
-* epoch:    the first epoch of ``trainer.data.make_dataset``'s training
+* epoch:    the first epoch of ``trainer.data.reader.make_dataset``'s training
             input at 32 px (decode, resize, the pixel cache written to local disk: ``cache_bytes=0``,
             so that the deliberate in-memory cache of small data sets does not count as growth), without
             a model: the input side of a first epoch.
@@ -33,7 +33,7 @@ photos (ours 2.2 s, image_dataset_from_directory 2.8 s), 0.79 on 32 (0.87 s agai
 the pipeline weighs more than the photos there).
 
 Then, unless ``--big-photos 0``, the first epoch on 12-megapixel JPEGs (4000x3000, photo-like) fed by
-``trainer.data.make_dataset`` at 224 px (whatever decode trainer.data does) against
+``trainer.data.reader.make_dataset`` at 224 px (whatever decode trainer.data.reader does) against
 ``keras.utils.image_dataset_from_directory`` at 224 px, same images, each in its own process, timed
 from the dataset's creation to the end of its first epoch (input only, one run each).
 
@@ -75,22 +75,22 @@ GCS_STEPS = ("look", "validate", "convert")
 
 # What each component calls, as a child process: argv = [data, work].
 CHILD = {
-    "look": ("import sys; from trainer.fingerprint import look_at_data; "
+    "look": ("import sys; from trainer.data.fingerprint import look_at_data; "
              "open(sys.argv[2] + '/look.txt', 'w').write(look_at_data(sys.argv[1]).fingerprint)"),
-    "validate": ("import sys; from trainer.fingerprint import validate_unchanged; "
+    "validate": ("import sys; from trainer.data.fingerprint import validate_unchanged; "
                  "validate_unchanged(sys.argv[1], sys.argv[2] + '/validation', "
                  "open(sys.argv[2] + '/look.txt').read())"),
-    "convert": ("import sys; from trainer.conversion import convert_dataset; "
+    "convert": ("import sys; from trainer.data.conversion import convert_dataset; "
                 "convert_dataset(sys.argv[1], sys.argv[2] + '/validation/validation.json', sys.argv[2] + '/dataset')"),
-    "epoch": ("import sys, time; from trainer import data; "
-              "d = data.make_dataset(sys.argv[2] + '/dataset', 'train', batch_size=64, training=True, seed=0, "
+    "epoch": ("import sys, time; from trainer.data import reader; "
+              "d = reader.make_dataset(sys.argv[2] + '/dataset', 'train', batch_size=64, training=True, seed=0, "
               "num_classes=10, binary_mode=False, image_size=32, interpolation='bilinear', cache_bytes=0); "
               "n = sum(int(b[0].shape[0]) for b in d); print('epoch images', n)"),
 }
-# Both children import TensorFlow before the clock starts (trainer.data imports it lazily, on first use), so
+# Both children import TensorFlow before the clock starts (trainer.data.reader imports it lazily, on first use), so
 # both times are building the input pipeline and its first epoch.
-BIG_OURS = ("import sys, time, json, tensorflow as tf; from trainer import data; t = time.perf_counter(); "
-            "d = data.make_dataset(sys.argv[1], 'train', batch_size=16, training=True, seed=0, num_classes=2, "
+BIG_OURS = ("import sys, time, json, tensorflow as tf; from trainer.data import reader; t = time.perf_counter(); "
+            "d = reader.make_dataset(sys.argv[1], 'train', batch_size=16, training=True, seed=0, num_classes=2, "
             "binary_mode=False, image_size=224, interpolation='bilinear'); "
             "n = sum(int(b[0].shape[0]) for b in d); print(json.dumps([n, time.perf_counter() - t]))")
 BIG_REFERENCE = ("import sys, time, json, keras, tensorflow as tf; t = time.perf_counter(); "
@@ -263,7 +263,7 @@ def big_photo_speedup(work: Path, count: int, log: Path) -> dict:
     converted.mkdir(parents=True)
     for step in ("look", "validate"):  # not timed: the steps before training
         run_child(CHILD[step], [str(folder), str(converted)], log)
-    run_child("import sys; from trainer.conversion import convert_dataset; convert_dataset(sys.argv[1], "
+    run_child("import sys; from trainer.data.conversion import convert_dataset; convert_dataset(sys.argv[1], "
               "sys.argv[2] + '/validation/validation.json', sys.argv[2] + '/dataset', validation_split_ratio=0, "
               "test_split_ratio=0)", [str(folder), str(converted)], log)
     out = run_child(BIG_OURS, [str(converted / "dataset")], log)[2]

@@ -29,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp  # noqa: E402  (kserve's dependency)
 import numpy as np  # noqa: E402
 
-from trainer import conversion, prediction, training, validation  # noqa: E402
-from trainer.demo_data import write_digits  # noqa: E402
+from trainer.data import conversion, validation  # noqa: E402
+from trainer.data.demo_data import write_digits  # noqa: E402
 from trainer.hyperparameters import Hyperparameters  # noqa: E402
-from trainer.infra_validation import running_server, split_images  # noqa: E402
+from trainer.serve import prediction  # noqa: E402
+from trainer.serve.infra_validation import running_server, split_images  # noqa: E402
+from trainer.train import training  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
 IMAGE = {"Content-Type": "application/x-image"}

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--images 640] [--rounds 5] [--model mobilenet_v2] [--full-network]
 
-The same model (``trainer.model.build_model``, random weights: no download needed), optimizer, loss
+The same model (``trainer.train.model.build_model``, random weights: no download needed), optimizer, loss
 and batch size are trained on each input, in this process: one network per input, each after a warm-up
 epoch that traces its step (and fills our cache), then ``--rounds`` rounds of one timed epoch of each,
 alternating which input goes first. By default only the head is trained (``train_only_top_layer``, which
@@ -14,7 +14,7 @@ process's CPU seconds (its threads, Linux schedstat), its threads' seconds waiti
 cores the machine's other processes used meanwhile. A round below 0.75 of its input's fastest round is
 counted in ``slow_rounds`` (on a shared machine another process's load is enough). The slow mode the
 issue saw, exactly 62.5 images/s for 640 images, was epochs held to 10.24 s by tf.data's autotuning
-thread (see ``trainer.data._pipeline_options`` and ``benchmarks/iterator_release.py``): an epoch that ends
+thread (see ``trainer.data.reader._pipeline_options`` and ``benchmarks/iterator_release.py``): an epoch that ends
 within 0.15 s after one of that thread's wake-ups (2.55, 5.11, 10.23, 20.47, 40.95, ... s) is counted in
 ``pinned_rounds``.
 
@@ -53,14 +53,15 @@ import tensorflow as tf  # noqa: E402
 
 from input_pipeline import convert  # noqa: E402
 from synthetic import write_photos  # noqa: E402
-from trainer import data, model, training  # noqa: E402
+from trainer.data import reader  # noqa: E402
 from trainer.hyperparameters import Hyperparameters  # noqa: E402
+from trainer.train import model, training  # noqa: E402
 
 # A round whose rate is below this share of the input's fastest round is counted as a slow round (on a shared
 # machine, another process's load is enough for that: see each epoch's "other processes" cores).
 SLOW_ROUND_SHARE = 0.75
 # tf.data's autotuning thread wakes up 10 * (2**k - 1) ms after an iterator starts; an epoch held back by it
-# (see trainer.data._pipeline_options) ends just after one of these: such a round is counted as pinned.
+# (see trainer.data.reader._pipeline_options) ends just after one of these: such a round is counted as pinned.
 TUNER_WAKE_UPS = [10 * (2**k - 1) / 1000 for k in range(8, 14)]  # 2.55 s ... 81.91 s
 PINNED_WITHIN = 0.15  # seconds after a wake-up (measured: 0.01-0.13 s; a wider window catches chance epochs)
 
@@ -166,7 +167,7 @@ def main() -> None:
     folder = work / "photos"
     write_photos(folder, args.images)
     dataset_dir, _ = convert(folder, work)
-    classes = len(data.read_label_map(str(dataset_dir)))
+    classes = len(reader.read_label_map(str(dataset_dir)))
 
     strategy = training.choose_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -175,7 +176,7 @@ def main() -> None:
         "reference": keras.utils.image_dataset_from_directory(
             str(folder), image_size=size, batch_size=hp.batch_size, label_mode="categorical", shuffle=True,
             seed=0, verbose=False).prefetch(tf.data.AUTOTUNE),
-        "ours": data.make_dataset(str(dataset_dir), "train", batch_size=hp.batch_size, training=True, seed=0,
+        "ours": reader.make_dataset(str(dataset_dir), "train", batch_size=hp.batch_size, training=True, seed=0,
                                   num_classes=classes, binary_mode=False, image_size=hp.input_size,
                                   interpolation=hp.image_resize_interpolation),
     }

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.tuning_local import run_tuning_local  # noqa: E402
-from trainer.demo_data import write_digits  # noqa: E402
+from trainer.data.demo_data import write_digits  # noqa: E402
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ def batch_predict(
     import collections
 
     from trainer import logs
-    from trainer.prediction import batch_predict as predict_folder
+    from trainer.serve.prediction import batch_predict as predict_folder
 
     logs.configure()
     result = predict_folder(trained_model.path, data_uri, predictions.path)

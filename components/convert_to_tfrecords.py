@@ -35,7 +35,7 @@ def convert_to_tfrecords(
     import os
 
     from trainer import logs
-    from trainer.conversion import convert_dataset
+    from trainer.data.conversion import convert_dataset
     from trainer.layout import VALIDATION_FILE
 
     logs.configure()

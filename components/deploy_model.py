@@ -32,7 +32,7 @@ def deploy_model(
         image: The image running `imgclf serve` (`imgclf compile --image` sets it with the steps' image).
     """
     from trainer import logs
-    from trainer.deploy import deploy
+    from trainer.serve.deploy import deploy
 
     logs.configure()
     result = deploy(version_uri, name=serving_model_name, namespace=serving_namespace, image=image, cpu=cpu,

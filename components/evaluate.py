@@ -41,8 +41,8 @@ def evaluate(
     import os
 
     from trainer import logs
-    from trainer.evaluation import evaluate as evaluate_model
-    from trainer.evaluation import training_curves_html
+    from trainer.evaluate.evaluation import evaluate as evaluate_model
+    from trainer.evaluate.evaluation import training_curves_html
     from trainer.layout import HISTORY_FILE
 
     logs.configure()

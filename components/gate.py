@@ -42,7 +42,7 @@ def bless_model(
     import os
 
     from trainer import logs
-    from trainer.registry import decide_blessing
+    from trainer.serve.registry import decide_blessing
 
     logs.configure()
     os.makedirs(blessing.path, exist_ok=True)

@@ -20,7 +20,7 @@ def look_at_data(data_uri: str) -> NamedTuple("Outputs", [("fingerprint", str), 
     import collections
 
     from trainer import logs
-    from trainer.fingerprint import look_at_data as look
+    from trainer.data.fingerprint import look_at_data as look
 
     logs.configure()
     found = look(data_uri)

@@ -26,7 +26,7 @@ def push_model(
 
     from trainer import logs
     from trainer.layout import BLESSING_FILE
-    from trainer.registry import push_model as push
+    from trainer.serve.registry import push_model as push
 
     logs.configure()
     with open(os.path.join(blessing.path, BLESSING_FILE), encoding="utf-8") as handle:

@@ -34,7 +34,7 @@ def select_best_trial(
     import shutil
 
     from trainer import logs
-    from trainer import tuning as tuning_lib
+    from trainer.tune import tuning as tuning_lib
 
     logs.configure()
     os.makedirs(tuning.path, exist_ok=True)

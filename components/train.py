@@ -66,7 +66,8 @@ def train(
     """
     import json
 
-    from trainer import checkpoints, hyperparameters, logs, training
+    from trainer import hyperparameters, logs
+    from trainer.train import checkpoints, training
 
     hp = hyperparameters.Hyperparameters.from_mapping(
         {name: value for name, value in locals().items() if name in hyperparameters.FIELDS})

@@ -78,7 +78,8 @@ def tuning_setup(
     import json
     import os
 
-    from trainer import logs, tuning
+    from trainer import logs
+    from trainer.tune import tuning
 
     logs.configure()
     fixed = {name: value for name, value in locals().items() if name in tuning.hps.FIELDS}

@@ -30,7 +30,8 @@ def tuning_trials(study: Input[Artifact], lane: int, dataset: Input[Dataset], ji
     """
     import logging
 
-    from trainer import logs, tuning
+    from trainer import logs
+    from trainer.tune import tuning
 
     logs.configure()
     logging.info("Lane %d: the run form's accelerator_count is %r (the pod's GPU limit where the backend reads it; "

@@ -41,7 +41,7 @@ def validate_data(
     import shutil
 
     from trainer import logs
-    from trainer.fingerprint import validate_unchanged
+    from trainer.data.fingerprint import validate_unchanged
 
     logs.configure()
     os.makedirs(validation.path, exist_ok=True)

@@ -71,7 +71,7 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from pipelines.tuning import image_classification_tuning
     from pipelines.tuning_local import BEST_FILE, TUNING_FILE, run_tuning_local
-    from trainer import search_space
+    from trainer.tune import search_space
 
     values = {**operations.load_parameters(args.params, args.assignments), "data_uri": args.data}
     if args.ranges:
@@ -133,7 +133,7 @@ def _cmd_katib_experiment(args: argparse.Namespace) -> int:
 
     from components._image import IMAGE
     from trainer import hyperparameters as hps
-    from trainer import katib, search_space, tuning
+    from trainer.tune import katib, search_space, tuning
 
     given = hps.merge_sources(args.params, args.assignments)
     # Without --ranges: the recommended ranges less the hyperparameters given a value.

@@ -26,8 +26,8 @@ from pipelines import backends
 from pipelines.compiler import COMPILED_PIPELINE, COMPILED_TUNING_PIPELINE
 from pipelines.image_classification import image_classification
 from trainer import hyperparameters as hps
-from trainer import search_space
 from trainer.errors import HyperparameterError, ImgclfError
+from trainer.tune import search_space
 
 # The KFP SDK's own variable for the API address, so one setting serves imgclf and plain SDK scripts.
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
@@ -140,7 +140,7 @@ def pipeline_parameters(values: Mapping[str, Any], pipeline: Any = None, *,
 
 def _search_config(hyperparameters: Mapping[str, Any], settings: Mapping[str, Any]) -> Any:
     """A tuning run's search, checked (HyperparameterError lists every problem, one line each)."""
-    from trainer import tuning
+    from trainer.tune import tuning
 
     return tuning.make_config(settings["ranges"], hyperparameters, objective=settings["objective"],
                               strategy=settings["strategy"], max_trials=settings["max_trials"],

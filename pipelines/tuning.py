@@ -31,7 +31,7 @@ from pipelines._steps import prepare_data, release
 from pipelines.cluster import ClusterSettings
 from pipelines.image_classification import PIPELINE_NAME as CACHE_SCOPE
 from trainer.hyperparameters import DEFAULTS, FIELDS
-from trainer.tuning import DEFAULT_OBJECTIVE
+from trainer.tune.tuning import DEFAULT_OBJECTIVE
 
 # The name it is uploaded and shown under (pipelineInfo.displayName); its cache scope is CACHE_SCOPE.
 PIPELINE_NAME = "image-classification-tuning"

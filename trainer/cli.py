@@ -59,7 +59,7 @@ def _cmd_hyperparameters(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate_data(args: argparse.Namespace) -> int:
-    from trainer.validation import validate_dataset
+    from trainer.data.validation import validate_dataset
 
     result = validate_dataset(args.data, args.output, binary_mode=args.binary_mode,
                               max_rejected_fraction=args.max_rejected_fraction)
@@ -71,7 +71,7 @@ def _cmd_validate_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from trainer.conversion import convert_dataset
+    from trainer.data.conversion import convert_dataset
 
     hp = resolve_hyperparameters(args)
     manifest = convert_dataset(args.data, args.validation, args.output,
@@ -82,7 +82,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from trainer.training import train
+    from trainer.train.training import train
 
     hp = resolve_hyperparameters(args)
     result = train(hp, args.dataset, args.output, initial_model_dir=args.initial_model,
@@ -92,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluation import evaluate
+    from trainer.evaluate.evaluation import evaluate
 
     result = evaluate(args.model, args.dataset, args.output, eval_metric=args.eval_metric)
     print(json.dumps({"eval_metric": result["eval_metric"], "eval_value": result["eval_value"]}))
@@ -100,7 +100,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from trainer.prediction import predict
+    from trainer.serve.prediction import predict
 
     for answer in predict(args.model, args.images, verbose=args.verbose, engine=args.engine):
         print(json.dumps(answer))
@@ -108,7 +108,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch_predict(args: argparse.Namespace) -> int:
-    from trainer.prediction import batch_predict
+    from trainer.serve.prediction import batch_predict
 
     result = batch_predict(args.model, args.data, args.output)
     print(json.dumps(result))
@@ -119,7 +119,7 @@ def _cmd_batch_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from trainer.serving import ServerOptions, serve
+    from trainer.serve.serving import ServerOptions, serve
 
     serve(args.model, ServerOptions(host=args.host, port=args.port, name=args.name, max_batch=args.max_batch,
                                     batch_wait_ms=args.batch_wait_ms, max_request_bytes=args.max_request_bytes,
@@ -128,7 +128,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from trainer.registry import push_model
+    from trainer.serve.registry import push_model
 
     # By hand there is no gate decision to record; blessing.json says so instead of leaving it blank.
     print(push_model(args.model, args.registry,
@@ -137,7 +137,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from trainer.demo_data import write_digits
+    from trainer.data.demo_data import write_digits
 
     counts = write_digits(args.output)
     print(f"wrote {sum(counts.values())} digit images in {len(counts)} class folders under {args.output}")
@@ -208,7 +208,7 @@ def build_parser(prog: str = "python -m trainer") -> tuple[argparse.ArgumentPars
     cmd.add_argument("--registry", required=True, help="registry root (local or gs://); created by the first push")
     cmd.set_defaults(func=_cmd_push)
 
-    from trainer import serving  # light: kserve and TensorFlow load when the server starts
+    from trainer.serve import serving  # light: kserve and TensorFlow load when the server starts
 
     defaults = serving.ServerOptions()
     cmd = commands.add_parser("serve", help="serve a model folder or registry version over HTTP: TF Serving REST "

@@ -83,7 +83,7 @@ class LazyModule:
     TensorFlow takes about 5 s of CPU to import on the development machine, more than validating and
     converting 2,000 photos takes. Validation needs it only for the few files whose TensorFlow decode
     must be compared with Pillow's (``second_decoder_reason``), and conversion not at all, so both steps
-    import it only when it is used. ``tf.x`` in this module (and ``trainer.data``) then works as usual.
+    import it only when it is used. ``tf.x`` in this module (and ``trainer.data.reader``) then works as usual.
     """
 
     def __init__(self, name: str):

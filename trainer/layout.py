@@ -4,21 +4,21 @@ Every module that reads or writes one of these folders takes its names from here
 is read and written only through ``read_manifest`` / ``write_manifest``. A static test refuses a
 contract name spelled out anywhere else.
 
-Data set folder (written by ``trainer.conversion``, read by ``trainer.data``)::
+Data set folder (written by ``trainer.data.conversion``, read by ``trainer.data.reader``)::
 
     DATASET/manifest.json                          written last; its presence vouches for the folder
     DATASET/class_label_to_prediction_index.json   {class: index}, classes in alphabetical order
     DATASET/<split>/part-NNNNN-of-MMMMM.tfrecord    split in SPLITS; records with RECORD_FEATURES
 
-Validation folder (written by ``trainer.validation``, read by ``trainer.conversion`` through
+Validation folder (written by ``trainer.data.validation``, read by ``trainer.data.conversion`` through
 ``validation.read_results``)::
 
     VALIDATION/validation.json                     the summary: counts, classes, statistics, fatal problems
     VALIDATION/accepted.jsonl, rejected.jsonl,     one JSON object per file (per group of identical files),
       skipped.jsonl, duplicates.jsonl              sorted by path; they stream, whatever the data set's size
-    VALIDATION/report.md, report.html              summaries of bounded size (trainer.validation names them)
+    VALIDATION/report.md, report.html              summaries of bounded size (trainer.data.validation names them)
 
-Model folder (written by ``trainer.export``, read by prediction, evaluation and the registry)::
+Model folder (written by ``trainer.train.export``, read by prediction, evaluation and the registry)::
 
     MODEL/model.keras, MODEL/saved_model/, MODEL/class_label_to_prediction_index.json,
     MODEL/hyperparameters.yaml, MODEL/history.json, MODEL/model.tflite [, MODEL/model_dynamic_range.tflite]
@@ -31,7 +31,7 @@ A local run's folder (``imgclf run-local``, ``imgclf tune``)::
     RUN/index.html, RUN/reports/*.html              the run page and copies of the steps' HTML reports
     RUN/artifacts/<run>/<step>/log.txt              everything the step printed, beside its artifacts
 
-Registry (``trainer.registry``)::
+Registry (``trainer.serve.registry``)::
 
     REGISTRY/000001/saved_model.pb, variables/, assets/, fingerprint.pb   the SavedModel, at the top
     REGISTRY/000001/model.keras, class_label_to_prediction_index.json, hyperparameters.yaml, history.json,
@@ -204,7 +204,7 @@ SAVED_MODEL_PARTS = (SAVED_MODEL_PROTO, "saved_model.pbtxt", "fingerprint.pb", "
                      "assets.extra")
 HYPERPARAMETERS_FILE = "hyperparameters.yaml"
 HISTORY_FILE = "history.json"
-# The on-device models (trainer.tflite): float always, dynamic-range quantised on request.
+# The on-device models (trainer.train.tflite): float always, dynamic-range quantised on request.
 TFLITE_FILE = "model.tflite"
 TFLITE_DYNAMIC_RANGE_FILE = "model_dynamic_range.tflite"
 # The model folder's label map has the data set's name and content.
@@ -239,7 +239,7 @@ def saved_model_dir(model_dir: str) -> str:
 # --- the registry -----------------------------------------------------------------------------------
 
 BLESSING_FILE = "blessing.json"
-# The key of blessing.json that says which model a version holds (``trainer.registry.model_digest``); versions
+# The key of blessing.json that says which model a version holds (``trainer.serve.registry.model_digest``); versions
 # pushed before 2026-12-03 lack it, and push computes their digest from their files.
 MODEL_DIGEST_KEY = "model_digest"
 # Beside the gate's blessing.json: the output of the model server infra validation started.

@@ -40,7 +40,7 @@ def configure(level: int = logging.INFO) -> None:
 
 
 def progress_logger(module: str) -> logging.Logger:
-    """The logger of ``module``'s progress lines: ``trainer.training`` -> ``trainer.training.progress``."""
+    """The logger of ``module``'s progress lines: ``trainer.train.training`` -> ``trainer.train.training.progress``."""
     return logging.getLogger(module + PROGRESS_SUFFIX)
 
 

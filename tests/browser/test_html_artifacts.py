@@ -22,8 +22,11 @@ from tests.support.datasets import make_image_folder
 def artifacts(tmp_path_factory) -> dict[str, Path]:
     """name -> HTML file of each report imgclf writes, from one real run on three classes of pictures."""
     require_browser()  # before the training and the search, which are only worth it with a browser
-    from trainer import conversion, evaluation, training, tuning, validation
+    from trainer.data import conversion, validation
+    from trainer.evaluate import evaluation
     from trainer.hyperparameters import Hyperparameters
+    from trainer.train import training
+    from trainer.tune import tuning
 
     root = tmp_path_factory.mktemp("artifacts")
     make_image_folder(root / "data", {"cats": 14, "dogs": 14, "fish": 14}, size=(40, 30), fmt="jpg")

@@ -17,8 +17,8 @@ import pytest
 
 from components.train import train
 from tests.unit.test_data import write_dataset
-from trainer.checkpoints import durable_backup_dir
 from trainer.hyperparameters import Hyperparameters
+from trainer.train.checkpoints import durable_backup_dir
 
 pytestmark = pytest.mark.integration
 

@@ -305,8 +305,9 @@ def bad_corpus(tmp_path) -> Corpus:
 
 def validation_with_lists(output_dir: str | os.PathLike) -> dict:
     """A written validation result, its summary with the per-file lists read back through the one reader
-    (``trainer.validation.read_results``), as one dict: {..., "accepted": [...], "rejected": [...], ...}."""
-    from trainer import layout, validation
+    (``trainer.data.validation.read_results``), as one dict: {..., "accepted": [...], "rejected": [...], ...}."""
+    from trainer import layout
+    from trainer.data import validation
 
     validation_json = os.path.join(str(output_dir), layout.VALIDATION_FILE) if "://" not in str(output_dir) \
         else f"{output_dir}/{layout.VALIDATION_FILE}"

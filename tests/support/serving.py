@@ -1,4 +1,4 @@
-"""Model folders for the serving tests: a real small_cnn exported by trainer.export, and two that must not serve."""
+"""Model folders for the serving tests: a real small_cnn exported by trainer.train.export, two that must not serve."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import export
-from trainer import model as model_lib
 from trainer.hyperparameters import Hyperparameters
 from trainer.layout import SAVED_MODEL_DIR
+from trainer.train import export
+from trainer.train import model as model_lib
 
 SIZE = 16
 

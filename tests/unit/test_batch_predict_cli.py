@@ -8,9 +8,10 @@ import pytest
 
 from pipelines.cli import main as imgclf
 from tests.support.datasets import make_image_folder
-from trainer import export, prediction
-from trainer import model as model_lib
 from trainer.hyperparameters import Hyperparameters
+from trainer.serve import prediction
+from trainer.train import export
+from trainer.train import model as model_lib
 
 SIZE = 16
 LABELS = ["daisy", "roses", "tulips"]

@@ -1,11 +1,11 @@
-"""trainer.calibration: ECE against a hand computation, and the reliability diagram draws every bin."""
+"""trainer.evaluate.calibration: ECE against a hand computation, and the reliability diagram draws every bin."""
 
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 
-from trainer import calibration
+from trainer.evaluate import calibration
 
 
 def test_ece_of_a_hand_worked_example():

@@ -3,7 +3,7 @@
 import logging
 import re
 
-from trainer.checkpoints import durable_backup_dir
+from trainer.train.checkpoints import durable_backup_dir
 
 
 def test_explicit_root_is_per_task_and_safe_for_paths():
@@ -21,6 +21,6 @@ def test_gcs_model_output_gets_a_sibling_backup():
 
 
 def test_local_output_has_no_backup_and_says_so(caplog):
-    caplog.set_level(logging.WARNING, logger="trainer.checkpoints")
+    caplog.set_level(logging.WARNING, logger="trainer.train.checkpoints")
     assert durable_backup_dir("", "/minio/mlpipeline/run/trained_model") is None
     assert "checkpoint_root" in caplog.text

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from tests.unit.test_data import write_arrays
-from trainer import evaluation, prediction, training
 from trainer.errors import HyperparameterError
+from trainer.evaluate import evaluation
 from trainer.hyperparameters import Hyperparameters
+from trainer.serve import prediction
+from trainer.train import training
 
 SIZE = 16
 CLASSES = ("common", "rare")

@@ -14,13 +14,14 @@ import pytest
 import tensorflow as tf
 
 from tests.support import datasets as ds
-from trainer import conversion, data, images, storage
+from trainer import images, storage
 from trainer.cli import main as imgclf
-from trainer.conversion import convert_dataset, read_manifest
+from trainer.data import conversion, reader
+from trainer.data.conversion import convert_dataset, read_manifest
+from trainer.data.validation import validate_dataset
 from trainer.errors import DataError
-from trainer.validation import validate_dataset
 
-# The pinned record format, parsed here independently of trainer.data.
+# The pinned record format, parsed here independently of trainer.data.reader.
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/format": tf.io.FixedLenFeature([], tf.string),
@@ -119,7 +120,7 @@ def test_training_reads_the_pixels_validation_checked(tmp_path):
     assert manifest["splits"]["train"]["turned"] == 2
     assert manifest["splits"]["train"]["largest_jpeg_short_side"] == 31  # progressive.jpg, 41 x 31
     for size, method in [(12, "bilinear"), (20, "area")]:
-        batches = data.make_dataset(str(out), "train", batch_size=5, training=False, seed=None, num_classes=2,
+        batches = reader.make_dataset(str(out), "train", batch_size=5, training=False, seed=None, num_classes=2,
                                     binary_mode=False, image_size=size, interpolation=method)
         got = np.concatenate([pixels for pixels, _ in batches.as_numpy_iterator()])
         for path, pixels in zip(paths, got, strict=True):
@@ -450,7 +451,7 @@ def test_records_written_without_tensorflow_are_tensorflows_format(tmp_path):
 
 def test_conversion_does_not_import_tensorflow(tiny_dataset, tmp_path):
     validate_dataset(str(tiny_dataset), str(tmp_path / "v"))
-    code = ("import sys; from trainer.conversion import convert_dataset; "
+    code = ("import sys; from trainer.data.conversion import convert_dataset; "
             f"m = convert_dataset({str(tiny_dataset)!r}, {str(tmp_path / 'v' / 'validation.json')!r}, "
             f"{str(tmp_path / 'out')!r}); print(m['written'], 'tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

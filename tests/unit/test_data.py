@@ -1,7 +1,7 @@
-"""Tests for trainer.data: metadata readers and the tf.data input pipelines over converted shards.
+"""Tests for trainer.data.reader: metadata readers and the tf.data input pipelines over converted shards.
 
 ``write_dataset`` / ``write_arrays`` write a data set in the pinned conversion format (version 2:
-records hold encoded image files) without going through trainer.conversion, so these tests (and the
+records hold encoded image files) without going through trainer.data.conversion, so these tests (and the
 training, evaluation and other tests that import them) depend only on the format. They store each
 uint8 array as a lossless PNG, so a split read back at the arrays' own size gives the arrays exactly
 (resizing to the same size is the identity for the usual methods).
@@ -22,7 +22,8 @@ import tensorflow as tf
 from PIL import Image
 
 from tests.support import datasets as ds
-from trainer import data, images
+from trainer import images
+from trainer.data import reader
 from trainer.errors import DataError
 
 COLOURS = {"blue": (30, 40, 210), "green": (40, 200, 50), "red": (220, 30, 40), "yellow": (230, 220, 30)}
@@ -52,7 +53,7 @@ def write_files(root: str, classes: tuple[str, ...], splits: dict[str, tuple[lis
     ``orientation``: as the current conversion, with each record's EXIF orientation and the split's
     "formats" and "turned" counts in the manifest (else as earlier conversions, without them)."""
     info = {}
-    for split in data.SPLITS:
+    for split in reader.SPLITS:
         blobs, labels = splits.get(split, ([], np.zeros(0, np.int64)))
         labels = np.asarray(labels, np.int64)
         files = []
@@ -73,11 +74,11 @@ def write_files(root: str, classes: tuple[str, ...], splits: dict[str, tuple[lis
             jpegs = sum(blob[:2] == b"\xff\xd8" for blob in blobs)
             info[split]["formats"] = {"jpeg": jpegs, "png": len(blobs) - jpegs}
             info[split]["turned"] = sum(images.tensorflow_orientation(blob) != 1 for blob in blobs)
-    with open(os.path.join(root, data.LABEL_MAP_FILE), "w") as handle:
+    with open(os.path.join(root, reader.LABEL_MAP_FILE), "w") as handle:
         json.dump({c: k for k, c in enumerate(classes)}, handle)
-    manifest = {"format_version": data.FORMAT_VERSION, "classes": list(classes), "num_classes": len(classes),
+    manifest = {"format_version": reader.FORMAT_VERSION, "classes": list(classes), "num_classes": len(classes),
                 "splits": info}
-    with open(os.path.join(root, data.MANIFEST_FILE), "w") as handle:
+    with open(os.path.join(root, reader.MANIFEST_FILE), "w") as handle:
         json.dump(manifest, handle)
     return root
 
@@ -130,21 +131,21 @@ PIXELS = {"image_size": 8, "interpolation": "bilinear"}  # the arrays' own size:
 def make(dataset, split="train", **kwargs):
     options = {"batch_size": 4, "training": False, "seed": None, "num_classes": 3, "binary_mode": False,
                **PIXELS, **kwargs}
-    return data.make_dataset(dataset, split, **options)
+    return reader.make_dataset(dataset, split, **options)
 
 
 def test_metadata(dataset):
-    assert data.read_label_map(dataset) == {"blue": 0, "green": 1, "red": 2}
-    assert data.split_count(dataset, "train") == 10
-    assert data.split_count(dataset, "validation") == 5
-    assert data.split_count(dataset, "test") == 0
-    assert [os.path.basename(p) for p in data.shard_files(dataset, "train")] == [
+    assert reader.read_label_map(dataset) == {"blue": 0, "green": 1, "red": 2}
+    assert reader.split_count(dataset, "train") == 10
+    assert reader.split_count(dataset, "validation") == 5
+    assert reader.split_count(dataset, "test") == 0
+    assert [os.path.basename(p) for p in reader.shard_files(dataset, "train")] == [
         "part-00000-of-00003.tfrecord", "part-00001-of-00003.tfrecord", "part-00002-of-00003.tfrecord"]
 
 
 def test_read_split_decodes_the_stored_images_and_labels_in_file_order(dataset, arrays):
     _, splits = arrays
-    ds = data.read_split(dataset, "train", **PIXELS)
+    ds = reader.read_split(dataset, "train", **PIXELS)
     assert ds.element_spec == (tf.TensorSpec([8, 8, 3], tf.uint8), tf.TensorSpec([], tf.int64))
     assert int(ds.cardinality()) == 10
     got = list(ds.as_numpy_iterator())
@@ -159,21 +160,21 @@ def test_read_examples_decodes_only_the_records_asked_for(tmp_path, arrays):
     blobs = [_png(image) for image in splits["train"][0]]
     blobs[4] = b"not an image"
     root = write_files(str(tmp_path / "ds"), classes, {"train": (blobs, splits["train"][1])}, shards=3)
-    got = data.read_examples(root, "train", {0, 7, 9}, **PIXELS)
+    got = reader.read_examples(root, "train", {0, 7, 9}, **PIXELS)
     assert sorted(got) == [0, 7, 9]
     for index, (image, label) in got.items():
         np.testing.assert_array_equal(image, splits["train"][0][index])
         assert label == splits["train"][1][index]
-    assert data.read_examples(root, "train", set(), **PIXELS) == {}
+    assert reader.read_examples(root, "train", set(), **PIXELS) == {}
     with pytest.raises(tf.errors.InvalidArgumentError):
-        list(data.read_split(root, "train", **PIXELS))
+        list(reader.read_split(root, "train", **PIXELS))
 
 
 def test_one_data_set_serves_every_image_size_and_method(dataset, arrays):
     """Records hold files, so the model's size and resize method are chosen when reading."""
     _, splits = arrays
     for size, method in [(5, "bilinear"), (12, "area"), (8, "nearest")]:
-        got = np.stack([image for image, _ in data.read_split(dataset, "train", image_size=size,
+        got = np.stack([image for image, _ in reader.read_split(dataset, "train", image_size=size,
                                                              interpolation=method).as_numpy_iterator()])
         expected = np.stack([images.resize_image(a, size, method).numpy() for a in splits["train"][0]])
         np.testing.assert_array_equal(got, expected)
@@ -206,7 +207,7 @@ def test_training_pixels_are_the_pillow_decoders_resized(tmp_path):
 
 
 def _serving_pixels(blob: bytes, size: int, method: str) -> np.ndarray:
-    # What the exported serving function computes from a client's bytes (trainer.export.serving_function).
+    # What the exported serving function computes from a client's bytes (trainer.train.export.serving_function).
     return images.resize_image(images.decode_tensor(tf.constant(blob)), size, method).numpy()
 
 
@@ -233,7 +234,7 @@ def test_training_pixels_from_records_equal_the_serving_functions(tmp_path, kind
     names = sorted(files)
     root = write_files(str(tmp_path), ("a", "b"), {"train": ([files[n] for n in names], [0] * len(names))},
                        shards=2, orientation=kind != "unknown_orientation")
-    assert data._upright_jpegs(root, "train") == (kind == "upright_jpegs")
+    assert reader._upright_jpegs(root, "train") == (kind == "upright_jpegs")
     for size, method in [(16, "bilinear"), (24, "area")]:
         got = [image for image, _ in make(root, batch_size=4, image_size=size, interpolation=method,
                                           num_classes=2).unbatch().as_numpy_iterator()]
@@ -243,7 +244,7 @@ def test_training_pixels_from_records_equal_the_serving_functions(tmp_path, kind
 
 
 def test_absent_split_is_empty(dataset):
-    ds = data.read_split(dataset, "test", **PIXELS)
+    ds = reader.read_split(dataset, "test", **PIXELS)
     assert ds.element_spec[0].shape == (8, 8, 3)
     assert list(ds) == []
 
@@ -265,12 +266,12 @@ def test_a_cpu_quota_below_the_affinity_gets_a_thread_pool_of_its_size(dataset, 
                                                                         private_pool):
     """In a pod whose CPU limit is below the cores it may be scheduled on, the pipelines run their own
     pool of that many threads instead of tf.data's pool sized by the affinity (and still read everything)."""
-    monkeypatch.setattr(data.resources, "affinity_cores", lambda: 4)
-    monkeypatch.setattr(data.resources, "available_cores", lambda: quota)
+    monkeypatch.setattr(reader.resources, "affinity_cores", lambda: 4)
+    monkeypatch.setattr(reader.resources, "available_cores", lambda: quota)
     for pipeline in (make(dataset, "validation", batch_size=5, training=True, seed=1),
-                     data.read_split(dataset, "validation", **PIXELS)):
+                     reader.read_split(dataset, "validation", **PIXELS)):
         assert pipeline.options().threading.private_threadpool_size == private_pool
-        # No autotuning thread, whose wake-ups a deleted iterator could wait for (see data._pipeline_options).
+        # No autotuning thread, whose wake-ups a deleted iterator could wait for (see reader._pipeline_options).
         assert pipeline.options().autotune.enabled is False
     pixels = next(iter(make(dataset, "validation", batch_size=5)))[0].numpy()
     np.testing.assert_array_equal(pixels, arrays[1]["validation"][0])
@@ -294,11 +295,11 @@ def _order(ds) -> list[int]:
 def cache_dir(tmp_path, monkeypatch):
     """Where disk caches go during the test."""
     folder = tmp_path / "cache"
-    monkeypatch.setenv(data.CACHE_DIR_ENV, str(folder))
+    monkeypatch.setenv(reader.CACHE_DIR_ENV, str(folder))
     return folder
 
 
-@pytest.mark.parametrize("cache_bytes", [data.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
+@pytest.mark.parametrize("cache_bytes", [reader.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
 def test_training_order_is_seeded_reshuffled_each_epoch_and_complete(dataset, cache_bytes, cache_dir):
     def shuffled(seed):
         return make(dataset, training=True, seed=seed, cache_bytes=cache_bytes)
@@ -311,13 +312,13 @@ def test_training_order_is_seeded_reshuffled_each_epoch_and_complete(dataset, ca
     assert _order(shuffled(8)) != first
 
 
-@pytest.mark.parametrize("cache_bytes", [data.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
+@pytest.mark.parametrize("cache_bytes", [reader.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
 def test_each_epochs_order_depends_on_seed_and_epoch_only_so_a_resumed_run_repeats_it(dataset, cache_bytes,
                                                                                       cache_dir):
     """A run resumed at epoch k (a new process: a new pipeline and an empty cache, its epoch counter set
     to k as training does) feeds epoch k, and the ones after it, exactly as an uninterrupted run."""
     def pipeline(start):
-        epoch = data.epoch_variable()
+        epoch = reader.epoch_variable()
         epoch.assign(start)
         return make(dataset, training=True, seed=7, cache_bytes=cache_bytes, epoch=epoch)
 
@@ -340,7 +341,7 @@ def test_the_first_epoch_is_shuffled_before_decoding(dataset):
 
 def _remove_shards(dataset: str) -> None:
     for split in ("train", "validation"):
-        for path in data.shard_files(dataset, split):
+        for path in reader.shard_files(dataset, split):
             os.remove(path)
 
 
@@ -354,13 +355,13 @@ def test_images_are_decoded_once_and_later_epochs_read_the_memory_cache(dataset,
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
 def test_a_split_too_large_for_memory_is_cached_on_local_disk(dataset, cache_dir, training, caplog):
-    caplog.set_level(logging.INFO, logger="trainer.data")
+    caplog.set_level(logging.INFO, logger="trainer.data.reader")
     ds = make(dataset, training=training, seed=1, cache_bytes=100)
     [folder] = cache_dir.iterdir()
     assert any(str(folder) in r.getMessage() and "decoded once" in r.getMessage() for r in caplog.records)
     first = sorted(_order(ds))
     # One cache file per shard: tf.data holds a cache file's index in memory until the file is complete.
-    assert len(list(folder.glob("*.index"))) == len(data.shard_files(dataset, "train")) == 3
+    assert len(list(folder.glob("*.index"))) == len(reader.shard_files(dataset, "train")) == 3
     _remove_shards(dataset)
     assert sorted(_order(ds)) == first
     del ds
@@ -368,7 +369,7 @@ def test_a_split_too_large_for_memory_is_cached_on_local_disk(dataset, cache_dir
     assert not folder.exists()  # removed with the dataset
 
 
-@pytest.mark.parametrize("cache_bytes", [data.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
+@pytest.mark.parametrize("cache_bytes", [reader.DEFAULT_CACHE_BYTES, 0], ids=["memory", "disk"])
 def test_keras_style_epochs_complete_the_cache_before_the_next_iterator(dataset, cache_dir, cache_bytes):
     """Keras takes exactly the known number of batches and opens the next epoch's iterator while the
     last one is still alive. A cache whose input had not yet reported its end would then not be
@@ -391,18 +392,18 @@ def test_read_ahead_completes_a_cache_before_its_last_element_leaves(tmp_path):
     # Without the read-ahead the cache is usually, but not always, still open at this point (it depends on
     # TensorFlow's scheduling), so only the guarantee _read_ahead gives is asserted.
     prefix = str(tmp_path / "read_ahead")
-    iterator = iter(data._read_ahead(pairs.cache(prefix), 3))
+    iterator = iter(reader._read_ahead(pairs.cache(prefix), 3))
     got = [next(iterator) for _ in range(3)]
     assert [int(label) for _, label in got] == [0, 1, 2]
     assert os.path.exists(prefix + ".index")
-    assert int(data._read_ahead(pairs, 3).cardinality()) == 3
+    assert int(reader._read_ahead(pairs, 3).cardinality()) == 3
 
 
 def test_without_room_for_a_cache_every_epoch_decodes_and_the_log_says_so(dataset, cache_dir, monkeypatch, caplog):
-    caplog.set_level(logging.WARNING, logger="trainer.data")
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1, used=1, free=0))
+    caplog.set_level(logging.WARNING, logger="trainer.data.reader")
+    monkeypatch.setattr(reader.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1, used=1, free=0))
     ds = make(dataset, training=True, seed=1, cache_bytes=100)
-    assert "every epoch decodes and resizes them again" in caplog.text and data.CACHE_DIR_ENV in caplog.text
+    assert "every epoch decodes and resizes them again" in caplog.text and reader.CACHE_DIR_ENV in caplog.text
     assert not list(cache_dir.iterdir())
     first = sorted(_order(ds))
     assert sorted(_order(ds)) == first
@@ -412,7 +413,7 @@ def test_image_size_and_interpolation_are_checked(dataset):
     with pytest.raises(ValueError, match="unknown image_resize_interpolation 'cubic'"):
         make(dataset, interpolation="cubic")
     with pytest.raises(ValueError, match="image_size must be a positive whole number"):
-        data.read_split(dataset, "train", image_size=0, interpolation="bilinear")
+        reader.read_split(dataset, "train", image_size=0, interpolation="bilinear")
 
 
 def test_steps_per_epoch_are_known(dataset):
@@ -420,7 +421,7 @@ def test_steps_per_epoch_are_known(dataset):
 
 
 def test_format_version_1_data_set_is_refused(dataset):
-    path = os.path.join(dataset, data.MANIFEST_FILE)
+    path = os.path.join(dataset, reader.MANIFEST_FILE)
     with open(path) as handle:
         manifest = json.load(handle)
     manifest.update(format_version=1, image_size=8, image_resize_interpolation="bilinear")
@@ -428,36 +429,36 @@ def test_format_version_1_data_set_is_refused(dataset):
         json.dump(manifest, handle)
     with pytest.raises(DataError, match=r"manifest\.json: this data set is of format version 1 .*re-run the "
                                         r"conversion step"):
-        data.split_count(dataset, "train")
+        reader.split_count(dataset, "train")
 
 
 def test_missing_manifest_names_the_file(tmp_path):
     with pytest.raises(DataError, match=r"manifest\.json.*missing.*conversion"):
-        data.split_count(str(tmp_path), "train")
+        reader.split_count(str(tmp_path), "train")
 
 
 def test_bad_label_map_is_reported(dataset):
-    with open(os.path.join(dataset, data.LABEL_MAP_FILE), "w") as handle:
+    with open(os.path.join(dataset, reader.LABEL_MAP_FILE), "w") as handle:
         json.dump({"a": 0, "b": 2}, handle)
     with pytest.raises(DataError, match="0..K-1"):
-        data.read_label_map(dataset)
+        reader.read_label_map(dataset)
 
 
 def test_missing_shard_is_reported(dataset):
-    os.remove(data.shard_files(dataset, "train")[1])
+    os.remove(reader.shard_files(dataset, "train")[1])
     with pytest.raises(DataError, match=r"1 shard\(s\) listed in the manifest are missing.*part-00001"):
-        data.read_split(dataset, "train", **PIXELS)
+        reader.read_split(dataset, "train", **PIXELS)
 
 
 def test_record_count_differing_from_manifest_fails_while_reading(dataset):
-    path = os.path.join(dataset, data.MANIFEST_FILE)
+    path = os.path.join(dataset, reader.MANIFEST_FILE)
     with open(path) as handle:
         manifest = json.load(handle)
     manifest["splits"]["train"]["count"] = 11
     with open(path, "w") as handle:
         json.dump(manifest, handle)
     with pytest.raises(tf.errors.FailedPreconditionError, match="expected to contain 11 elements"):
-        list(data.read_split(dataset, "train", **PIXELS))
+        list(reader.read_split(dataset, "train", **PIXELS))
 
 
 def test_label_outside_the_label_map_fails(dataset):
@@ -468,7 +469,7 @@ def test_label_outside_the_label_map_fails(dataset):
 
 def test_unknown_split_is_a_programming_error(dataset):
     with pytest.raises(ValueError, match="unknown split 'val'"):
-        data.split_count(dataset, "val")
+        reader.split_count(dataset, "val")
 
 
 def test_gcs_dataset_is_copied_once_to_the_cache(tmp_path, monkeypatch, dataset):
@@ -498,32 +499,32 @@ def test_gcs_dataset_is_copied_once_to_the_cache(tmp_path, monkeypatch, dataset)
 
     monkeypatch.setattr(storage, "read_bytes", read_bytes)
     monkeypatch.setattr(storage, "download_file", download_file)
-    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(reader.CACHE_DIR_ENV, str(tmp_path / "cache"))
 
-    assert data.split_count(bucket, "train") == 10
-    got = [label for _, label in data.read_split(bucket, "train", **PIXELS).as_numpy_iterator()]
-    expected = [label for _, label in data.read_split(dataset, "train", **PIXELS).as_numpy_iterator()]
+    assert reader.split_count(bucket, "train") == 10
+    got = [label for _, label in reader.read_split(bucket, "train", **PIXELS).as_numpy_iterator()]
+    expected = [label for _, label in reader.read_split(dataset, "train", **PIXELS).as_numpy_iterator()]
     assert got == expected
     shards = [uri for uri in downloads if uri.endswith(".tfrecord")]
     assert len(shards) == 3
-    data.read_split(bucket, "train", **PIXELS)
+    reader.read_split(bucket, "train", **PIXELS)
     assert len([uri for uri in downloads if uri.endswith(".tfrecord")]) == 3  # cached, not copied again
 
 
 def _pixels(dataset_dir: str, split: str = "train") -> list[bytes]:
-    return [image.tobytes() for image, _ in data.read_split(dataset_dir, split, **PIXELS).as_numpy_iterator()]
+    return [image.tobytes() for image, _ in reader.read_split(dataset_dir, split, **PIXELS).as_numpy_iterator()]
 
 
 def test_a_reconverted_gcs_data_set_is_never_read_from_the_old_local_copy(tmp_path, monkeypatch, gcs_bucket):
     """Same URI, same counts and shard names, other images: the second read must see the new images."""
     from tests.support.gcs import upload_folder
 
-    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(reader.CACHE_DIR_ENV, str(tmp_path / "cache"))
     classes = ("blue", "green", "red")
     first = write_arrays(str(tmp_path / "first"), classes, {"train": colour_images(classes, 6, 8, 1)})
     second = write_arrays(str(tmp_path / "second"), classes, {"train": colour_images(classes, 6, 8, 2)})
     for folder in (first, second):  # conversion records the content's fingerprint; these manifests differ by it
-        path = os.path.join(folder, data.MANIFEST_FILE)
+        path = os.path.join(folder, reader.MANIFEST_FILE)
         with open(path) as handle:
             manifest = json.load(handle)
         with open(path, "w") as handle:
@@ -539,7 +540,7 @@ def test_a_reconverted_gcs_data_set_is_never_read_from_the_old_local_copy(tmp_pa
 def test_a_manifest_changing_during_the_copy_discards_the_copy(tmp_path, monkeypatch, dataset):
     from trainer import storage
 
-    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(reader.CACHE_DIR_ENV, str(tmp_path / "cache"))
     bucket = "gs://bucket/converted"
     reads = []
 
@@ -561,6 +562,6 @@ def test_a_manifest_changing_during_the_copy_discards_the_copy(tmp_path, monkeyp
     monkeypatch.setattr(storage, "read_bytes", read_bytes)
     monkeypatch.setattr(storage, "download_file", download_file)
     with pytest.raises(DataError, match="changed while its shards were copied"):
-        data.local_dataset_dir(bucket, ("train",))
+        reader.local_dataset_dir(bucket, ("train",))
     copies = os.listdir(tmp_path / "cache")
     assert len(copies) == 1 and not os.path.exists(tmp_path / "cache" / copies[0] / "train")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.demo_data import write_digits
-from trainer.validation import validate_dataset
+from trainer.data.demo_data import write_digits
+from trainer.data.validation import validate_dataset
 
 datasets = pytest.importorskip("sklearn.datasets")
 

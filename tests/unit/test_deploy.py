@@ -11,8 +11,8 @@ import pytest
 
 from components.deploy_model import deploy_model
 from tests.support.kube_api import FakeKubernetesAPI
-from trainer import deploy
-from trainer.deploy import DeployError
+from trainer.serve import deploy
+from trainer.serve.deploy import DeployError
 
 SCHEMA_FILE = Path(__file__).parent.parent / "data" / "kserve_inferenceservice_v1beta1_schema.json"
 URI = "gs://models/flowers/000003"
@@ -77,7 +77,7 @@ def ready_after(reads_needed, url="http://flowers.serving.example.com"):
 
 
 def test_create_then_wait_for_ready(caplog):
-    caplog.set_level(logging.INFO, logger="trainer.deploy")
+    caplog.set_level(logging.INFO, logger="trainer.serve.deploy")
     with FakeKubernetesAPI(ready_after(3)) as api:
         result = _deploy(api)
         stored = api.objects[("serving", "flowers")]

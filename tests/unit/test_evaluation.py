@@ -1,4 +1,4 @@
-"""trainer.evaluation: metrics agree with scikit-learn, outputs are labelled right, errors say what to do."""
+"""trainer.evaluate.evaluation: metrics agree with scikit-learn, outputs are labelled right, errors say what to do."""
 
 import json
 import re
@@ -10,8 +10,8 @@ import pytest
 from sklearn import metrics as skm
 
 from tests.unit.test_data import write_arrays
-from trainer import evaluation
 from trainer.errors import DataError, HyperparameterError, ModelError
+from trainer.evaluate import evaluation
 from trainer.hyperparameters import Hyperparameters
 
 SIZE = 16

@@ -1,4 +1,4 @@
-"""Tests for trainer.export: the model directory layout and the SavedModel serving signature."""
+"""Tests for trainer.train.export: the model directory layout and the SavedModel serving signature."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 
-from trainer import export, images
-from trainer import model as model_lib
+from trainer import images
 from trainer.hyperparameters import Hyperparameters
+from trainer.train import export
+from trainer.train import model as model_lib
 
 LABELS = {"cat": 0, "dog": 1, "emu": 2}
 HISTORY = {"loss": [1.0, 0.5], "accuracy": [0.4, float("nan")]}

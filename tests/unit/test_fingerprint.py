@@ -8,8 +8,8 @@ import pytest
 from tests.support.datasets import encode, make_image_folder, noise
 from tests.support.gcs import emulator_client, upload_folder
 from trainer import storage
+from trainer.data.fingerprint import look_at_data, validate_unchanged
 from trainer.errors import DataError
-from trainer.fingerprint import look_at_data, validate_unchanged
 
 
 @pytest.fixture

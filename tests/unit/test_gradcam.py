@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import gallery, gradcam
-from trainer import model as model_lib
 from trainer.backbones import BACKBONE_NAMES, BACKBONES
 from trainer.errors import ModelError
+from trainer.evaluate import gallery, gradcam
 from trainer.hyperparameters import Hyperparameters
+from trainer.train import model as model_lib
 
 
 def built(name: str, classes: int = 3, **overrides) -> tuple[Hyperparameters, keras.Model]:

@@ -13,9 +13,10 @@ import pytest
 
 from tests.support.datasets import make_image_folder
 from tests.support.serving import break_signature, small_model_dir
-from trainer import conversion, infra_validation, registry, validation
+from trainer.data import conversion, validation
 from trainer.errors import ModelError
 from trainer.layout import BLESSING_FILE, INFRA_VALIDATION_LOG, SAVED_MODEL_DIR
+from trainer.serve import infra_validation, registry
 
 LABELS = ["cats", "dogs", "fish"]
 

@@ -8,9 +8,12 @@ import pathlib
 
 import pytest
 
-from trainer import conversion, data, export, layout, prediction, storage
-from trainer import model as model_lib
+from trainer import layout, storage
+from trainer.data import conversion, reader
 from trainer.errors import DataError
+from trainer.serve import prediction
+from trainer.train import export
+from trainer.train import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCANNED = ("trainer", "components", "pipelines")
@@ -57,11 +60,11 @@ def test_the_check_finds_a_restated_name(tmp_path):
 
 
 def test_every_module_uses_the_same_names():
-    assert data.MANIFEST_FILE is conversion.MANIFEST_FILE is layout.MANIFEST_FILE
-    assert data.LABEL_MAP_FILE is export.LABEL_MAP_FILE is layout.LABEL_MAP_FILE
+    assert reader.MANIFEST_FILE is conversion.MANIFEST_FILE is layout.MANIFEST_FILE
+    assert reader.LABEL_MAP_FILE is export.LABEL_MAP_FILE is layout.LABEL_MAP_FILE
     assert export.KERAS_MODEL_FILE is prediction.KERAS_MODEL_FILE is model_lib.KERAS_MODEL_FILE
-    assert data.read_manifest is layout.read_manifest
-    assert sorted(conversion.FEATURES) == sorted(data.FEATURES) == sorted(layout.RECORD_FEATURES)
+    assert reader.read_manifest is layout.read_manifest
+    assert sorted(conversion.FEATURES) == sorted(reader.FEATURES) == sorted(layout.RECORD_FEATURES)
     assert layout.SHARD_PATTERN.match(layout.shard_name(3, 12)) and layout.version_name(7) == "000007"
 
 

@@ -42,12 +42,12 @@ def _task(console, name, task_dir, body, *, status="SUCCESS", indent="    "):
 TRAIN_OUTPUT = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
     "I0000 00:00:1796300655.314008   10460 port.cc:153] oneDNN custom operations are on.",
-    "2026-12-03 12:24:21,228 INFO trainer.training: Training small_cnn at 32 px on 1259 images",
-    "2026-12-03 12:24:21,220 WARNING trainer.checkpoints: No durable backup location: set checkpoint_root",
+    "2026-12-03 12:24:21,228 INFO trainer.train.training: Training small_cnn at 32 px on 1259 images",
+    "2026-12-03 12:24:21,220 WARNING trainer.train.checkpoints: No durable backup location: set checkpoint_root",
     "Epoch 1/15",
-    "2026-12-03 12:24:34,127 INFO trainer.training.progress: Epoch 1/15: accuracy 0.5457 | about 2 min left",
+    "2026-12-03 12:24:34,127 INFO trainer.train.training.progress: Epoch 1/15: accuracy 0.5457 | about 2 min left",
     "40/40 - 10s - 246ms/step - accuracy: 0.5457 - loss: 1.7087",
-    "2026-12-03 12:24:35,000 WARNING trainer.gallery: Error gallery without heat maps: boom",
+    "2026-12-03 12:24:35,000 WARNING trainer.evaluate.gallery: Error gallery without heat maps: boom",
     "Traceback (most recent call last):",
     '  File "gallery.py", line 3, in build',
     "ValueError: boom",
@@ -156,7 +156,7 @@ def test_parallel_tasks_keep_their_own_logs_even_when_kfp_stacks_its_indentation
         in_lane(index, "12:00:00.000 - INFO - Executing task 'tuning-trials'\n")
         in_lane(index, f'        "outputFile": "{dirs[index]}/executor_output.json"\n')
     for index in (1, 0):
-        in_lane(index, f"        2026-12-03 12:00:01,000 INFO trainer.tuning.progress: Trial {index} completed\n")
+        in_lane(index, f"        2026-12-03 12:00:01,000 INFO trainer.tune.tuning.progress: Trial {index} completed\n")
     for index in range(2):
         in_lane(index, "12:00:02.000 - INFO - Task 'tuning-trials' finished with status SUCCESS\n" + RULE + "\n")
     for lane in lanes:

@@ -1,7 +1,8 @@
-"""Tests for trainer.model: each hyperparameter reaching the right layer, preprocessing, weights, loading."""
+"""Tests for trainer.train.model: each hyperparameter reaching the right layer, preprocessing, weights, loading."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zipfile
 
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 from keras.applications import imagenet_utils
 
-from trainer import model as model_lib
 from trainer.backbones import BACKBONES
 from trainer.errors import ModelError
 from trainer.hyperparameters import Hyperparameters
+from trainer.train import model as model_lib
 
 
 def small(**overrides) -> Hyperparameters:
@@ -175,6 +176,26 @@ def test_reverse_channels_layer_round_trips_in_safe_mode(tmp_path):
     path = str(tmp_path / "bgr.keras")
     model.save(path)
     loaded = model_lib.load_model(path)
+    x = np.arange(12, dtype=np.float32).reshape(1, 2, 2, 3)
+    np.testing.assert_array_equal(loaded(x), x[..., ::-1])
+
+
+def test_models_saved_before_the_regroup_by_stage_still_load(tmp_path):
+    """Models in users' registries were saved when the layer lived in trainer/model.py: their config names
+    module "trainer.model", which no longer exists. Keras finds the layer by its registered name instead."""
+    inputs = keras.Input((2, 2, 3))
+    model = keras.Model(inputs, model_lib.ReverseChannels(name="bgr")(inputs))
+    new_path, old_path = tmp_path / "new.keras", tmp_path / "old.keras"
+    model.save(str(new_path))
+    with zipfile.ZipFile(new_path) as new, zipfile.ZipFile(old_path, "w") as old:
+        for item in new.infolist():
+            content = new.read(item)
+            if item.filename == "config.json":
+                assert b'"module": "trainer.train.model"' in content
+                content = content.replace(b'"module": "trainer.train.model"', b'"module": "trainer.model"')
+            old.writestr(item, content)
+    assert importlib.util.find_spec("trainer.model") is None
+    loaded = model_lib.load_model(str(old_path))
     x = np.arange(12, dtype=np.float32).reshape(1, 2, 2, 3)
     np.testing.assert_array_equal(loaded(x), x[..., ::-1])
 

@@ -18,12 +18,15 @@ import tensorflow as tf
 from PIL import Image
 
 from tests.support import datasets as ds
-from trainer import data, export, images, prediction
-from trainer import model as model_lib
-from trainer.conversion import convert_dataset
+from trainer import images
+from trainer.data import reader
+from trainer.data.conversion import convert_dataset
+from trainer.data.validation import validate_dataset
 from trainer.hyperparameters import Hyperparameters
 from trainer.images import ImageRejected
-from trainer.validation import validate_dataset
+from trainer.serve import prediction
+from trainer.train import export
+from trainer.train import model as model_lib
 
 SIZE = 32
 INTERPOLATION = "bilinear"
@@ -123,17 +126,17 @@ def test_training_evaluation_serving_and_predict_see_the_same_pixels(tmp_path, s
                                dataset_dir, validation_split_ratio=0, test_split_ratio=0, workers=1)
     largest = max(min(w, h) for w, h in (SIZES if kind != "small" else [s for s in SIZES if min(s) < 2 * SIZE]))
     assert manifest["splits"]["train"]["largest_jpeg_short_side"] == largest
-    assert data._any_scaled_jpeg(dataset_dir, "train", SIZE) == (kind != "small")
-    assert data._upright_jpegs(dataset_dir, "train") == (kind != "mixed")
+    assert reader._any_scaled_jpeg(dataset_dir, "train", SIZE) == (kind != "small")
+    assert reader._upright_jpegs(dataset_dir, "train") == (kind != "mixed")
 
     # The records' paths in file order: read_split and an unshuffled make_dataset keep it.
     paths = [tf.io.parse_single_example(record, {"path": tf.io.FixedLenFeature([], tf.string)})["path"].numpy()
              .decode() for name in manifest["splits"]["train"]["files"]
              for record in tf.data.TFRecordDataset(os.path.join(dataset_dir, "train", name))]
     assert sorted(paths) == sorted(files)
-    evaluation = np.stack([pixels for pixels, _ in data.read_split(
+    evaluation = np.stack([pixels for pixels, _ in reader.read_split(
         dataset_dir, "train", image_size=SIZE, interpolation=INTERPOLATION).as_numpy_iterator()])
-    training = np.concatenate([batch for batch, _ in data.make_dataset(
+    training = np.concatenate([batch for batch, _ in reader.make_dataset(
         dataset_dir, "train", batch_size=8, training=False, seed=None, num_classes=2, binary_mode=False,
         image_size=SIZE, interpolation=INTERPOLATION).as_numpy_iterator()])
     blobs = [files[path] for path in paths]

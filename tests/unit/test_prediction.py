@@ -1,4 +1,4 @@
-"""trainer.prediction: the reference JSON answers, batch files, clear errors, and SavedModel parity."""
+"""trainer.serve.prediction: the reference JSON answers, batch files, clear errors, and SavedModel parity."""
 
 import io
 import json
@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from tests.support import datasets as ds
-from trainer import export, prediction
 from trainer.errors import DataError, ImgclfError, ModelError
 from trainer.hyperparameters import Hyperparameters
+from trainer.serve import prediction
+from trainer.train import export
 
 SIZE = 16
 FLOWERS = ("dandelion", "roses", "tulips")
@@ -80,7 +81,7 @@ def flowers(tmp_path_factory):
 
 
 def expected_probabilities(model, path):
-    """The model's answer computed without trainer.prediction: Pillow decode (big JPEGs scaled down while
+    """The model's answer computed without trainer.serve.prediction: Pillow decode (big JPEGs scaled down while
     decoding, as the rule says), shared resize, Keras."""
     with open(path, "rb") as handle:
         pixels = ds.pillow_model_input(handle.read(), SIZE, INTERPOLATION)

@@ -1,4 +1,4 @@
-"""trainer.registry: the quality gate both ways (threshold, baseline), and pushes that never overwrite a version."""
+"""trainer.serve.registry: the quality gate both ways (threshold, baseline); pushes never overwrite a version."""
 
 import json
 import os
@@ -15,10 +15,14 @@ from components.push_model import push_model as push_component
 from pipelines.cli import main as imgclf
 from tests.support.datasets import make_image_folder
 from tests.support.gcs import emulator_client, upload_folder
-from trainer import conversion, data, evaluation, export, layout, prediction, registry, storage, training, validation
-from trainer import model as model_lib
+from trainer import layout, storage
+from trainer.data import conversion, reader, validation
 from trainer.errors import HyperparameterError, ModelError, StorageError
+from trainer.evaluate import evaluation
 from trainer.hyperparameters import Hyperparameters
+from trainer.serve import prediction, registry
+from trainer.train import export, training
+from trainer.train import model as model_lib
 
 SIZE = 16
 CLASSES = {"cats": 6, "dogs": 4}  # Test split (ratio 0.5): more cats than dogs, so the two constant models differ.
@@ -63,7 +67,7 @@ def world(tmp_path_factory):
     dataset = str(root / "dataset")
     conversion.convert_dataset(str(root / "images"), str(root / "validation" / "validation.json"), dataset,
                                validation_split_ratio=0.0, test_split_ratio=0.5, random_seed=0)
-    labels = np.array([int(label) for _, label in data.read_split(dataset, "test", image_size=SIZE,
+    labels = np.array([int(label) for _, label in reader.read_split(dataset, "test", image_size=SIZE,
                                                                   interpolation="bilinear")])
     cats_share = float(np.mean(labels == 0))
     assert 0.5 < cats_share < 1.0, "the test split must be unbalanced for the two models to differ"
@@ -499,7 +503,7 @@ def test_readers_refuse_an_interrupted_push_but_read_a_training_folder(world, tm
     uri = interrupted_version(world, tmp_path / "registry")
     image = tmp_path / "picture.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-    label_map = data.read_label_map(world["dataset"])
+    label_map = reader.read_label_map(world["dataset"])
     interrupted = rf"{uri} is a registry version without blessing\.json: its push was interrupted"
     readers = {
         "predict": lambda model: prediction.predict(model, [str(image)]),
@@ -538,7 +542,7 @@ def test_versions_pushed_with_the_saved_model_one_level_down_still_work(world, t
     value = run_value(world, "cats", tmp_path)
     assert registry.decide_blessing("accuracy", value, baseline_model_uri=old,
                                     dataset_dir=world["dataset"])["baseline_value"] == value
-    training.load_initial_model(old, data.read_label_map(world["dataset"]), world["dataset"])
+    training.load_initial_model(old, reader.read_label_map(world["dataset"]), world["dataset"])
     # Pushed on (e.g. to another registry), it becomes a version of today's layout with the same digest.
     copied = registry.push_model(old, str(tmp_path / "other"), metadata={})
     assert (Path(copied) / "saved_model.pb").is_file() and not (Path(copied) / "saved_model").exists()

@@ -1,4 +1,4 @@
-"""imgclf serve (trainer.serving): the real server on a free loopback port answers TF Serving V1, SageMaker's
+"""imgclf serve (trainer.serve.serving): the real server on a free loopback port answers TF Serving V1, SageMaker's
 /invocations and V2 as `imgclf predict` does, refuses every bad request with a clear 4xx and stays ready;
 its batcher gathers concurrent requests into one model call off the event loop."""
 
@@ -16,8 +16,8 @@ import pytest
 from tests.support.datasets import encode, noise, png16_gray_transparent_key, png_header_only, truncate
 from tests.support.gcs import upload_folder
 from tests.support.serving import break_signature, small_model_dir
-from trainer import prediction, registry, serving
-from trainer.infra_validation import ServerFailed, http, running_server
+from trainer.serve import prediction, registry, serving
+from trainer.serve.infra_validation import ServerFailed, http, running_server
 
 LABELS = ["cats", "dogs", "fish"]
 MAX_REQUEST_BYTES = 300_000

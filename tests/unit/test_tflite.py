@@ -12,9 +12,12 @@ import pytest
 from PIL import Image
 
 from tests.unit.test_training import write_digits
-from trainer import evaluation, prediction, tflite, training
+from trainer.data import reader
 from trainer.errors import ModelError
+from trainer.evaluate import evaluation
 from trainer.hyperparameters import Hyperparameters
+from trainer.serve import prediction
+from trainer.train import tflite, training
 
 SIZE = 16
 
@@ -32,8 +35,8 @@ def digits_model(tmp_path_factory):
     _, keras_probabilities, lite = evaluation._predict_split(
         loaded, dataset, "test", 64, prediction.load_tflite_models(model_dir))
     pixels = np.concatenate([images.numpy() for images, _ in
-                             evaluation.data.read_split(dataset, "test", image_size=SIZE,
-                                                        interpolation="bilinear").batch(256)])
+                             reader.read_split(dataset, "test", image_size=SIZE,
+                                               interpolation="bilinear").batch(256)])
     return dataset, model_dir, pixels, keras_probabilities, lite
 
 
@@ -108,7 +111,7 @@ def test_predict_with_a_missing_quantised_file_says_how_to_get_it(digits_model, 
 
 
 def test_binary_tflite_answers_both_probabilities():
-    from trainer import model as model_lib
+    from trainer.train import model as model_lib
 
     hp = Hyperparameters(model="small_cnn", weights="none", image_size=SIZE, binary_mode=True)
     model = model_lib.build_model(hp, 2)

@@ -1,4 +1,4 @@
-"""Tests for trainer.training: every hyperparameter's effect on a run, incremental training, resuming,
+"""Tests for trainer.train.training: every hyperparameter's effect on a run, incremental training, resuming,
 distribution, and small_cnn's accuracy on real data (scikit-learn's handwritten digits)."""
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import pytest
 import tensorflow as tf
 
 from tests.unit.test_data import write_arrays, write_dataset
-from trainer import data, training
-from trainer import model as model_lib
+from trainer.data import reader
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError
 from trainer.hyperparameters import OPTIMIZERS, Hyperparameters
 from trainer.images import resize_image
+from trainer.train import model as model_lib
+from trainer.train import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -175,7 +176,7 @@ def test_run_exports_the_model_and_reports_the_run(trained, caplog):
 
 
 def test_progress_is_logged_per_epoch(tmp_path, dataset, caplog):
-    caplog.set_level(logging.INFO, logger="trainer.training")
+    caplog.set_level(logging.INFO, logger="trainer.train.training")
     training.train(small(epochs=2), dataset, str(tmp_path / "model"))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
     assert len(lines) == 2
@@ -252,7 +253,7 @@ def test_early_stopping_stops_and_exports_the_best_epoch(tmp_path, dataset):
 
 def test_without_validation_split_training_loss_is_monitored(tmp_path, caplog):
     dataset = write_dataset(tmp_path / "ds", counts={"train": 24})
-    caplog.set_level(logging.WARNING, logger="trainer.training")
+    caplog.set_level(logging.WARNING, logger="trainer.train.training")
     hp = small(epochs=2, early_stopping=True, early_stopping_min_delta=1.0, early_stopping_patience=1)
     result = training.train(hp, dataset, str(tmp_path / "model"))
     assert result["validation_count"] == 0 and result["validation_metrics"] == {}
@@ -306,7 +307,7 @@ def test_one_data_set_trains_models_of_any_image_size(tmp_path, dataset):
 
 def test_data_set_of_the_old_pixel_format_is_refused(tmp_path):
     dataset = write_dataset(tmp_path / "ds", counts={"train": 6})
-    manifest_path = os.path.join(dataset, data.MANIFEST_FILE)
+    manifest_path = os.path.join(dataset, reader.MANIFEST_FILE)
     with open(manifest_path) as handle:
         manifest = json.load(handle)
     with open(manifest_path, "w") as handle:
@@ -397,7 +398,7 @@ def test_mirrored_strategy_splits_the_global_batch(tmp_path, dataset):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from tests.unit.test_training import Recorder, small
-        from trainer import training
+        from trainer.train import training
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         recorder = Recorder()
         result = training.train(small(batch_size=10, epochs=2), {str(dataset)!r}, {str(tmp_path / "model")!r},
@@ -433,7 +434,7 @@ def test_small_cnn_learns_handwritten_digits(tmp_path):
     result = training.train(hp, dataset, str(tmp_path / "model"))
     seconds = time.perf_counter() - start
     model = model_lib.load_model(str(tmp_path / "model"))
-    test_split = data.read_split(dataset, "test", image_size=32, interpolation="bilinear")
+    test_split = reader.read_split(dataset, "test", image_size=32, interpolation="bilinear")
     images, labels = zip(*test_split.as_numpy_iterator(), strict=True)
     predicted = model.predict(np.stack(images).astype(np.float32), verbose=0).argmax(axis=1)
     accuracy = float(np.mean(predicted == np.array(labels)))
@@ -567,8 +568,8 @@ def test_a_resumed_fit_feeds_each_epoch_in_the_uninterrupted_order(tmp_path):
     dataset = write_dataset(tmp_path / "ds", counts={"train": 12})
 
     def fit(initial_epoch):
-        epoch = data.epoch_variable()
-        train = data.make_dataset(dataset, "train", batch_size=4, training=True, seed=5, num_classes=3,
+        epoch = reader.epoch_variable()
+        train = reader.make_dataset(dataset, "train", batch_size=4, training=True, seed=5, num_classes=3,
                                   binary_mode=False, image_size=16, interpolation="bilinear", epoch=epoch)
         network = _OrderRecorder()
         network.compile(run_eagerly=True)

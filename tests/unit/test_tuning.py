@@ -7,14 +7,15 @@ import types
 
 import pytest
 
-from trainer import storage, tuning, tuning_report
-from trainer.tuning import ObjectJournal, TuningError
+from trainer import storage
+from trainer.tune import tuning, tuning_report
+from trainer.tune.tuning import ObjectJournal, TuningError
 
 RANGES = {"learning_rate": {"min": 0.0001, "max": 0.1, "scaling": "Logarithmic"}, "optimizer": ["adam", "sgd"]}
 
 
 def fake_training(fail_when=None, curve=None, backups=None):
-    """A stand-in for trainer.training.train with the same contract: epochs through the callbacks, a result.
+    """A stand-in for trainer.train.training.train with the same contract: epochs through the callbacks, a result.
 
     The objective is a fixed function of the hyperparameters, so what the search does with it can be checked.
     ``backups``, a list, collects the backup_dir of every call.

@@ -17,10 +17,10 @@ from components._image import IMAGE
 from pipelines.cli import main as imgclf
 from tests.support import katib as katib_rules
 from trainer import hyperparameters as hps
-from trainer import katib, tuning
-from trainer.conversion import convert_dataset
+from trainer.data.conversion import convert_dataset
+from trainer.data.validation import validate_dataset
 from trainer.errors import HyperparameterError
-from trainer.validation import validate_dataset
+from trainer.tune import katib, tuning
 
 RANGES = {"ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": "0.0005", "MaxValue": "0.01",
                                          "ScalingType": "Logarithmic"}],
@@ -240,7 +240,7 @@ def test_a_trial_whose_objective_is_not_a_number_fails_with_the_reason(monkeypat
                 break
         return {"epochs_completed": epoch + 1, "validation_metrics": {"accuracy": value, "loss": 1.0}}
 
-    monkeypatch.setattr("trainer.training.train", diverging)
+    monkeypatch.setattr("trainer.train.training.train", diverging)
     assert katib.run_trial(["--dataset", "d", "--output", "o"]) == 1
     captured = capsys.readouterr()
     assert "error: validation accuracy is nan after epoch 2: training diverged" in captured.err

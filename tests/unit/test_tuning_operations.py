@@ -8,7 +8,7 @@ import pytest
 from pipelines.compiler import COMPILED_TUNING_PIPELINE
 from tests.support.kfp_api import imgclf
 from trainer import hyperparameters as hps
-from trainer import search_space
+from trainer.tune import search_space
 
 RUNS = "/apis/v2beta1/runs"
 RECURRING_RUNS = "/apis/v2beta1/recurringruns"

@@ -16,9 +16,10 @@ import keras
 import pytest
 
 from tests.unit.test_data import write_dataset
-from trainer import storage, tuning, tuning_report
+from trainer import storage
 from trainer.errors import StorageError
-from trainer.training import train
+from trainer.train.training import train
+from trainer.tune import tuning, tuning_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXED = {"model": "small_cnn", "weights": "none", "image_size": 16, "batch_size": 8, "early_stopping": True,
@@ -27,8 +28,8 @@ FIXED = {"model": "small_cnn", "weights": "none", "image_size": 16, "batch_size"
 FIRST_ATTEMPT = textwrap.dedent("""
     import os, sys
     import keras
-    from trainer import tuning
-    from trainer.training import train
+    from trainer.tune import tuning
+    from trainer.train.training import train
 
     class Preempted(keras.callbacks.Callback):
         # After the callbacks the lane passes (the objective is reported) and the epoch's backup.
@@ -165,7 +166,7 @@ def test_the_pruner_judges_a_continued_trial_with_the_epochs_it_reported_before(
     calls = []
 
     def resumed_training(hp, dataset_dir, model_dir, *, jit_compile=False, callbacks=(), backup_dir=None):
-        # What trainer.training.train does with a backup of epoch 1: it runs epochs 2 and 3 only.
+        # What trainer.train.training.train does with a backup of epoch 1: it runs epochs 2 and 3 only.
         calls.append((hp.optimizer, hp.learning_rate, backup_dir))
         network = types.SimpleNamespace(stop_training=False)
         for callback in callbacks:

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from trainer import hyperparameters as hps
-from trainer import search_space, tuning
-from trainer.search_space import RangeError
+from trainer.tune import search_space, tuning
+from trainer.tune.search_space import RangeError
 
 # The reference's tuning page, unchanged.
 REFERENCE_EXAMPLE = """

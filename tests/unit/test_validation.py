@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from tests.support import datasets as ds
-from trainer import logs, resources, validation
+from trainer import logs, resources
+from trainer.data import validation
+from trainer.data.validation import validate_dataset
 from trainer.errors import DataError
-from trainer.validation import validate_dataset
 
 
 def outcome_of(result: dict) -> dict[str, tuple[str, str | None]]:
@@ -205,8 +206,8 @@ def test_bounded_map_propagates_errors():
 
 
 def test_progress_log_reports_rate_and_time_left(caplog):
-    caplog.set_level(logging.INFO, logger="trainer.validation.progress")
-    progress = logs.ProgressLog("validated", 10, interval=0.0, logger=logs.progress_logger("trainer.validation"))
+    caplog.set_level(logging.INFO, logger="trainer.data.validation.progress")
+    progress = logs.ProgressLog("validated", 10, interval=0.0, logger=logs.progress_logger("trainer.data.validation"))
     progress.advance(4)
     progress.finish()
     assert "validated: 4/10 images (40%)" in caplog.text and "left" in caplog.text and "images/s" in caplog.text
@@ -217,7 +218,7 @@ def test_validation_progress_has_a_total_and_time_left_when_the_look_counted_the
     """The listing streams, so only the look's count gives validation's progress line its total."""
     ds.make_image_folder(tmp_path / "d", {"a": 3, "b": 3})
     monkeypatch.setattr(validation.logs, "ProgressLog", functools.partial(logs.ProgressLog, interval=0.0))
-    caplog.set_level(logging.INFO, logger="trainer.validation.progress")
+    caplog.set_level(logging.INFO, logger="trainer.data.validation.progress")
     validation.validate_dataset(str(tmp_path / "d"), str(tmp_path / "out"), expected_files=6, html_report=False)
     assert re.search(r"validated: [1-6]/6 files \(\d+%\), .* files/s, about .* left", caplog.text), caplog.text
     caplog.clear()
@@ -306,7 +307,7 @@ def test_html_report_is_capped_and_survives_missing_files(tmp_path, monkeypatch)
 def test_file_tensorflow_cannot_decode_is_rejected_so_training_never_meets_it(tmp_path):
     """Pillow reads the too-wide PNG, TensorFlow (which training and serving decode with) refuses it:
     validation rejects it, and the converted data set decodes from the first record to the last."""
-    from trainer import conversion, data
+    from trainer.data import conversion, reader
 
     ds.make_image_folder(tmp_path / "d", {"a": 4, "b": 4}, fmt="png")
     (tmp_path / "d" / "a" / "wide.png").write_bytes(ds.too_wide_png())
@@ -319,7 +320,7 @@ def test_file_tensorflow_cannot_decode_is_rejected_so_training_never_meets_it(tm
     assert result["statistics"]["rejected_by_code"] == {"tensorflow_unreadable": 1}
     conversion.convert_dataset(str(tmp_path / "d"), str(tmp_path / "v" / "validation.json"), str(tmp_path / "o"),
                                validation_split_ratio=0.0, test_split_ratio=0.0)
-    batches = data.make_dataset(str(tmp_path / "o"), "train", batch_size=3, training=True, seed=0, num_classes=2,
+    batches = reader.make_dataset(str(tmp_path / "o"), "train", batch_size=3, training=True, seed=0, num_classes=2,
                                 binary_mode=False, image_size=8, interpolation="bilinear")
     assert sum(len(images) for images, _ in batches) == 8
 
@@ -343,7 +344,7 @@ def _run_validate(data, out) -> subprocess.CompletedProcess:
 def test_plain_data_set_is_validated_without_tensorflow(tmp_path):
     _write(tmp_path / "data", {f"c{k}/{i}.jpg": ds.encode(ds.noise(seed=10 * k + i), "JPEG") for k in range(2)
                                for i in range(3)})
-    code = ("import sys; from trainer.validation import validate_dataset; "
+    code = ("import sys; from trainer.data.validation import validate_dataset; "
             f"r = validate_dataset({str(tmp_path / 'data')!r}, {str(tmp_path / 'out')!r}); "
             "assert r['counts']['accepted'] == 6, r['counts']; "
             "assert r['statistics']['tensorflow_checked'] == {}; "
@@ -452,7 +453,7 @@ def test_memory_per_file_is_a_few_bytes_not_a_record(tmp_path):
     grows by well under 400 bytes a file from 400 to 2,000 files (a dict per file costs over 1 KB)."""
     import tracemalloc
 
-    from trainer import conversion
+    from trainer.data import conversion
 
     peaks = {}
     for count in (400, 2000):

@@ -1,14 +1,14 @@
 """Read the converted TFRecord data set: label map, split sizes, and tf.data input pipelines.
 
-The data set is written once by the conversion step (``trainer/conversion.py``); its layout is
+The data set is written once by the conversion step (``trainer/data/conversion.py``); its layout is
 stated in ``trainer/layout.py``::
 
     DATASET_DIR/train/part-NNNNN-of-MMMMM.tfrecord       (likewise validation/ and test/)
     DATASET_DIR/class_label_to_prediction_index.json     {class: index}, alphabetical
     DATASET_DIR/manifest.json                            format_version 2, classes, splits: {split: {count, ...}}
 
-Records hold each image file's original bytes (see ``trainer/conversion.py`` for the decision), so one
-data set serves every model size. The input pipeline decodes and resizes them with
+Records hold each image file's original bytes (see ``trainer/data/conversion.py`` for the decision), so
+one data set serves every model size. The input pipeline decodes and resizes them with
 ``images.model_input`` -- the function the serving signature uses, with the model's image size and
 interpolation, big JPEGs decoded scaled down by ``images.jpeg_scale`` -- several at a time (twice as
 many as cores, order kept, so seeded runs repeat). Records carry the EXIF orientation serving would find

@@ -3,7 +3,7 @@
 Before a model is pushed, ``validate_serving`` starts ``imgclf serve`` (``python -m trainer serve``) in a
 process of its own on 127.0.0.1, waits for it to be ready, sends test-split images as TF Serving REST V1,
 SageMaker ``/invocations`` (verbose) and Open Inference Protocol V2 requests, and compares every answer with
-the model's in-process predictions (``trainer.prediction``: the Keras model on the pixels of
+the model's in-process predictions (``trainer.serve.prediction``: the Keras model on the pixels of
 ``prediction.preprocess``, TensorFlow's decode as in the serving signature, what ``imgclf predict`` answers).
 The server's request bound is raised to fit the largest test image, and V1 and V2 requests carry as many
 images as fit under it. A model that does not load, is not ready in time, answers an error or
@@ -136,14 +136,14 @@ def split_images(dataset_dir: str, count: int = DEFAULT_IMAGES, split: str = "te
     """Up to ``count`` images of a converted data set's split (the first in its order): (path, encoded bytes)."""
     import tensorflow as tf
 
-    from trainer import data
+    from trainer.data import reader
     from trainer.layout import FEATURE_ENCODED, FEATURE_PATH
 
-    local = data.local_dataset_dir(dataset_dir, (split,))
-    files = data.shard_files(local, split)
+    local = reader.local_dataset_dir(dataset_dir, (split,))
+    files = reader.shard_files(local, split)
     if not files:
         raise ServerFailed(f"the {split} split of {dataset_dir} is empty: nothing to validate the server with")
-    features = data.record_features()
+    features = reader.record_features()
     records = tf.data.TFRecordDataset(files).take(count).map(lambda r: tf.io.parse_single_example(r, features))
     return [(record[FEATURE_PATH].decode("utf-8"), record[FEATURE_ENCODED]) for record in records.as_numpy_iterator()]
 
@@ -159,8 +159,8 @@ def validate_serving(model_dir: str, dataset_dir: str, *, count: int = DEFAULT_I
     Returns ``{"passed", "reason", "images", "max_abs_diff", "contracts": {name: max diff}, "seconds"}``;
     never raises for a model that cannot be served (that is a failed validation, with its reason).
     """
-    from trainer import prediction
-    from trainer.serving import DEFAULT_MAX_REQUEST_BYTES
+    from trainer.serve import prediction
+    from trainer.serve.serving import DEFAULT_MAX_REQUEST_BYTES
 
     started = time.monotonic()
     result: dict[str, Any] = {"passed": False, "images": 0, "max_abs_diff": None, "contracts": {}}

@@ -2,7 +2,7 @@
 
 Decision (format version 2): each record stores the image file's ORIGINAL BYTES, exactly as
 validation read and checked them; nothing is decoded or resized here. Training decodes and resizes
-once per run, in its tf.data input pipeline (``trainer.data``), and caches the resized pixels, so
+once per run, in its tf.data input pipeline (``trainer.data.reader``), and caches the resized pixels, so
 later epochs do no decoding. A record is a ``tf.train.Example`` with these features (pinned; the
 training input pipeline reads them):
 
@@ -109,6 +109,12 @@ import google_crc32c
 import numpy as np
 
 from trainer import images, layout, logs, storage
+from trainer.data.validation import (
+    DataFingerprint,
+    default_workers,
+    load_validation,
+    read_results,
+)
 from trainer.errors import DataError
 from trainer.layout import (  # noqa: F401  (re-exported for callers of conversion)
     FORMAT_VERSION,
@@ -120,12 +126,6 @@ from trainer.layout import (  # noqa: F401  (re-exported for callers of conversi
     shard_name,
 )
 from trainer.parallel import bounded_map
-from trainer.validation import (
-    DataFingerprint,
-    default_workers,
-    load_validation,
-    read_results,
-)
 
 log = logging.getLogger(__name__)
 

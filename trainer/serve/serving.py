@@ -125,7 +125,7 @@ def v1_instances(payload: Any) -> tuple[str, list[bytes]]:
     if not isinstance(payload, dict) or not ({"instances", "inputs"} & set(payload)):
         shown = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise BadImage(f'expected a JSON object with "instances": [{{"b64": "..."}}, ...], got {shown}')
-    from trainer.prediction import SERVING_INPUT  # TensorFlow: only once the server runs
+    from trainer.serve.prediction import SERVING_INPUT  # TensorFlow: only once the server runs
 
     key, answer = ("instances", "predictions") if "instances" in payload else ("inputs", "outputs")
     items = payload[key]
@@ -323,7 +323,7 @@ def build_app(model_dir: str, options: ServerOptions = ServerOptions()):
     """
     import tensorflow as tf
 
-    from trainer import prediction
+    from trainer.serve import prediction
 
     kserve, model_server = _import_kserve()
     from kserve.errors import InvalidInput

@@ -6,7 +6,7 @@ the feature map is the backbone's last one (the last layer inside the nested "ba
 whose output is still a [B, H, W, C] map, e.g. small_cnn's last ReLU or EfficientNet's
 top_activation) and the class score is the head's logit (pre-softmax, so a confident prediction
 still has a gradient). It works for every backbone of ``trainer.backbones`` because models built
-by ``trainer.model.build_model`` are a chain: input -> augmentation/preprocessing layers ->
+by ``trainer.train.model.build_model`` are a chain: input -> augmentation/preprocessing layers ->
 backbone -> head dropout -> head dense.
 """
 
@@ -16,8 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import model as model_lib
 from trainer.errors import ModelError
+from trainer.train import model as model_lib
 
 
 def last_feature_layer(backbone: keras.Model) -> keras.layers.Layer:
@@ -35,7 +35,7 @@ def last_feature_layer(backbone: keras.Model) -> keras.layers.Layer:
 
 
 class GradCam:
-    """Heat maps for a model built by ``trainer.model.build_model`` (float32 0-255 images in)."""
+    """Heat maps for a model built by ``trainer.train.model.build_model`` (float32 0-255 images in)."""
 
     def __init__(self, model: keras.Model):
         self.backbone = model_lib.backbone_of(model)  # ModelError when the model has no backbone

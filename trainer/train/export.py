@@ -9,7 +9,7 @@ The layout (pinned; prediction, evaluation and serving code read it)::
     model_dir/class_label_to_prediction_index.json   {class: index}; index = column of probabilities
     model_dir/hyperparameters.yaml                   the resolved hyperparameters of the run
     model_dir/history.json                           Keras History: {"loss": [...], "val_loss": [...], ...}
-    model_dir/model.tflite                           TFLite, float32 pixels in (see trainer.tflite)
+    model_dir/model.tflite                           TFLite, float32 pixels in (see trainer.train.tflite)
     model_dir/model_dynamic_range.tflite             the same, int8 weights (tflite_quantization=dynamic_range)
 
 The SavedModel carries the pre-processing, so a client sends the file's bytes: they go through
@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from trainer import images, storage, tflite
+from trainer import images, storage
 from trainer.hyperparameters import Hyperparameters, write_resolved
 from trainer.layout import (  # noqa: F401  (re-exported: the model folder's contract)
     HISTORY_FILE,
@@ -44,6 +44,7 @@ from trainer.layout import (  # noqa: F401  (re-exported: the model folder's con
     SAVED_MODEL_DIR,
 )
 from trainer.layout import MODEL_LABEL_MAP_FILE as LABEL_MAP_FILE
+from trainer.train import tflite
 
 log = logging.getLogger(__name__)
 

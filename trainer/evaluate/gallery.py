@@ -60,7 +60,7 @@ def build_entries(model, images: dict[int, np.ndarray], indices: Iterable[int], 
     ``images`` maps each index to the uint8 [S, S, 3] pixels the model saw. Returns the entries and a
     note ("" when heat maps were drawn, otherwise why not: e.g. a model that was not built by imgclf).
     """
-    from trainer import gradcam  # TensorFlow-heavy; imported only when a gallery is drawn.
+    from trainer.evaluate import gradcam  # TensorFlow-heavy; imported only when a gallery is drawn.
 
     indices = list(indices)
     heat: dict[int, np.ndarray] = {}

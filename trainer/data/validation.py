@@ -68,7 +68,7 @@ the step with a StorageError naming the object and the error, so that the pipeli
 it: it is never counted as a rejected image. A corrupt image is rejected as before.
 
 The fingerprint exists for pipeline caching. The validation step is cached on the content fingerprint
-that the look-at-data step takes (``trainer.fingerprint``), and hands its fingerprint to the conversion
+that the look-at-data step takes (``trainer.data.fingerprint``), and hands its fingerprint to the conversion
 step as a parameter: KFP's cache key includes every input value, so new content under the same URI can
 never reuse an old validation or conversion.
 

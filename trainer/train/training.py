@@ -3,7 +3,7 @@
 Decisions worth knowing:
 
 * Input: the converted data set holds the original image files, so one conversion serves every
-  model and image size. ``trainer.data`` decodes and resizes them to ``input_size`` with
+  model and image size. ``trainer.data.reader`` decodes and resizes them to ``input_size`` with
   ``image_resize_interpolation`` -- the functions and values the exported serving signature uses --
   during the first epoch, and caches the pixels for the later ones.
 * Early stopping watches ``val_loss`` (``loss`` when there is no validation split, which is logged)
@@ -24,7 +24,7 @@ Decisions worth knowing:
   epoch and its weights, patience count) is backed up too, so after a resume it still knows the
   epochs before the interruption and the exported model is the best of all epochs. The order of the
   training images in each epoch is a function of ``random_seed`` and the epoch's number
-  (``data.make_dataset``), so a resumed run feeds every epoch exactly as an uninterrupted run does.
+  (``reader.make_dataset``), so a resumed run feeds every epoch exactly as an uninterrupted run does.
 * Seeds: ``random_seed`` seeds initialisation, shuffling, dropout and augmentation, so a CPU run is
   repeatable; GPU kernels are not all deterministic.
 """
@@ -49,11 +49,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import data, export, layout, storage
-from trainer import model as model_lib
+from trainer import layout, storage
+from trainer.data import reader
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError, StorageError
 from trainer.hyperparameters import Hyperparameters
 from trainer.logs import duration, progress_logger
+from trainer.train import export
+from trainer.train import model as model_lib
 
 log = logging.getLogger(__name__)
 progress_log = progress_logger(__name__)
@@ -75,7 +77,7 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
     Args:
       hp: the run's hyperparameters.
       dataset_dir: a converted data set (local path or gs:// URI).
-      model_dir: where the model directory is written (local path or gs:// URI), see trainer.export.
+      model_dir: where the model directory is written (local path or gs:// URI), see trainer.train.export.
       initial_model_dir: a model directory from an earlier run to continue from (incremental training).
       backup_dir: where the training state is backed up each epoch so a rerun resumes (local or gs://).
       tensorboard_dir: where TensorBoard logs are written, if anywhere.
@@ -96,12 +98,12 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
                           "installed (TensorFlow no longer brings it); install it (pip install tensorboard) or "
                           "leave tensorboard_dir empty")
     keras.utils.set_random_seed(hp.random_seed)
-    local_data = data.local_dataset_dir(dataset_dir, ("train", "validation"))
-    label_map = data.read_label_map(local_data)
+    local_data = reader.local_dataset_dir(dataset_dir, ("train", "validation"))
+    label_map = reader.read_label_map(local_data)
     num_classes = len(label_map)
     _check_data(hp, dataset_dir, local_data, label_map)
-    train_count = data.split_count(local_data, "train")
-    validation_count = data.split_count(local_data, "validation")
+    train_count = reader.split_count(local_data, "train")
+    validation_count = reader.split_count(local_data, "validation")
 
     strategy = strategy or choose_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -117,13 +119,13 @@ def train(hp: Hyperparameters, dataset_dir: str, model_dir: str, *, initial_mode
     # The model's own input size and resize method, as its serving signature will use them: the data
     # set holds the original files, decoded and resized during the first epoch and cached.
     pixels = {"image_size": hp.input_size, "interpolation": hp.image_resize_interpolation}
-    input_epoch = data.epoch_variable()
-    train_data = data.make_dataset(local_data, "train", batch_size=hp.batch_size, training=True,
+    input_epoch = reader.epoch_variable()
+    train_data = reader.make_dataset(local_data, "train", batch_size=hp.batch_size, training=True,
                                    seed=hp.random_seed, num_classes=num_classes, binary_mode=hp.binary_mode,
                                    epoch=input_epoch, **pixels)
     validation_data = None
     if validation_count:
-        validation_data = data.make_dataset(local_data, "validation", batch_size=hp.batch_size, training=False,
+        validation_data = reader.make_dataset(local_data, "validation", batch_size=hp.batch_size, training=False,
                                             seed=None, num_classes=num_classes, binary_mode=hp.binary_mode,
                                             **pixels)
     monitor = "val_loss" if validation_data is not None else "loss"
@@ -209,7 +211,7 @@ def class_weights(hp: Hyperparameters, dataset_dir: str, label_map: Mapping[str,
     "balanced"), so the weights average 1 over the images and every class adds the same to the loss."""
     if hp.class_weight == "none":
         return None
-    counts = data.read_manifest(dataset_dir)["splits"]["train"]["class_counts"]
+    counts = reader.read_manifest(dataset_dir)["splits"]["train"]["class_counts"]
     total, classes = sum(counts.values()), len(label_map)
     weights = {index: (total / (classes * counts[name]) if counts.get(name) else 1.0)
                for name, index in label_map.items()}
@@ -342,7 +344,7 @@ def _inference_copy(network: keras.Model, hp: Hyperparameters, num_classes: int)
 # ---------------------------------------------------------------------------------------------
 
 def _check_data(hp: Hyperparameters, dataset_dir: str, local_dir: str, label_map: Mapping[str, int]) -> None:
-    if data.split_count(local_dir, "train") == 0:
+    if reader.split_count(local_dir, "train") == 0:
         raise DataError(f"{dataset_dir} has no training images; check validation_split_ratio and "
                         "test_split_ratio, and the data set")
     if hp.binary_mode and len(label_map) != 2:
@@ -368,7 +370,7 @@ def _check_batch_size(batch_size: int, replicas: int) -> None:
 
 class _InputEpoch(keras.callbacks.Callback):
     """Tells the input pipeline the number of the first epoch of ``fit`` (k after a resume at epoch k),
-    so each epoch's order is that of an uninterrupted run (``data.make_dataset``); the pipeline counts
+    so each epoch's order is that of an uninterrupted run (``reader.make_dataset``); the pipeline counts
     the later epochs itself, since Keras starts an epoch's pass before that epoch's callbacks."""
 
     def __init__(self, variable: tf.Variable):

@@ -28,11 +28,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainer import calibration, data, gallery, model_card, prediction, storage, tflite
+from trainer import storage
+from trainer.data import reader
 from trainer.errors import DataError, HyperparameterError, ModelError
+from trainer.evaluate import calibration, gallery, model_card
+from trainer.evaluate.model_card import markdown_cell as _cell
 from trainer.hyperparameters import BINARY_ONLY_METRICS, EVAL_METRICS
 from trainer.layout import KERAS_MODEL_FILE
-from trainer.model_card import markdown_cell as _cell
+from trainer.serve import prediction
+from trainer.train import tflite
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +84,9 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
       HyperparameterError: ``eval_metric`` or ``threshold`` is not valid for this model.
     """
     # The data set's metadata first: it is cheap to read, and an empty split is the likeliest problem.
-    if data.split_count(dataset_dir, split) == 0:
+    if reader.split_count(dataset_dir, split) == 0:
         raise _empty_split(split, dataset_dir)
-    label_map = data.read_label_map(dataset_dir)
+    label_map = reader.read_label_map(dataset_dir)
     dataset_labels = sorted(label_map, key=label_map.__getitem__)
 
     loaded = prediction.load_model(model_dir)
@@ -115,7 +119,7 @@ def evaluate(model_dir: str, dataset_dir: str, output_dir: str, *, split: str = 
                                           loaded.labels)
     gallery_fragment = gallery.gallery_html(entries[:len(mistakes)], entries[len(mistakes):], note,
                                             total_mistakes=int(np.sum(y_pred != y_true)))
-    card = model_card.model_card(result, loaded.hyperparameters, data.read_manifest(dataset_dir), model_dir)
+    card = model_card.model_card(result, loaded.hyperparameters, reader.read_manifest(dataset_dir), model_dir)
 
     _write(output_dir, EVALUATION_FILE, json.dumps(result, indent=2, allow_nan=False) + "\n")
     _write(output_dir, REPORT_FILE, markdown_report(result))
@@ -192,7 +196,7 @@ def _predict_split(loaded: prediction.LoadedModel, dataset_dir: str, split: str,
     lite_models = lite_models or {}
     labels, probabilities = [], []
     lite: dict[str, list[np.ndarray]] = {name: [] for name in lite_models}
-    split_images = data.read_split(dataset_dir, split, image_size=loaded.image_size,
+    split_images = reader.read_split(dataset_dir, split, image_size=loaded.image_size,
                                    interpolation=loaded.interpolation)
     batches = split_images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     for images, batch_labels in batches:
@@ -216,7 +220,7 @@ def _images_at(loaded: prediction.LoadedModel, dataset_dir: str, split: str,
                indices: set[int]) -> dict[int, np.ndarray]:
     """The model-input pixels (uint8 [S, S, 3]) of the split's examples at ``indices`` (a second read of
     the split that decodes only those)."""
-    examples = data.read_examples(dataset_dir, split, indices, image_size=loaded.image_size,
+    examples = reader.read_examples(dataset_dir, split, indices, image_size=loaded.image_size,
                                   interpolation=loaded.interpolation)
     return {index: image for index, (image, _) in examples.items()}
 

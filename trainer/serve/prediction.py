@@ -22,12 +22,13 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from trainer import images, layout, storage, tflite
-from trainer import model as model_lib
+from trainer import images, layout, storage
 from trainer.errors import DataError, HyperparameterError, ImgclfError, ModelError
 from trainer.hyperparameters import Hyperparameters
 from trainer.layout import HYPERPARAMETERS_FILE, KERAS_MODEL_FILE
 from trainer.layout import MODEL_LABEL_MAP_FILE as LABEL_MAP_FILE
+from trainer.train import model as model_lib
+from trainer.train import tflite
 
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "image_bytes"

@@ -15,8 +15,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trainer import search_space
-from trainer.model_card import markdown_cell
+from trainer.evaluate.model_card import markdown_cell
+from trainer.tune import search_space
 
 _WIDTH, _HEIGHT, _PAD = 440, 260, 48
 _COLOURS = {"completed": "#1f77b4", "stopped early": "#ff7f0e", "best": "#d62728"}

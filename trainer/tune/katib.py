@@ -2,7 +2,7 @@
 
 ``experiment_manifest`` writes the Experiment: objective, algorithm, trial counts, the search space,
 early stopping, and a trial template (a Kubernetes Job running our image on an already converted
-data set, with one GPU per trial). The trial is ``python -m trainer.katib --dataset URI --output DIR
+data set, with one GPU per trial). The trial is ``python -m trainer.tune.katib --dataset URI --output DIR
 --set name=value ...``: it trains and prints one line per epoch that Katib's StdOut metrics
 collector reads, and a last one with the value of the exported epoch (the trial's result, the value
 tuning judges a trial by), e.g.
@@ -44,9 +44,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from trainer import search_space, tuning
 from trainer.errors import HyperparameterError
-from trainer.tuning import TuningConfig
+from trainer.tune import search_space, tuning
+from trainer.tune.tuning import TuningConfig
 
 ALGORITHMS = {"Bayesian": "tpe", "Random": "random", "Grid": "grid", "Hyperband": "hyperband"}
 # Katib's default StdOut filter (pkg/metricscollector/v1beta1/common/const.go, unchanged from v0.14 to
@@ -146,7 +146,8 @@ def experiment_manifest(config: TuningConfig, dataset_uri: str, *, name: str = "
         algorithm["algorithmSettings"] = [{"name": "random_state", "value": str(config.fixed.random_seed)}]
     searched = [p["name"] for p in parameters]
     fixed = {k: v for k, v in config.fixed.to_sagemaker_strings().items() if k not in searched}
-    args = ["-m", "trainer.katib", "--dataset", dataset_uri, "--output", MODEL_DIR, "--objective", config.objective]
+    args = ["-m", "trainer.tune.katib", "--dataset", dataset_uri, "--output", MODEL_DIR,
+            "--objective", config.objective]
     for key, value in fixed.items():
         args += ["--set", f"{key}={value}"]
     for key in searched:
@@ -232,9 +233,9 @@ def run_trial(argv: Sequence[str] | None = None) -> int:
 
     from trainer import hyperparameters as hps
     from trainer.errors import ImgclfError
-    from trainer.training import train
+    from trainer.train.training import train
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.katib", description="one Katib trial of imgclf")
+    parser = argparse.ArgumentParser(prog="python -m trainer.tune.katib", description="one Katib trial of imgclf")
     parser.add_argument("--dataset", required=True, help="converted data set (local path or gs:// URI)")
     parser.add_argument("--output", required=True, help="model folder to write")
     parser.add_argument("--objective", default=tuning.DEFAULT_OBJECTIVE, choices=list(tuning.OBJECTIVES))

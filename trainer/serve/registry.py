@@ -28,8 +28,10 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from trainer import data, evaluation, infra_validation, prediction, storage
+from trainer import storage
+from trainer.data import reader
 from trainer.errors import HyperparameterError, ModelError, StorageError
+from trainer.evaluate import evaluation
 from trainer.hyperparameters import EVAL_METRICS
 from trainer.layout import (
     BLESSING_FILE,
@@ -44,6 +46,7 @@ from trainer.layout import (
     VERSION_NAME,
     version_name,
 )
+from trainer.serve import infra_validation, prediction
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ def decide_blessing(eval_metric: str, eval_value: float, *, dataset_dir: str, mi
         (evaluation.json, report.md) below it in ``baseline/``.
       split: the split ``eval_value`` was measured on.
       model_dir: the run's model folder; when given and the metrics pass, infra validation
-        (``trainer.infra_validation``) serves it on loopback with ``imgclf serve`` and asks it about
+        (``trainer.serve.infra_validation``) serves it on loopback with ``imgclf serve`` and asks it about
         test-split images in every contract: a model that does not load or answers other probabilities than
         its own in-process ones is not blessed. The server's log is written to ``output_dir``'s
         ``INFRA_VALIDATION_LOG``. A model not blessed on metrics is not served.
@@ -168,7 +171,7 @@ def _evaluate_baseline(baseline: str, dataset_dir: str, eval_metric: str, split:
     except ModelError as err:
         raise ModelError(f"baseline model: {err}; set baseline_model_uri to an imgclf model folder (such as "
                          "a registry version) or to '' to gate on min_eval_value alone") from None
-    label_map = data.read_label_map(dataset_dir)
+    label_map = reader.read_label_map(dataset_dir)
     dataset_labels = sorted(label_map, key=label_map.__getitem__)
     if baseline_labels != dataset_labels:
         # Checked here, before loading the model, to say what to do about it in terms of the gate.

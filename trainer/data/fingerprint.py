@@ -77,7 +77,7 @@ def look_at_data(data_uri: str) -> DataLook:
 
 def validate_unchanged(data_uri: str, output_dir: str, expected_fingerprint: str,
                        **validate_options: Any) -> dict[str, Any]:
-    """Validate ``data_uri`` (``trainer.validation.validate_dataset``) and make sure it saw the content
+    """Validate ``data_uri`` (``trainer.data.validation.validate_dataset``) and make sure it saw the content
     the look fingerprinted.
 
     The look runs first and its fingerprint keys the cache of this step and every later one, so a
@@ -91,7 +91,7 @@ def validate_unchanged(data_uri: str, output_dir: str, expected_fingerprint: str
       DataError: the content changed between the look and the end of validation, or validation
         refused the data set.
     """
-    from trainer.validation import validate_dataset
+    from trainer.data.validation import validate_dataset
 
     result = validate_dataset(data_uri, output_dir, **validate_options)
     now = look_at_data(data_uri)

@@ -57,9 +57,10 @@ from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
 from trainer import hyperparameters as hps
-from trainer import search_space, storage
+from trainer import storage
 from trainer.errors import HyperparameterError, ImgclfError, StorageError
 from trainer.logs import progress_logger
+from trainer.tune import search_space
 
 log = logging.getLogger(__name__)
 progress_log = progress_logger(__name__)
@@ -486,10 +487,10 @@ def run_trial(study_uri: str, slot: int, dataset_dir: str, *, jit_compile: bool 
 
     A failure of the trial itself (a bad combination, out of memory, a training error) is recorded
     with its reason and returned, not raised: the search goes on. ``train_fn`` replaces
-    ``trainer.training.train`` (tests).
+    ``trainer.train.training.train`` (tests).
     """
     if train_fn is None:
-        from trainer.training import train as train_fn
+        from trainer.train.training import train as train_fn
     study, config = open_study(study_uri, slot)
     interrupted = _take_over_interrupted(study, slot)
     resumed: list[int] | None = None
@@ -688,7 +689,7 @@ def select_best(study_uri: str, model_dir: str, report_dir: str) -> dict[str, An
     Writes ``tuning.json``, ``best_hyperparameters.yaml``, ``report.md`` and ``report.html``; the reports
     are written even when every trial failed, and then TuningError is raised with the reasons.
     """
-    from trainer import tuning_report
+    from trainer.tune import tuning_report
 
     summary = summarize(study_uri)
     storage.write_bytes(storage.join(report_dir, "tuning.json"), json.dumps(summary, indent=2).encode())

@@ -1,0 +1,1 @@
+"""Training stage: build, train, checkpoint and export the model (model, training, checkpoints, export, tflite)."""

@@ -1,0 +1,1 @@
+"""Tuning stage: the hyperparameter search and its report (tuning, search_space, katib, tuning_report)."""
