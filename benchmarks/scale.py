@@ -24,13 +24,18 @@ is the emulator's and its ``cpu_growth`` is ours. The defaults took 4.6 minutes 
 the images of an earlier run in ``--workdir`` (writing 250,000 small JPEGs adds a few minutes);
 ``--sizes 10000,100000,1000000`` is the run to a million (about 1M x 4 KB of files on disk).
 
-Measured on the shared 2-core development machine, defaults, after the merges of 2026-12-03 (load
-average 0.1-1.5): time_growth look 0.92, validate 1.01, convert 0.96; memory_growth 1.08, 1.29, 1.34
-(peak RSS 56 -> 60, 76 -> 98 and 77 -> 103 MiB from 10,000 to 200,000 images); epoch (measured only)
-time_growth 0.30, memory_growth 1.45 (665 -> 965 MiB); gs:// 300 -> 1,500 images cpu_growth 0.13, 0.68,
-0.69, memory_growth 1.04. First epoch on 12-megapixel JPEGs with the DCT-scaled decode: 1.27 on 160
-photos (ours 2.2 s, image_dataset_from_directory 2.8 s), 0.79 on 32 (0.87 s against 0.69 s: building
-the pipeline weighs more than the photos there).
+Measured on the 2-core development machine, defaults, 2026-12-03 after the regroup (load average
+0.2-1.6): time_growth look 0.93, validate 1.03, convert 0.95, epoch 0.35; memory_growth 1.09, 1.29,
+1.33, 1.18 (peak RSS 56 -> 61, 76 -> 98, 77 -> 102 and 666 -> 784 MiB from 10,000 to 200,000 images);
+gs:// 300 -> 1,500 images cpu_growth 0.10, 0.68, 0.69, memory_growth 1.04. To a million
+(``--sizes 10000,100000,1000000 --big-photos 0``, 23 minutes with the images written): time_growth
+0.96, 1.05, 1.01, 0.53; peak RSS 56 -> 75, 76 -> 168, 77 -> 223 and 662 -> 793 MiB (validation keeps
+about 95 bytes per image, conversion about 150: one entry per image; the epoch's cache index was 1.3 KB
+an image, 1,932 MiB at a million, before the cache went one file per shard). First epoch on
+12-megapixel JPEGs: 1.32 on 160 photos (ours 2.2 s, image_dataset_from_directory 2.9 s), where one
+photo's decode and resize on one core is 22.9 ms against 36.4 ms: libjpeg's 1/8 scaling skips the
+inverse DCT, colour conversion and resize but must still entropy-decode every coefficient, so 1.59x is
+the most decoding can give on such detailed photos (1.9 MB each).
 
 Then, unless ``--big-photos 0``, the first epoch on 12-megapixel JPEGs (4000x3000, photo-like) fed by
 ``trainer.data.reader.make_dataset`` at 224 px (whatever decode trainer.data.reader does) against
