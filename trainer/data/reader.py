@@ -278,7 +278,7 @@ def make_dataset(dataset_dir: str, split: str, *, batch_size: int, training: boo
     if shuffled:
         buffer = count if where == "memory" else max(batch_size, min(count, SHUFFLE_BUFFER_BYTES // image_bytes))
         # The pass that fills the cache is not shuffled again (a buffer of 2 gives the elements out nearly
-        # in order, and has read the end of the cache's input before it gives out the last one: see _cache).
+        # in order, and has read the end of the cache's input before it gives out the last one: see _cache_place).
         first_buffer = buffer if where == "none" else 2
         dataset = _epoch_shuffle(dataset, count, seed, buffer, first_buffer,
                                  epoch if epoch is not None else epoch_variable())
