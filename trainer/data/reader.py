@@ -358,7 +358,7 @@ def _records(local_dir: str, split: str, *, shuffle_files: bool, seed: int | Non
     ``cache_folder`` (with ``then``): what ``then`` returns is cached on disk there, one cache file per
     shard, the shards read one after the other (each shuffled in its own buffer). tf.data's cache file
     keeps an index entry per element in memory until the file is complete (about 1.3 KB an element,
-    measured: 370 MiB for 300,000 images in one file), so one file for a split would hold memory in
+    ``benchmarks/cache_index_memory.py``: 367 MiB for 300,000 in one file), so one file for a split would hold memory in
     proportion to the split; one per shard holds it to a shard's images (conversion caps those)."""
     count = split_count(local_dir, split)
     files = shard_files(local_dir, split)
